@@ -1,0 +1,67 @@
+"""The SVD-xt VAE: SD image encoder and temporal decoder (diffusers' AutoencoderKLTemporalDecoder).
+
+Loads `vae/diffusion_pytorch_model.fp16.safetensors` of the official release unchanged.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from diffusers import AutoencoderKLTemporalDecoder
+
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple = ("DownEncoderBlock2D",) * 4
+    block_out_channels: tuple = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    sample_size: int = 768
+    scaling_factor: float = 0.18215
+    force_upcast: bool = True
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def tiny(cls) -> "VAEConfig":
+        return cls(block_out_channels=(8, 16, 16, 16), layers_per_block=1)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "VAEConfig":
+        raw = json.loads(Path(path).read_text())
+        known = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def build_vae(config: VAEConfig | None = None) -> AutoencoderKLTemporalDecoder:
+    config = config or VAEConfig()
+    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items() if k != "extra"}
+    return AutoencoderKLTemporalDecoder(**kwargs)
+
+
+@torch.no_grad()
+def encode_image(vae: AutoencoderKLTemporalDecoder, image: torch.Tensor) -> torch.Tensor:
+    """(1,3,H,W) in [-1,1] -> unscaled latent mean (1,4,H/8,W/8), computed in fp32 as the reference
+    does (the SVD VAE config sets force_upcast)."""
+    dtype = vae.dtype
+    vae.to(torch.float32)
+    try:
+        return vae.encode(image.to(torch.float32)).latent_dist.mean
+    finally:
+        vae.to(dtype)
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKLTemporalDecoder, latents: torch.Tensor, chunk: int = 8) -> Iterator[torch.Tensor]:
+    """(T,4,h,w) scaled latents -> chunks of (<=chunk,3,H,W) float32 frames in [-1,1].
+
+    The temporal decoder mixes frames within a chunk, so chunk boundaries are part of the result.
+    """
+    latents = 1 / vae.config.scaling_factor * latents  # multiply, as the reference does (not divide)
+    for start in range(0, latents.shape[0], chunk):
+        part = latents[start:start + chunk].to(vae.dtype)
+        yield vae.decode(part, num_frames=part.shape[0]).sample.float()

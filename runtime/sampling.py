@@ -1,0 +1,105 @@
+"""Samplers as small pure functions over a sigma schedule (k-diffusion style).
+
+The reference path is SVD-xt's: Karras sigmas, v-prediction, Euler steps, input scaling
+x / sqrt(sigma^2 + 1), c_noise = ln(sigma) / 4. Expressions are written in the same order as the
+official scheduler so that, in fp16, every rounding step happens where it happens there: the sigmas
+are 0-dim fp32 tensors, so the result keeps the dtype of the latents.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .windows import window_indices
+
+Denoiser = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+
+
+def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 700.0,
+                  rho: float = 7.0) -> torch.Tensor:
+    """`num_steps` Karras sigmas from sigma_max down to sigma_min, plus a final 0 (fp32, as diffusers stores them)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    ramp = np.linspace(0, 1, num_steps)
+    min_inv_rho = sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
+    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+
+
+def c_noise(sigma: torch.Tensor) -> torch.Tensor:
+    """The UNet's continuous timestep for a sigma."""
+    return 0.25 * sigma.log()
+
+
+def scale_input(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    return x / ((sigma**2 + 1) ** 0.5)
+
+
+def denoised_from_v(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x0 from a v-prediction (c_out * v + c_skip * x)."""
+    return v * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """One deterministic Euler step of the probability-flow ODE from sigma to sigma_next."""
+    derivative = (x - denoised_from_v(x, v, sigma)) / sigma
+    return x + derivative * (sigma_next - sigma)
+
+
+def combine_guidance(uncond: torch.Tensor, drop: torch.Tensor, cond: torch.Tensor,
+                     appearance_scale: torch.Tensor, motion_scale: torch.Tensor) -> torch.Tensor:
+    """Two-stage classifier-free guidance: appearance (uncond -> drop) then motion (drop -> cond)."""
+    return uncond + appearance_scale * (drop - uncond) + motion_scale * (cond - drop)
+
+
+def guidance_ramp(minimum: float, maximum: float, num_steps: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.linspace(minimum, maximum, num_steps).to(dtype)
+
+
+def i2i_start_index(num_steps: int, strength: float) -> int:
+    """First step that runs for an image-to-image strength (1.0 runs them all)."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"i2i strength must be in (0, 1], got {strength}")
+    return num_steps - min(int(num_steps * strength), num_steps)
+
+
+def sample_euler_windows(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, window: int = 25,
+                         overlap: int = 3, shift_offset: int = 3,
+                         callback: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Euler sampling of a whole clip with circular sliding windows.
+
+    x: (T, C, h, w) latents at sigmas[0]. `denoise(x_window, step, frame_index)` returns the guided
+    v-prediction for the window's frames. Each step, windows start every `window - overlap` frames,
+    moved back by a shift that grows by `shift_offset` per step; their Euler updates are averaged
+    per frame with uniform weights.
+    """
+    num_frames = x.shape[0]
+    shift = 0
+    for step in range(len(sigmas) - 1):
+        total = torch.zeros_like(x)
+        count = torch.zeros((num_frames, 1, 1, 1), dtype=x.dtype, device=x.device)
+        for index in window_indices(num_frames, window, overlap, shift):
+            index = torch.as_tensor(index, device=x.device)
+            xw = x.index_select(0, index)
+            v = denoise(xw, step, index)
+            total.index_add_(0, index, euler_step(xw, v, sigmas[step], sigmas[step + 1]))
+            count.index_add_(0, index, torch.ones((len(index), 1, 1, 1), dtype=x.dtype, device=x.device))
+        x = total / count
+        shift = (shift + shift_offset) % window
+        if callback is not None:
+            callback(step)
+    return x
+
+
+def window_calls(num_frames: int, num_steps: int, window: int = 25, overlap: int = 3) -> int:
+    """How many denoiser calls a clip costs (for progress bars and benchmarks)."""
+    return num_steps * len(window_indices(num_frames, window, overlap, 0))
+
+
+__all__: Sequence[str] = [
+    "karras_sigmas", "c_noise", "scale_input", "denoised_from_v", "euler_step", "combine_guidance",
+    "guidance_ramp", "i2i_start_index", "sample_euler_windows", "window_calls",
+]
