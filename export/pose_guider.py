@@ -24,7 +24,8 @@ class PoseGuiderConfig:
 
     @classmethod
     def tiny(cls) -> "PoseGuiderConfig":
-        return cls(conditioning_embedding_channels=8, block_out_channels=(4, 4, 8, 8))
+        # 32 output channels: the tiny UNet's first level (GroupNorm(32) needs at least 32)
+        return cls(conditioning_embedding_channels=32, block_out_channels=(4, 4, 8, 8))
 
 
 class PoseGuider(nn.Module):
