@@ -5,9 +5,9 @@ Loads `vae/diffusion_pytorch_model.fp16.safetensors` of the official release unc
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from diffusers import AutoencoderKLTemporalDecoder
@@ -27,11 +27,11 @@ class VAEConfig:
     extra: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def tiny(cls) -> "VAEConfig":
-        return cls(block_out_channels=(8, 16, 16, 16), layers_per_block=1)
+    def tiny(cls) -> VAEConfig:
+        return cls(block_out_channels=(32, 32, 32, 32), layers_per_block=1)  # GroupNorm(32) is fixed
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "VAEConfig":
+    def from_json(cls, path: str | Path) -> VAEConfig:
         raw = json.loads(Path(path).read_text())
         known = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in cls.__dataclass_fields__}
         return cls(**known)

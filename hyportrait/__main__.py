@@ -1,0 +1,5 @@
+import sys
+
+from hyportrait.cli import main
+
+sys.exit(main())

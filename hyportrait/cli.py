@@ -1,0 +1,93 @@
+"""The `hyportrait` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hyportrait.errors import HyportraitError
+
+
+def _add_animate(sub) -> None:
+    p = sub.add_parser("animate", help="animate a portrait with a driving video")
+    p.add_argument("--image", required=True, type=Path, help="source portrait (png/jpg)")
+    p.add_argument("--video", required=True, type=Path, help="driving video")
+    p.add_argument("--weights", type=Path, help="official weights folder (pretrained_weights/); "
+                   "without it a small random-weight model runs (for trying the pipeline, not for results)")
+    p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
+    p.add_argument("--steps", type=int, help="denoising steps (official: 25)")
+    p.add_argument("--seed", type=int, help="random seed (official: 72580)")
+    p.add_argument("--guidance", type=float, help="one scale for both guidance stages (official: 2.0)")
+    p.add_argument("--appearance-guidance", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="appearance guidance ramp over the steps")
+    p.add_argument("--motion-guidance", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="motion guidance ramp over the steps")
+    p.add_argument("--max-frames", type=int, help="use at most this many driving frames")
+    p.add_argument("--decode-chunk", type=int, help="frames per VAE decode call (official: 8)")
+    p.add_argument("--precision", choices=["fp16", "fp32"], help="network precision (default fp16 on GPU, "
+                   "fp32 on CPU)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_weights(sub) -> None:
+    p = sub.add_parser("weights", help="inspect an official weights folder")
+    wsub = p.add_subparsers(dest="weights_command", required=True)
+    c = wsub.add_parser("check", help="verify every checkpoint's keys and shapes")
+    c.add_argument("dir", type=Path)
+    wsub.add_parser("expected", help="print the expected keys and shapes of every checkpoint file as JSON")
+
+
+def _animate(args) -> int:
+    from hyportrait.runtime.animate import animate_files
+
+    overrides = {k: v for k, v in {
+        "num_steps": args.steps, "seed": args.seed, "decode_chunk": args.decode_chunk,
+        "precision": args.precision, "device": args.device, "max_frames": args.max_frames,
+    }.items() if v is not None}
+    if args.guidance is not None:
+        overrides.update(min_appearance_guidance=args.guidance, max_appearance_guidance=args.guidance,
+                         min_motion_guidance=args.guidance, max_motion_guidance=args.guidance)
+    if args.appearance_guidance:
+        overrides.update(min_appearance_guidance=args.appearance_guidance[0],
+                         max_appearance_guidance=args.appearance_guidance[1])
+    if args.motion_guidance:
+        overrides.update(min_motion_guidance=args.motion_guidance[0], max_motion_guidance=args.motion_guidance[1])
+    result = animate_files(args.image, args.video, args.out, weights=args.weights, overrides=overrides,
+                           progress=not args.quiet)
+    print(f"wrote {result.cropped}")
+    print(f"wrote {result.full_resolution}")
+    return 0
+
+
+def _weights(args) -> int:
+    from hyportrait.export.weights import check_weights, expected_manifest
+
+    if args.weights_command == "expected":
+        json.dump(expected_manifest(), sys.stdout, indent=1)
+        print()
+        return 0
+    report = check_weights(args.dir)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hyportrait", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_animate(sub)
+    _add_weights(sub)
+    args = parser.parse_args(argv)
+    try:
+        return {"animate": _animate, "weights": _weights}[args.command](args)
+    except HyportraitError as exc:
+        print(f"hyportrait: error [{exc.code}]: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hyportrait: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
