@@ -45,9 +45,10 @@ class AppearanceConfig:
 
     @classmethod
     def tiny(cls) -> "AppearanceConfig":
-        # 56 px -> 4x4 patches, table trained for 70 px (5x5) so the resampling path still runs
-        return cls(dim=64, depth=4, num_heads=4, mlp_dim=256, img_size=70, adapter_layers=(1, 3),
-                   adapter_dim=32, adapter_attn_dim=32, adapter_attn_heads=4, input_size=56, num_queries=8)
+        # The official token shape (224 px input, 64 queries of width 1024: the UNet's cross-attention width)
+        # with few, narrow-MLP layers; the table is trained for 266 px (19x19 patches) so resampling still runs.
+        return cls(depth=3, mlp_dim=256, img_size=266, adapter_layers=(0, 2), adapter_dim=32,
+                   adapter_attn_dim=32, adapter_attn_heads=4)
 
 
 class PatchEmbedding(nn.Module):

@@ -28,7 +28,8 @@ class MotionRefinerConfig:
 
     @classmethod
     def tiny(cls) -> "MotionRefinerConfig":
-        return cls(input_dim=16, output_dim=10, num_queries=4, intensity_embed_dim=12, width=16, layers=2,
+        # the official token shape (64 x 1018, +6 pose = the UNet's 1024-wide cross-attention) on a narrow body
+        return cls(input_dim=16, output_dim=1018, num_queries=64, intensity_embed_dim=12, width=16, layers=2,
                    heads=2)
 
 

@@ -43,16 +43,22 @@ def build_vae(config: VAEConfig | None = None) -> AutoencoderKLTemporalDecoder:
     return AutoencoderKLTemporalDecoder(**kwargs)
 
 
+def place_vae(vae: AutoencoderKLTemporalDecoder, device, dtype: torch.dtype) -> AutoencoderKLTemporalDecoder:
+    """Decoder in `dtype`; the encoder stays fp32 when the config says force_upcast, as the reference runs it
+    (it upcasts the whole VAE around the encode call; keeping the encoder fp32 gives the same arithmetic
+    without switching dtypes at run time)."""
+    vae.to(device, dtype)
+    if vae.config.force_upcast:
+        vae.encoder.float()
+        vae.quant_conv.float()
+    return vae
+
+
 @torch.no_grad()
 def encode_image(vae: AutoencoderKLTemporalDecoder, image: torch.Tensor) -> torch.Tensor:
-    """(1,3,H,W) in [-1,1] -> unscaled latent mean (1,4,H/8,W/8), computed in fp32 as the reference
-    does (the SVD VAE config sets force_upcast)."""
-    dtype = vae.dtype
-    vae.to(torch.float32)
-    try:
-        return vae.encode(image.to(torch.float32)).latent_dist.mean
-    finally:
-        vae.to(dtype)
+    """(1,3,H,W) in [-1,1] -> unscaled latent mean (1,4,H/8,W/8) in fp32."""
+    dtype = next(vae.encoder.parameters()).dtype
+    return vae.encode(image.to(dtype)).latent_dist.mean.float()
 
 
 @torch.no_grad()
@@ -61,7 +67,8 @@ def decode_latents(vae: AutoencoderKLTemporalDecoder, latents: torch.Tensor, chu
 
     The temporal decoder mixes frames within a chunk, so chunk boundaries are part of the result.
     """
+    dtype = next(vae.decoder.parameters()).dtype
     latents = 1 / vae.config.scaling_factor * latents  # multiply, as the reference does (not divide)
     for start in range(0, latents.shape[0], chunk):
-        part = latents[start:start + chunk].to(vae.dtype)
+        part = latents[start:start + chunk].to(dtype)
         yield vae.decode(part, num_frames=part.shape[0]).sample.float()

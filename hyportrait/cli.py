@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -74,6 +76,9 @@ def _weights(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="hyportrait: %(message)s", level=logging.INFO)
+    # diffusers warns on every fp16 cast about modules it would keep in fp32; ours have none (its list is empty)
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     parser = argparse.ArgumentParser(prog="hyportrait", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_animate(sub)

@@ -7,7 +7,7 @@ are 0-dim fp32 tensors, so the result keeps the dtype of the latents.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -100,6 +100,14 @@ def window_calls(num_frames: int, num_steps: int, window: int = 25, overlap: int
 
 
 __all__: Sequence[str] = [
-    "karras_sigmas", "c_noise", "scale_input", "denoised_from_v", "euler_step", "combine_guidance",
-    "guidance_ramp", "i2i_start_index", "sample_euler_windows", "window_calls",
+    "c_noise",
+    "combine_guidance",
+    "denoised_from_v",
+    "euler_step",
+    "guidance_ramp",
+    "i2i_start_index",
+    "karras_sigmas",
+    "sample_euler_windows",
+    "scale_input",
+    "window_calls",
 ]

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from hyportrait.export.expression_encoder import ExpressionEncoder, ExpressionEncoderConfig
 from hyportrait.export.headpose_encoder import HeadPoseEncoder, HeadPoseEncoderConfig
 from hyportrait.export.init_weights import randomize_weights

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from hyportrait.export.init_weights import randomize_weights
 from hyportrait.export.pose_guider import PoseGuider, PoseGuiderConfig
 

@@ -4,9 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from hyportrait.runtime.sampling import (c_noise, combine_guidance, denoised_from_v, euler_step, guidance_ramp,
-                                         i2i_start_index, karras_sigmas, sample_euler_windows, scale_input,
-                                         window_calls)
+from hyportrait.runtime.sampling import (
+    c_noise,
+    combine_guidance,
+    denoised_from_v,
+    euler_step,
+    guidance_ramp,
+    i2i_start_index,
+    karras_sigmas,
+    sample_euler_windows,
+    scale_input,
+    window_calls,
+)
 from hyportrait.runtime.windows import pad_motion_tokens, pad_weights, window_indices
 
 # The 25-step schedule of the official release (architecture notes, section 4.1).

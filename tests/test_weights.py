@@ -6,8 +6,15 @@ import torch
 
 from hyportrait.cli import main
 from hyportrait.errors import WeightsError
-from hyportrait.export.weights import (CHECKPOINTS, check_weights, expected_manifest, load_networks,
-                                       random_networks, read_checkpoint, save_networks)
+from hyportrait.export.weights import (
+    CHECKPOINTS,
+    check_weights,
+    expected_manifest,
+    load_networks,
+    random_networks,
+    read_checkpoint,
+    save_networks,
+)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

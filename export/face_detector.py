@@ -1,0 +1,503 @@
+"""Face boxes and 5-point landmarks for preprocessing.
+
+Two detectors share one interface, `FaceDetector.detect(rgb_uint8_image) -> list[Face]`, largest face first:
+- `YoloFaceDetector`: the official `yoloface_v5m.pt` TorchScript model, with the official wrapper's pre- and
+  post-processing (short side 416, sides rounded up to a multiple of 32, conf 0.5, NMS IoU 0.45).
+- `MTCNNDetector`: the out-of-the-box fallback: our PyTorch P/R/O-Nets holding the weights that ship inside
+  the `mtcnn==1.0.0` PyPI package. That package's own code imports TensorFlow, so none of it is imported:
+  the weight files are located with `importlib.util.find_spec` and unpickled with an array-only allowlist.
+
+Landmarks are in ArcFace order: left eye, right eye, nose, left mouth corner, right mouth corner, where
+"left" means smaller image x (both detectors emit this order).
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import io
+import logging
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hyportrait.errors import InputError, WeightsError
+
+log = logging.getLogger(__name__)
+
+YOLOFACE_FILENAME = "yoloface_v5m.pt"
+
+
+@dataclass(frozen=True)
+class Face:
+    box: np.ndarray  # (4,) float64: x1, y1, x2, y2 in image pixels
+    score: float
+    landmarks: np.ndarray  # (5, 2) float64 (x, y) in ArcFace order
+
+    @property
+    def area(self) -> float:
+        return float((self.box[2] - self.box[0]) * (self.box[3] - self.box[1]))
+
+
+def sort_by_area(faces: list[Face]) -> list[Face]:
+    """Largest box first. The sort is stable, so among equal areas the detector's (score) order is kept, as
+    the official `np.argmax` over areas picks the first one."""
+    return sorted(faces, key=lambda face: -face.area)
+
+
+def check_rgb_image(image: np.ndarray) -> None:
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+            and image.shape[2] == 3 and image.shape[0] > 0 and image.shape[1] > 0):
+        shape = getattr(image, "shape", None)
+        dtype = getattr(image, "dtype", type(image).__name__)
+        raise InputError(f"expected an HxWx3 uint8 RGB image, got shape {shape} dtype {dtype}")
+
+
+class FaceDetector(ABC):
+    @abstractmethod
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """Faces in an HxWx3 uint8 RGB image, largest box first; empty when there is none."""
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy non-maximum suppression with `torchvision.ops.nms` semantics (x1, y1, x2, y2 boxes, a box is
+    dropped when its IoU with a kept higher-scored box is > threshold). Returns kept indices, best first."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    boxes = boxes[order]
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    suppressed = torch.zeros(len(boxes), dtype=torch.bool)
+    keep = []
+    for i in range(len(boxes)):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        top_left = torch.maximum(boxes[i, :2], boxes[i + 1:, :2])
+        bottom_right = torch.minimum(boxes[i, 2:], boxes[i + 1:, 2:])
+        inter = (bottom_right - top_left).clamp(min=0).prod(dim=1)
+        iou = inter / (areas[i] + areas[i + 1:] - inter)
+        suppressed[i + 1:] |= iou > iou_threshold
+    return order[torch.tensor(keep, dtype=torch.long)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# YoloFace (official detector)
+
+
+class YoloFaceDetector(FaceDetector):
+    """The official `yoloface_v5m.pt` (yolov5-face, TorchScript). The model takes (1, 3, h1, w1) RGB in [0, 1]
+    plus one (1, 1, h1/s, w1/s, 2) cell grid per stride s, and returns (1, A, 16) rows of
+    (cx, cy, w, h, objectness, 5 landmark (x, y), face class score) in input pixels."""
+
+    input_short_side = 416
+    strides = (8, 16, 32)
+
+    def __init__(self, path: str | Path, conf_threshold: float = 0.5, iou_threshold: float = 0.45,
+                 device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.conf_threshold = conf_threshold
+        self.iou_threshold = iou_threshold
+        try:
+            with warnings.catch_warnings():  # the official file is TorchScript; torch 2.13 deprecates the loader
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.model = torch.jit.load(str(path), map_location=self.device).eval()
+        except (RuntimeError, ValueError) as e:
+            raise WeightsError(f"cannot load the YoloFace TorchScript model {path}: {e}") from e
+        self._grids: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    @classmethod
+    def input_size(cls, height: int, width: int) -> tuple[int, int]:
+        """Network input (h1, w1): short side scaled to 416, each side then rounded up to a multiple of 32."""
+        r = cls.input_short_side / min(height, width)
+        return int(height * r + 31) // 32 * 32, int(width * r + 31) // 32 * 32
+
+    def _grids_for(self, h1: int, w1: int) -> list[torch.Tensor]:
+        if (h1, w1) not in self._grids:
+            grids = []
+            for stride in self.strides:
+                ys, xs = torch.meshgrid(torch.arange(h1 // stride), torch.arange(w1 // stride), indexing="ij")
+                grid = torch.stack((xs, ys), dim=2).view(1, 1, h1 // stride, w1 // stride, 2).float()
+                grids.append(grid.to(self.device))
+            self._grids[(h1, w1)] = grids
+        return self._grids[(h1, w1)]
+
+    @torch.no_grad()
+    def detect(self, image: np.ndarray) -> list[Face]:
+        check_rgb_image(image)
+        h0, w0 = image.shape[:2]
+        h1, w1 = self.input_size(h0, w0)
+        resized = cv2.resize(image, (w1, h1), interpolation=cv2.INTER_LINEAR)
+        x = torch.from_numpy(resized).to(self.device).permute(2, 0, 1).float().unsqueeze(0) / 255
+        pred = self.model(x, self._grids_for(h1, w1))
+        return self.decode(pred.float().cpu(), (h0, w0), (h1, w1))
+
+    def decode(self, pred: torch.Tensor, image_size: tuple[int, int], input_size: tuple[int, int]) -> list[Face]:
+        """Official `non_max_suppression_face` (single class) + rescaling to the image's pixels."""
+        if pred.ndim != 3 or pred.shape[0] != 1 or pred.shape[2] != 16:
+            raise WeightsError(f"YoloFace output must be (1, anchors, 16) for one face class, got {tuple(pred.shape)}")
+        rows = pred[0]
+        rows = rows[rows[:, 4] > self.conf_threshold]
+        score = rows[:, 15] * rows[:, 4]  # class score x objectness
+        rows, score = rows[score > self.conf_threshold], score[score > self.conf_threshold]
+        cx, cy, w, h = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+        boxes = torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=1)
+        keep = nms(boxes, score, self.iou_threshold)
+        (h0, w0), (h1, w1) = image_size, input_size
+        # float32 arithmetic as in the official wrapper (`det * w0 / w1` on float32 numpy)
+        boxes = boxes[keep].numpy() * np.array([w0, h0, w0, h0], np.float32) / np.array([w1, h1, w1, h1], np.float32)
+        landmarks = rows[keep, 5:15].numpy().astype(np.float64).reshape(-1, 5, 2) * np.array([w0 / w1, h0 / h1])
+        faces = [Face(box.astype(np.float64), float(s), lm) for box, s, lm in zip(boxes, score[keep].tolist(), landmarks)]
+        return sort_by_area(faces)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MTCNN (fallback detector): networks
+
+
+def _keras_same_max_pool(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """Keras MaxPooling2D(padding="same"): output ceil(n / stride); the padding is split with the odd
+    element after, and padded cells never win."""
+    pads = []
+    for n in (x.shape[3], x.shape[2]):  # F.pad order: width first
+        total = max((-(-n // stride) - 1) * stride + kernel - n, 0)
+        pads += [total // 2, total - total // 2]
+    return F.max_pool2d(F.pad(x, pads, value=float("-inf")), kernel, stride)
+
+
+def _flatten_like_keras(x: torch.Tensor) -> torch.Tensor:
+    """The Keras nets permute NHWC to (N, W, H, C) before Flatten (a leftover of Caffe's transposed
+    images); the dense weights expect that element order."""
+    return x.permute(0, 3, 2, 1).flatten(1)
+
+
+class _KerasNet(nn.Module):
+    def keras_layers(self) -> list[nn.Module]:
+        """Layers that own weights, in the order of the Keras weight list."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def load_keras_arrays(self, arrays: list[np.ndarray]) -> None:
+        """Copy a Keras `get_weights()` list in: conv kernels are HWIO, dense kernels (in, out), PReLU alphas
+        (1, 1, C) or (C,)."""
+        targets = []  # (parameter, how the Keras array maps onto it)
+        for layer in self.keras_layers():
+            if isinstance(layer, nn.Conv2d):
+                targets += [(layer.weight, "hwio"), (layer.bias, "same")]
+            elif isinstance(layer, nn.Linear):
+                targets += [(layer.weight, "in_out"), (layer.bias, "same")]
+            else:  # PReLU
+                targets.append((layer.weight, "flat"))
+        if len(arrays) != len(targets):
+            raise WeightsError(f"{type(self).__name__}: expected {len(targets)} weight arrays, got {len(arrays)}")
+        for (param, layout), array in zip(targets, arrays):
+            tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+            if layout == "hwio" and tensor.ndim == 4:
+                tensor = tensor.permute(3, 2, 0, 1)
+            elif layout == "in_out" and tensor.ndim == 2:
+                tensor = tensor.T
+            elif layout == "flat":
+                tensor = tensor.reshape(-1)
+            if tensor.shape != param.shape:
+                raise WeightsError(f"{type(self).__name__}: weight of shape {tuple(array.shape)} does not fit "
+                                   f"a parameter of shape {tuple(param.shape)}")
+            param.copy_(tensor)
+
+
+class PNet(_KerasNet):
+    """Proposal net, fully convolutional: 12x12 windows at stride 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 10, 3), nn.PReLU(10)
+        self.conv2, self.prelu2 = nn.Conv2d(10, 16, 3), nn.PReLU(16)
+        self.conv3, self.prelu3 = nn.Conv2d(16, 32, 3), nn.PReLU(32)
+        self.box_offsets = nn.Conv2d(32, 4, 1)
+        self.face_logits = nn.Conv2d(32, 2, 1)
+
+    def keras_layers(self):
+        return [self.conv1, self.prelu1, self.conv2, self.prelu2, self.conv3, self.prelu3,
+                self.box_offsets, self.face_logits]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = _keras_same_max_pool(self.prelu1(self.conv1(x)), 2, 2)
+        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
+        return self.box_offsets(x), self.face_logits(x).softmax(dim=1)[:, 1]
+
+
+class RNet(_KerasNet):
+    """Refinement net on 24x24 patches."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 28, 3), nn.PReLU(28)
+        self.conv2, self.prelu2 = nn.Conv2d(28, 48, 3), nn.PReLU(48)
+        self.conv3, self.prelu3 = nn.Conv2d(48, 64, 2), nn.PReLU(64)
+        self.fc4, self.prelu4 = nn.Linear(576, 128), nn.PReLU(128)
+        self.box_offsets = nn.Linear(128, 4)
+        self.face_logits = nn.Linear(128, 2)
+
+    def keras_layers(self):
+        return [self.conv1, self.prelu1, self.conv2, self.prelu2, self.conv3, self.prelu3, self.fc4, self.prelu4,
+                self.box_offsets, self.face_logits]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = _keras_same_max_pool(self.prelu1(self.conv1(x)), 3, 2)
+        x = F.max_pool2d(self.prelu2(self.conv2(x)), 3, 2)
+        x = self.prelu3(self.conv3(x))
+        x = self.prelu4(self.fc4(_flatten_like_keras(x)))
+        return self.box_offsets(x), self.face_logits(x).softmax(dim=1)[:, 1]
+
+
+class ONet(_KerasNet):
+    """Output net on 48x48 patches: box offsets, 5 landmarks (x1..x5, y1..y5 relative to the box), score."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 32, 3), nn.PReLU(32)
+        self.conv2, self.prelu2 = nn.Conv2d(32, 64, 3), nn.PReLU(64)
+        self.conv3, self.prelu3 = nn.Conv2d(64, 64, 3), nn.PReLU(64)
+        self.conv4, self.prelu4 = nn.Conv2d(64, 128, 2), nn.PReLU(128)
+        self.fc5, self.prelu5 = nn.Linear(1152, 256), nn.PReLU(256)
+        self.box_offsets = nn.Linear(256, 4)
+        self.landmarks = nn.Linear(256, 10)
+        self.face_logits = nn.Linear(256, 2)
+
+    def keras_layers(self):
+        return [self.conv1, self.prelu1, self.conv2, self.prelu2, self.conv3, self.prelu3, self.conv4, self.prelu4,
+                self.fc5, self.prelu5, self.box_offsets, self.landmarks, self.face_logits]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = _keras_same_max_pool(self.prelu1(self.conv1(x)), 3, 2)
+        x = F.max_pool2d(self.prelu2(self.conv2(x)), 3, 2)
+        x = _keras_same_max_pool(self.prelu3(self.conv3(x)), 2, 2)
+        x = self.prelu4(self.conv4(x))
+        x = self.prelu5(self.fc5(_flatten_like_keras(x)))
+        return self.box_offsets(x), self.landmarks(x), self.face_logits(x).softmax(dim=1)[:, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MTCNN: weights shipped in the `mtcnn` package
+
+
+def _array_only_unpickler_class():
+    from joblib.numpy_pickle import NumpyUnpickler
+
+    allowed = {
+        ("joblib.numpy_pickle", "NumpyArrayWrapper"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
+
+    class ArrayOnlyUnpickler(NumpyUnpickler):
+        """joblib's unpickler restricted to building numpy arrays: any other global is refused, so a
+        tampered file cannot run code."""
+
+        def find_class(self, module, name):
+            if (module, name) not in allowed:
+                raise WeightsError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")
+            return super().find_class(module, name)
+
+    return ArrayOnlyUnpickler
+
+
+def mtcnn_weights_dir() -> Path:
+    spec = importlib.util.find_spec("mtcnn")  # finds the package without running its TensorFlow imports
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError("the MTCNN face detector needs the `mtcnn==1.0.0` package for its weights")
+    return Path(next(iter(spec.submodule_search_locations))) / "assets" / "weights"
+
+
+def load_keras_weight_list(path: Path) -> list[np.ndarray]:
+    """A joblib + lz4 pickle of a list of float arrays, loaded without executing pickled code."""
+    import lz4.frame
+
+    try:
+        data = lz4.frame.decompress(Path(path).read_bytes())
+    except (OSError, RuntimeError) as e:
+        raise WeightsError(f"cannot read MTCNN weights {path}: {e}") from e
+    unpickler_class = _array_only_unpickler_class()
+    # joblib >= 1.5 takes the byte-order flag; 1.4 always reads arrays in native order
+    takes_flag = "ensure_native_byte_order" in inspect.signature(unpickler_class.__init__).parameters
+    flag = {"ensure_native_byte_order": True} if takes_flag else {}
+    unpickler = unpickler_class(str(path), io.BytesIO(data), **flag)
+    arrays = unpickler.load()
+    if not (isinstance(arrays, list) and all(isinstance(a, np.ndarray) and a.dtype.kind == "f" for a in arrays)):
+        raise WeightsError(f"{path} does not hold a list of float arrays")
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MTCNN: detection stages (the mtcnn 1.0.0 package's algorithm and defaults)
+
+
+def mtcnn_nms(boxes: np.ndarray, threshold: float, method: str = "union", block: int = 512) -> np.ndarray:
+    """The mtcnn package's suppression for boxes sorted best first: box j is kept iff no better box i < j
+    (kept or not) overlaps it by more than `threshold`; overlap = intersection over union or over the
+    smaller area. Computed in column blocks so memory stays O(n * block). Returns kept indices."""
+    n = len(boxes)
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    areas = (x2 - x1) * (y2 - y1)
+    keep = np.ones(n, dtype=bool)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        cols = slice(start, stop)
+        w = np.maximum(0, np.minimum(x2[:stop, None], x2[None, cols]) - np.maximum(x1[:stop, None], x1[None, cols]))
+        h = np.maximum(0, np.minimum(y2[:stop, None], y2[None, cols]) - np.maximum(y1[:stop, None], y1[None, cols]))
+        inter = w * h
+        if method == "union":
+            denominator = areas[:stop, None] + areas[None, cols] - inter
+        else:
+            denominator = np.minimum(areas[:stop, None], areas[None, cols])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            overlap = inter / denominator
+        better = np.arange(stop)[:, None] < np.arange(start, stop)[None, :]
+        keep[cols] = ~((overlap > threshold) & better).any(axis=0)
+    return np.nonzero(keep)[0]
+
+
+def _sort_by_score(boxes: np.ndarray, score_column: int = 4) -> np.ndarray:
+    return boxes[np.argsort(-boxes[:, score_column], kind="stable")]
+
+
+def _to_square(boxes: np.ndarray) -> np.ndarray:
+    boxes = boxes.copy()
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = np.maximum(w, h)
+    boxes[:, 0] += w * 0.5 - side * 0.5
+    boxes[:, 1] += h * 0.5 - side * 0.5
+    boxes[:, 2] = boxes[:, 0] + side
+    boxes[:, 3] = boxes[:, 1] + side
+    return boxes
+
+
+def _apply_offsets(boxes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    boxes = boxes.copy()
+    w = boxes[:, 2] - boxes[:, 0] + 1
+    h = boxes[:, 3] - boxes[:, 1] + 1
+    boxes[:, :4] += offsets * np.stack([w, h, w, h], axis=1)
+    return boxes
+
+
+def crop_and_resize(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """`tf.image.crop_and_resize` (bilinear, extrapolation value 0) of an HxWxC float image for boxes in pixel
+    x1, y1, x2, y2 (normalised by H and W, as the mtcnn package does). Returns (n, C, size, size) float32."""
+    height, width = image.shape[:2]
+    steps = np.arange(size) / (size - 1)
+    ys = (boxes[:, 1, None] / height + steps * (boxes[:, 3, None] - boxes[:, 1, None]) / height) * (height - 1)
+    xs = (boxes[:, 0, None] / width + steps * (boxes[:, 2, None] - boxes[:, 0, None]) / width) * (width - 1)
+    inside = ((ys >= 0) & (ys <= height - 1))[:, :, None] & ((xs >= 0) & (xs <= width - 1))[:, None, :]
+    y0, x0 = np.floor(ys), np.floor(xs)
+    wy, wx = (ys - y0)[:, :, None, None], (xs - x0)[:, None, :, None]
+    y0 = y0.clip(0, height - 1).astype(np.int64)
+    x0 = x0.clip(0, width - 1).astype(np.int64)
+    y1 = np.ceil(ys).clip(0, height - 1).astype(np.int64)
+    x1 = np.ceil(xs).clip(0, width - 1).astype(np.int64)
+    top_left, top_right = image[y0[:, :, None], x0[:, None, :]], image[y0[:, :, None], x1[:, None, :]]
+    bottom_left, bottom_right = image[y1[:, :, None], x0[:, None, :]], image[y1[:, :, None], x1[:, None, :]]
+    top = top_left + (top_right - top_left) * wx
+    bottom = bottom_left + (bottom_right - bottom_left) * wx
+    patches = np.where(inside[..., None], top + (bottom - top) * wy, 0.0)
+    return np.ascontiguousarray(patches.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+class MTCNNDetector(FaceDetector):
+    """MTCNN with the `mtcnn==1.0.0` package's weights, stages and defaults: scale pyramid (min face 20 px,
+    factor 0.709), P-Net threshold 0.6 with IoU NMS 0.5 per scale then 0.7, R-Net 0.7 / NMS 0.7, O-Net 0.8 /
+    NMS 0.7 over the smaller area; boxes clipped to the image, landmarks not."""
+
+    cell_size = 12
+    cell_stride = 2
+
+    def __init__(self, min_face_size: int = 20, scale_factor: float = 0.709,
+                 thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8), device: str | torch.device = "cpu"):
+        self.min_face_size = min_face_size
+        self.scale_factor = scale_factor
+        self.thresholds = thresholds
+        self.device = torch.device(device)
+        weights = mtcnn_weights_dir()
+        self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
+        for net, name in ((self.pnet, "pnet"), (self.rnet, "rnet"), (self.onet, "onet")):
+            net.load_keras_arrays(load_keras_weight_list(weights / f"{name}.lz4"))
+            net.to(self.device).eval().requires_grad_(False)
+
+    def pyramid_scales(self, height: int, width: int) -> np.ndarray:
+        """The package's pyramid: its level count ignores the first 12/min_face_size factor, so levels whose
+        image would be under 12 px are dropped here (the package fails on them and reports no face)."""
+        count = round(-((np.log(min(height, width) / self.cell_size) / np.log(self.scale_factor)) + 1))
+        scales = self.cell_size / self.min_face_size * self.scale_factor ** np.arange(max(count, 0))
+        return scales[np.minimum(height * scales, width * scales) >= self.cell_size]
+
+    def _run(self, net: nn.Module, x: np.ndarray):
+        outputs = net(torch.from_numpy(x).to(self.device))
+        return [o.float().cpu().numpy().astype(np.float64) for o in outputs]
+
+    def _propose(self, normalized: np.ndarray) -> np.ndarray:
+        height, width = normalized.shape[:2]
+        per_scale = []
+        for scale in self.pyramid_scales(height, width):
+            resized = cv2.resize(normalized, (int(width * scale), int(height * scale)), interpolation=cv2.INTER_AREA)
+            offsets, prob = self._run(self.pnet, resized.transpose(2, 0, 1)[None].copy())
+            ys, xs = np.nonzero(prob[0] > self.thresholds[0])
+            if len(ys) == 0:
+                continue
+            span = self.cell_size - 1
+            left, top = xs * self.cell_stride + 1.0, ys * self.cell_stride + 1.0
+            dx1, dy1, dx2, dy2 = offsets[0][:, ys, xs]
+            boxes = np.stack([left + dx1 * span, top + dy1 * span, left + span + dx2 * span, top + span + dy2 * span],
+                             axis=1) / scale
+            boxes = _sort_by_score(np.concatenate([boxes, prob[0][ys, xs, None]], axis=1))
+            per_scale.append(boxes[mtcnn_nms(boxes, 0.5)])
+        if not per_scale:
+            return np.empty((0, 5))
+        boxes = _sort_by_score(np.concatenate(per_scale))
+        return _to_square(boxes[mtcnn_nms(boxes, 0.7)])
+
+    def _refine(self, normalized: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        offsets, prob = self._run(self.rnet, crop_and_resize(normalized, boxes, 24))
+        boxes = _apply_offsets(np.concatenate([boxes[:, :4], prob[:, None]], axis=1), offsets)
+        boxes = _sort_by_score(boxes[prob > self.thresholds[1]])
+        return _to_square(boxes[mtcnn_nms(boxes, 0.7)])
+
+    def _output(self, normalized: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """Rows of x1, y1, x2, y2, score, 5 landmark x, 5 landmark y."""
+        offsets, landmarks, prob = self._run(self.onet, crop_and_resize(normalized, boxes, 48))
+        w = boxes[:, 2:3] - boxes[:, 0:1] + 1
+        h = boxes[:, 3:4] - boxes[:, 1:2] + 1
+        landmark_x = w * landmarks[:, :5] + boxes[:, 0:1] - 1
+        landmark_y = h * landmarks[:, 5:] + boxes[:, 1:2] - 1
+        boxes = _apply_offsets(np.concatenate([boxes[:, :4], prob[:, None]], axis=1), offsets)
+        rows = np.concatenate([boxes, landmark_x, landmark_y], axis=1)
+        rows = _sort_by_score(rows[prob > self.thresholds[2]])
+        return rows[mtcnn_nms(rows, 0.7, method="min")]
+
+    @torch.no_grad()
+    def detect(self, image: np.ndarray) -> list[Face]:
+        check_rgb_image(image)
+        height, width = image.shape[:2]
+        normalized = (image.astype(np.float32) - 127.5) / 128
+        rows = self._propose(normalized)
+        if len(rows):
+            rows = self._refine(normalized, rows)
+        if len(rows):
+            rows = self._output(normalized, rows)
+        faces = []
+        for row in rows:
+            box = np.clip(row[:4], 0, [width - 1, height - 1, width - 1, height - 1])
+            faces.append(Face(box, float(row[4]), np.stack([row[5:10], row[10:15]], axis=1)))
+        return sort_by_area(faces)
+
+
+def load_face_detector(weights_dir: Path | None, device: str | torch.device = "cpu") -> FaceDetector:
+    """The official YoloFace when `weights_dir/yoloface_v5m.pt` exists, else the bundled MTCNN."""
+    if weights_dir is not None and (Path(weights_dir) / YOLOFACE_FILENAME).is_file():
+        return YoloFaceDetector(Path(weights_dir) / YOLOFACE_FILENAME, device=device)
+    log.info("no %s found; using the MTCNN face detector (landmarks differ slightly from YoloFace)",
+             YOLOFACE_FILENAME)
+    return MTCNNDetector(device=device)
