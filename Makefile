@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` (set-up + the main job on the bundled sample) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch; a machine that already has torch (e.g. a CUDA build) keeps its own.
+TORCH_SPEC ?= torch==2.13.0
+SAMPLE_IMAGE ?= hyportrait/assets/sample_portrait.png
+SAMPLE_VIDEO ?= hyportrait/assets/sample_driving.mp4
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/hyportrait animate --image $(SAMPLE_IMAGE) --video $(SAMPLE_VIDEO) --out outputs/demo
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache build *.egg-info
