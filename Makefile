@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel of torch; a machine that already has torch (e.g. a CUDA build) keeps its own.
 TORCH_SPEC ?= torch==2.13.0
-SAMPLE_IMAGE ?= hyportrait/assets/sample_portrait.png
+SAMPLE_IMAGE ?= hyportrait/assets/sample_portrait.jpg
 SAMPLE_VIDEO ?= hyportrait/assets/sample_driving.mp4
 
 .PHONY: setup demo test lint clean

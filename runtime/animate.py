@@ -116,16 +116,22 @@ def animate_files(image: Path, video: Path, out: Path, *, weights: Path | None =
 
     tic = time.perf_counter()
     folder = out / f"{datetime.now():%Y%m%d_%H%M%S}_{image.stem}_{video.stem}"
-    folder.mkdir(parents=True, exist_ok=True)
     cropped, full = folder / "cropped.mp4", folder / "full_resolution.mp4"
     x1, y1, x2, y2 = source.crop_box
     mask = soft_mask(x2 - x1, y2 - y1)
-    with VideoWriter(cropped, info.fps, audio_from=video) as crop_out, \
-            VideoWriter(full, info.fps, audio_from=video) as full_out, \
-            tqdm(total=num_frames, desc="decode+encode", unit="frame", disable=not progress) as bar:
-        for frame in decode_frames(nets, latents, config, cond.num_pad):
-            crop_out.write(frame)
-            full_out.write(paste_back(source.original_image, frame, source.crop_box, mask))
-            bar.update(1)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with VideoWriter(cropped, info.fps, audio_from=video) as crop_out, \
+                VideoWriter(full, info.fps, audio_from=video) as full_out, \
+                tqdm(total=num_frames, desc="decode+encode", unit="frame", disable=not progress) as bar:
+            for frame in decode_frames(nets, latents, config, cond.num_pad):
+                crop_out.write(frame)
+                full_out.write(paste_back(source.original_image, frame, source.crop_box, mask))
+                bar.update(1)
+    except BaseException:
+        # the writers removed their partial files; leave no empty result folder behind either
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
     timings["decode_encode"] = time.perf_counter() - tic
     return AnimateResult(cropped, full, num_frames, info.fps, len(driving.missing_face_frames), timings)
