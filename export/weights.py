@@ -134,6 +134,7 @@ class FileReport:
 class WeightsReport:
     root: str
     files: list[FileReport]
+    configs: dict[str, bool]  # diffusers config.json files (absent: the built-in SVD-xt defaults are used)
     detector: bool
     arcface: bool
 
@@ -161,6 +162,9 @@ class WeightsReport:
                 min(len(f.missing), 10) - min(len(f.unexpected), 10) - min(len(f.mismatched), 10)
             if hidden > 0:
                 lines.append(f"           ... and {hidden} more")
+        for name, present in self.configs.items():
+            lines.append(f"  {'ok      ' if present else 'absent  '} {name}"
+                         f"{'' if present else ' (the built-in SVD-xt config is used)'}")
         lines.append(f"  {'ok      ' if self.detector else 'absent  '} {DETECTOR_FILE} "
                      f"({'official YOLOv5-face' if self.detector else 'the built-in MTCNN detector is used'})")
         lines.append(f"  {'ok      ' if self.arcface else 'absent  '} {ARCFACE_FILE} "
@@ -195,7 +199,8 @@ def check_weights(root: str | Path, size: Size = "official") -> WeightsReport:
             files.append(FileReport(spec.path, True, error=str(exc)))
             continue
         files.append(compare_manifest(spec.path, expected[spec.path], found))
-    return WeightsReport(str(root), files, (root / DETECTOR_FILE).is_file(), (root / ARCFACE_FILE).is_file())
+    return WeightsReport(str(root), files, {name: (root / name).is_file() for name in CONFIG_FILES},
+                         (root / DETECTOR_FILE).is_file(), (root / ARCFACE_FILE).is_file())
 
 
 def load_networks(root: str | Path, size: Size = "official") -> Networks:

@@ -96,6 +96,7 @@ def test_cli_weights_check_and_expected(tiny_folder, tmp_path, capsys):
     assert main(["weights", "check", str(tmp_path)]) == 1  # empty folder: every file missing
     out = capsys.readouterr().out
     assert out.count("MISSING") == len(CHECKPOINTS) and "built-in MTCNN" in out
+    assert "absent   unet/config.json (the built-in SVD-xt config is used)" in out
     assert main(["weights", "expected"]) == 0
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["hyportrait/image_proj.pth"] == {"weight": [64, 261], "bias": [64]}
