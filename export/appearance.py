@@ -219,14 +219,28 @@ class DinoV2WithIDAdapters(nn.Module):
         prune_dead_branches skips the adapters' conv branches and attention queries, which cannot change the
         output (the cross-attention has a single key); same result up to rounding, less compute.
         """
+        grid = self.patch_grid(image)
+        return self.encode(image, id_embedding, self.position_embedding(*grid, image.dtype), prune_dead_branches)
+
+    def patch_grid(self, image: torch.Tensor) -> tuple[int, int]:
         p = self.config.patch_size
-        b, _, h, w = image.shape
+        h, w = image.shape[-2:]
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-        grid = (h // p, w // p)
+        return h // p, w // p
+
+    def encode(self, image: torch.Tensor, id_embedding: torch.Tensor, position_table: torch.Tensor,
+               prune_dead_branches: bool = False) -> torch.Tensor:
+        """`forward` with the (1, 1 + grid_h * grid_w, dim) position table given: a caller with a fixed input
+        size computes it once (`position_embedding`) and keeps the resampling out of every call."""
+        b = image.shape[0]
+        grid = self.patch_grid(image)
+        if position_table.shape[1] != 1 + grid[0] * grid[1]:
+            raise ValueError(f"position table of {position_table.shape[1]} positions does not fit a "
+                             f"{grid[0]}x{grid[1]} patch grid (+1 cls)")
         id_embedding = id_embedding.to(image.dtype)  # the pipeline casts the ArcFace vector to the image dtype
         tokens = torch.cat([self.cls_token.expand(b, -1, -1), self.patch_embed(image)], dim=1)
-        tokens = tokens + self.position_embedding(*grid, tokens.dtype)
+        tokens = tokens + position_table.to(tokens.dtype)
         tokens = torch.cat([tokens[:, :1], self.register_tokens.expand(b, -1, -1), tokens[:, 1:]], dim=1)
         for block in self.blocks:
             tokens = block(tokens, id_embedding, grid, prune_dead_branches)

@@ -87,7 +87,7 @@ class PerceiverResampler(nn.Module):
         """tokens (n, t, input_dim), intensity (1, 1, intensity_dim) shared by all n
         -> (n, queries, output_dim)."""
         latents = self.latents + self.intensity_aware_linear(F.silu(intensity))
-        latents = latents.expand(len(tokens), -1, -1)
+        latents = latents.expand(tokens.shape[0], -1, -1)  # shape[0], not len(): export keeps it symbolic
         tokens = self.proj_in(tokens)
         for block in self.perceiver_blocks:
             latents = block(tokens, latents, intensity)

@@ -8,6 +8,11 @@ Built from diffusers' own `UNetSpatioTemporalConditionModel`, so its parameter n
 - the pose-guider features are added to the output of `conv_in`;
 - the temporal cross-attention context is the mean over the window's frames of each token set, given to
   every pixel (stock SVD gives frame 0's tokens).
+
+`set_engine_rewrites()` switches to a computation that is the same up to float rounding and cheaper to run
+and export: cross-attention K/V are projected once per shared context (the temporal context is one frame
+mean per batch item, not one copy per pixel: 18 of the 114 TFLOP of a guidance batch of 3 at 64x64), and
+attention is written out as the MatMul-Softmax-MatMul chain TensorRT fuses when exported to ONNX.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import UNetSpatioTemporalConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
 from diffusers.models.transformers.transformer_temporal import (
@@ -80,22 +86,98 @@ class UNetConfig:
         return replace(cls(), **{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
+def frame_mean(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(B*F, N, D) per-frame tokens -> (B, N, D): each window's mean over its frames.
+
+    (B, N, D) tokens shared by all frames pass through unchanged (the mean of one item).
+    """
+    return tokens.reshape(batch_size, -1, *tokens.shape[1:]).mean(dim=1)
+
+
 def frame_mean_context(tokens: torch.Tensor, batch_size: int, num_pixels: int) -> torch.Tensor:
     """(B*F, N, D) per-frame tokens -> (B*num_pixels, N, D): each window's frame mean, once per pixel.
 
     The temporal attention runs over sequences of frames, one per pixel, so each pixel needs the context.
     The official code materialises it with `.repeat`; expanding gives the same values.
     """
-    mean = tokens.reshape(batch_size, -1, *tokens.shape[1:]).mean(dim=1)
+    mean = frame_mean(tokens, batch_size)
     return mean[:, None].expand(-1, num_pixels, -1, -1).reshape(batch_size * num_pixels, *mean.shape[1:])
+
+
+def dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(Q·Kᵀ·scale)·V on (batch, heads, tokens, head_dim) tensors.
+
+    Eagerly this is SDPA (fused kernels). Under ONNX export it is written out as Q·scale -> MatMul(Kᵀ) ->
+    Softmax -> MatMul, the chain TensorRT fuses into one attention kernel (it wants the scale applied to Q
+    or K before the first matmul). torch's own SDPA export computes the scale from shapes at run time,
+    multiplies both Q and Kᵀ by its square root, and (opset 18, torch.export) routes Kᵀ through a 3-D
+    Reshape-Transpose-Reshape.
+    """
+    if torch.onnx.is_in_onnx_export():
+        return ((query * scale) @ key.transpose(-1, -2)).softmax(dim=-1) @ value
+    return F.scaled_dot_product_attention(query, key, value, scale=scale)
+
+
+def shared_context_attention(attn: Attention, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor) -> torch.Tensor:
+    """`attn`'s multi-head attention of (N, L, C) queries on (n, S, C) keys/values, n dividing N.
+
+    With G = N/n, key/value item i serves query items i*G .. i*G+G-1, whose queries are attended as one
+    sequence of G*L (each query row has its own softmax, so the grouping changes only the batching): a
+    context shared by G query items is projected once, not G times.
+    """
+    batch, length, channels = query.shape
+    kv_batch = key.shape[0]
+    q, k, v = (t.reshape(kv_batch, -1, attn.heads, channels // attn.heads).transpose(1, 2)
+               for t in (query, key, value))
+    # attn.scale is a Python float (1/sqrt(head_dim)): a constant in the graph, not computed from shapes
+    return dot_product_attention(q, k, v, attn.scale).transpose(1, 2).reshape(batch, length, channels)
+
+
+class SelfAttnProcessor:
+    """Self-attention (`attn1`) through `dot_product_attention`; the same math as diffusers' AttnProcessor2_0."""
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("SelfAttnProcessor computes unmasked self-attention only")
+        out = shared_context_attention(
+            attn, attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        )
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class SharedContextIPAttnProcessor(IPAdapterAttnProcessor2_0):
+    """The IP-adapter cross-attention (diffusers' IPAdapterAttnProcessor2_0 math) on shared contexts.
+
+    Each context, `(tokens, [ip_tokens])`, may have fewer items than the queries: item i then serves a group
+    of consecutive query items (see `shared_context_attention`) and its K/V are projected once. Same
+    parameters as the parent class, so instances are switched to it in place.
+    """
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor,
+                 encoder_hidden_states: tuple[torch.Tensor, list[torch.Tensor]], attention_mask=None) -> torch.Tensor:
+        if attention_mask is not None:
+            raise ValueError("SharedContextIPAttnProcessor takes no attention mask")
+        tokens, ip_tokens = encoder_hidden_states
+        query = attn.to_q(hidden_states)
+        out = shared_context_attention(attn, query, attn.to_k(tokens), attn.to_v(tokens))
+        for context, scale, to_k, to_v in zip(ip_tokens, self.scale, self.to_k_ip, self.to_v_ip):
+            if scale != 0:  # as diffusers: a zero scale skips the branch
+                out = out + scale * shared_context_attention(attn, query, to_k(context), to_v(context))
+        return attn.to_out[1](attn.to_out[0](out))
 
 
 class FrameMeanTransformerSpatioTemporal(TransformerSpatioTemporalModel):
     """diffusers' TransformerSpatioTemporalModel taking `(appearance, [motion])` per-frame token sets.
 
     Spatial cross-attention sees each frame's tokens; temporal cross-attention sees the window's frame mean
-    of each set. Holds no state of its own: instances built by diffusers' blocks are switched to this class.
+    of each set: copied to every pixel as the official code does, or, with `shared_temporal_context`, one
+    mean per batch item for SharedContextIPAttnProcessor to broadcast. Holds no parameters of its own:
+    instances built by diffusers' blocks are switched to this class.
     """
+
+    shared_temporal_context = False
 
     def forward(
         self,
@@ -109,10 +191,13 @@ class FrameMeanTransformerSpatioTemporal(TransformerSpatioTemporalModel):
         batch_size = batch_frames // num_frames
 
         tokens, ip_tokens = encoder_hidden_states
-        temporal_context = (
-            frame_mean_context(tokens, batch_size, height * width),
-            [frame_mean_context(t, batch_size, height * width) for t in ip_tokens],
-        )
+        if self.shared_temporal_context:
+            temporal_context = (frame_mean(tokens, batch_size), [frame_mean(t, batch_size) for t in ip_tokens])
+        else:
+            temporal_context = (
+                frame_mean_context(tokens, batch_size, height * width),
+                [frame_mean_context(t, batch_size, height * width) for t in ip_tokens],
+            )
 
         residual = hidden_states
         hidden_states = self.norm(hidden_states)
@@ -173,6 +258,27 @@ class UNetWithAdapters(UNetSpatioTemporalConditionModel):
         for module in self.modules():
             if type(module) is TransformerSpatioTemporalModel:
                 module.__class__ = FrameMeanTransformerSpatioTemporal
+        self.engine_rewrites = False
+
+    def set_engine_rewrites(self, enabled: bool = True) -> UNetWithAdapters:
+        """Switch (in place, both ways) between the official computation and the engine rewrites.
+
+        The rewrites give the same result up to float rounding: temporal cross-attention K/V (main and IP)
+        projected once per batch item from the frame-mean tokens and broadcast to all B*h*w pixel
+        sequences instead of projected from B*h*w copies; appearance K/V projected once per batch item when
+        `appearance_tokens` are given once for all frames; attention exported as the chain TensorRT fuses
+        (`dot_product_attention`). Parameters and state-dict keys do not change.
+        """
+        for name, module in self.named_modules():
+            if isinstance(module, FrameMeanTransformerSpatioTemporal):
+                module.shared_temporal_context = enabled
+            elif isinstance(module, Attention):
+                if name.endswith("attn2"):
+                    module.processor.__class__ = SharedContextIPAttnProcessor if enabled else IPAdapterAttnProcessor2_0
+                else:
+                    module.set_processor(SelfAttnProcessor() if enabled else AttnProcessor2_0())
+        self.engine_rewrites = enabled
+        return self
 
     def forward(
         self,
@@ -185,9 +291,11 @@ class UNetWithAdapters(UNetSpatioTemporalConditionModel):
     ) -> torch.Tensor:
         """One denoising call on a window of F frames (classifier-free guidance branches are batch items).
 
-        sample (B,F,8,h,w): scaled noisy latent ++ conditioning image latent; timestep: fp32, 0-dim or (B,);
-        appearance_tokens, motion_tokens (B,F,64,1024); pose_features (B,F,320,h,w), added to conv_in's
-        output; added_time_ids (B,3) = [fps, motion bucket, noise augmentation]. Returns (B,F,4,h,w).
+        sample (B,F,8,h,w): scaled noisy latent ++ conditioning image latent; timestep: fp32, 0-dim, (1,) or
+        (B,); appearance_tokens (B,F,64,1024), or (B,64,1024) for tokens shared by all frames (as the
+        pipeline's are); motion_tokens (B,F,64,1024); pose_features (B,F,320,h,w), or one (320,h,w) map for
+        every frame and batch item, added to conv_in's output; added_time_ids (B,3) = [fps, motion bucket,
+        noise augmentation]. Returns (B,F,4,h,w).
         """
         batch_size, num_frames = sample.shape[:2]
 
@@ -197,8 +305,13 @@ class UNetWithAdapters(UNetSpatioTemporalConditionModel):
         emb = emb + self.add_embedding(time_ids_emb)
         emb = emb.repeat_interleave(num_frames, dim=0)
 
-        sample = self.conv_in(sample.flatten(0, 1)) + pose_features.flatten(0, 1)
-        tokens = (appearance_tokens.flatten(0, 1), [motion_tokens.flatten(0, 1)])
+        if pose_features.dim() == 5:
+            pose_features = pose_features.flatten(0, 1)
+        sample = self.conv_in(sample.flatten(0, 1)) + pose_features
+        if appearance_tokens.dim() == 3 and not self.engine_rewrites:  # the official path attends per frame
+            appearance_tokens = appearance_tokens[:, None].expand(-1, num_frames, -1, -1)
+        appearance = appearance_tokens.flatten(0, 1) if appearance_tokens.dim() == 4 else appearance_tokens
+        tokens = (appearance, [motion_tokens.flatten(0, 1)])
         # all frames are video frames: the AlphaBlenders use their learned spatial/temporal mix
         image_only_indicator = torch.zeros(batch_size, num_frames, dtype=sample.dtype, device=sample.device)
 

@@ -41,6 +41,19 @@ def _add_weights(sub) -> None:
     wsub.add_parser("expected", help="print the expected keys and shapes of every checkpoint file as JSON")
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export every network to ONNX, validated against PyTorch")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", type=Path, help="official weights folder (pretrained_weights/)")
+    source.add_argument("--tiny-random", action="store_true",
+                        help="no weights: tiny random networks (for trying the export and for CI)")
+    p.add_argument("--out", required=True, type=Path, help="output folder for the ONNX models and manifest.json")
+    p.add_argument("--precision", default="fp32", metavar="{fp32,fp16}",
+                   help="model precision (default fp32); fp16 keeps norms and the motion/VAE-encoder/"
+                   "detector models in fp32")
+    p.add_argument("--lora", type=Path, help="PEFT LoRA (folder or weights file) merged into the UNet first")
+
+
 def _animate(args) -> int:
     from hyportrait.runtime.animate import animate_files
 
@@ -75,6 +88,22 @@ def _weights(args) -> int:
     return 0 if report.ok else 1
 
 
+def _export(args) -> int:
+    from hyportrait.export.export_all import export_all
+
+    manifest = export_all(None if args.tiny_random else args.weights, args.out, args.precision, args.lora,
+                          size="tiny" if args.tiny_random else "official")
+    for name, record in manifest.models.items():
+        check = record.validation or {}
+        error = check.get("max_relative_error")
+        print(f"{name:12s} {record.precision}  {record.size_bytes / 2**20:9.1f} MiB  "
+              + (f"max rel err {error:.2g}" if error is not None else f"not validated: {check.get('skipped')}"))
+    for name, reason in manifest.skipped.items():
+        print(f"{name:12s} skipped: {reason}")
+    print(f"wrote {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="hyportrait: %(message)s", level=logging.INFO)
     # diffusers warns on every fp16 cast about modules it would keep in fp32; ours have none (its list is empty)
@@ -83,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_animate(sub)
     _add_weights(sub)
+    _add_export(sub)
     args = parser.parse_args(argv)
     try:
-        return {"animate": _animate, "weights": _weights}[args.command](args)
+        return {"animate": _animate, "weights": _weights, "export": _export}[args.command](args)
     except HyportraitError as exc:
         print(f"hyportrait: error [{exc.code}]: {exc.message}", file=sys.stderr)
         return 2

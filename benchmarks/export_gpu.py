@@ -1,0 +1,86 @@
+"""Export every network at the official size (random weights) and check each ONNX model with onnxruntime's
+CUDA provider against the PyTorch module in fp32 on the GPU. Writes a JSON report per precision.
+
+    python -m benchmarks.export_gpu --precision fp32 --out DIR --report report.json
+
+The ONNX files are deleted after their check unless --keep is given (the fp32 UNet alone is 6.3 GB).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from hyportrait.export.export_appearance import appearance_spec
+from hyportrait.export.export_face_detector import mtcnn_specs
+from hyportrait.export.export_motion import motion_spec
+from hyportrait.export.export_pose_guider import pose_guider_spec
+from hyportrait.export.export_unet import unet_spec
+from hyportrait.export.export_vae import vae_decoder_spec, vae_encoder_spec
+from hyportrait.export.onnx_io import export_onnx, validate_onnx
+from hyportrait.export.weights import random_networks
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--report", type=Path, required=True)
+    p.add_argument("--only", nargs="*", help="export only these models")
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--size", choices=["official", "tiny"], default="official",
+                   help="tiny: the small test networks (a quick check of this script, on the CPU if there is no GPU)")
+    a = p.parse_args()
+
+    import onnxruntime as ort
+
+    gpu = torch.cuda.is_available()
+    device, provider = ("cuda", "CUDAExecutionProvider") if gpu else ("cpu", "CPUExecutionProvider")
+    report = {"device": torch.cuda.get_device_name() if gpu else "cpu", "date": time.strftime("%Y-%m-%d"),
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip() or "unknown",
+              "torch": torch.__version__, "onnxruntime": ort.__version__, "precision": a.precision,
+              "reference": f"PyTorch module, fp32, on {device}", "provider": provider, "size": a.size,
+              "models": {}}
+    nets = random_networks(a.size, seed=0)
+    for module in nets.modules().values():
+        module.to(device)
+    torch.backends.cuda.matmul.allow_tf32 = False  # an fp32 reference, not tf32
+    torch.backends.cudnn.allow_tf32 = False
+    pixels = 512 if a.size == "official" else 64
+    specs = [unet_spec(nets), appearance_spec(nets), motion_spec(nets), vae_encoder_spec(nets, image_size=pixels),
+             vae_decoder_spec(nets, latent_size=pixels // 8), pose_guider_spec(nets, image_size=pixels),
+             *mtcnn_specs()]
+    for spec in specs:
+        if a.only and spec.name not in a.only:
+            continue
+        if spec.name.startswith("mtcnn"):
+            spec.module.to(device)
+        entry = {}
+        try:
+            record = export_onnx(spec, a.out, a.precision)
+            entry.update(export_seconds=record.export_seconds, size_bytes=record.size_bytes,
+                         precision=record.precision, external_data=bool(record.data_file),
+                         inputs={t.name: [t.dtype, t.shape] for t in record.inputs})
+            tic = time.perf_counter()
+            errors = validate_onnx(spec, a.out / record.file, providers=[provider])
+            entry.update(relative_errors=errors, max_relative_error=max(errors),
+                         validate_seconds=round(time.perf_counter() - tic, 1),
+                         input_sets=len(errors))
+            if not a.keep:
+                for name in (record.file, record.data_file):
+                    if name:
+                        (a.out / name).unlink()
+        except Exception as exc:  # record and go on: one failing model should not hide the others
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        report["models"][spec.name] = entry
+        print(spec.name, json.dumps(entry), flush=True)
+        a.report.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

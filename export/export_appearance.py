@@ -1,0 +1,61 @@
+"""The appearance model for export: ImageProjector(DINOv2 with ID adapters), rewritten for engines.
+
+`AppearanceEncoder` computes what the reference pipeline computes (`appearance_tokens`) for the fixed
+224x224 input, with two rewrites that change no result beyond rounding:
+- the position table is resampled from the trained grid (37x37) to the input grid (16x16) once, here, and kept
+  as a constant: the graph has no bicubic Resize (which engines implement with differing edge rules);
+- the ID adapters run pruned (`prune_dead_branches`): their conv branches and attention queries cannot
+  change the output, since the cross-attention has a single key.
+It is a plain torch module, so the torch backend can run the same rewritten model.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .appearance import DinoV2WithIDAdapters, ImageProjector
+from .onnx_io import ExportSpec
+from .weights import CHECKPOINTS, Networks
+
+
+class AppearanceEncoder(nn.Module):
+    """image (B, 3, 224, 224) ImageNet-normalised + id_embedding (B, 512) -> (B, 64, 1024) appearance tokens.
+
+    Shares the parameters of the modules it wraps; the position table is a snapshot of `dino.pos_embed`
+    taken at construction (build it after loading weights).
+    """
+
+    def __init__(self, dino: DinoV2WithIDAdapters, image_proj: ImageProjector):
+        super().__init__()
+        self.dino = dino
+        self.image_proj = image_proj
+        self.input_size = dino.config.input_size
+        grid = dino.config.grid_size
+        with torch.no_grad():
+            table = dino.position_embedding(grid, grid, torch.float32).detach().clone()
+        # not in the state dict: it is derived from dino.pos_embed, which stays the checkpoint's source
+        self.register_buffer("position_table", table, persistent=False)
+
+    def forward(self, image: torch.Tensor, id_embedding: torch.Tensor) -> torch.Tensor:
+        tokens = self.dino.encode(image, id_embedding, self.position_table, prune_dead_branches=True)
+        return self.image_proj(tokens)
+
+
+def appearance_spec(nets: Networks) -> ExportSpec:
+    """The "appearance" model: fixed shapes, a batch of one, as the pipeline calls it once per video."""
+    encoder = AppearanceEncoder(nets.dino, nets.image_proj).eval()
+    config = nets.dino.config
+    gen = torch.Generator().manual_seed(0)
+    size = encoder.input_size
+
+    # ImageNet-normalised pixels are roughly in [-2, 2.6]; the runtime's ArcFace embedding has unit norm
+    inputs = {"image": torch.randn(1, 3, size, size, generator=gen),
+              "id_embedding": F.normalize(torch.randn(1, config.id_dim, generator=gen), dim=-1)}
+    paths = {spec.name: spec.path for spec in CHECKPOINTS}
+    return ExportSpec(
+        name="appearance",
+        module=encoder,
+        inputs=inputs,
+        outputs=["appearance_tokens"],
+        dynamic_axes={},
+        sources=(paths["dino"], paths["image_proj"]),
+    )

@@ -1,0 +1,107 @@
+"""The face detectors for export: the three MTCNN nets, and the official YoloFace when its file is there.
+
+mtcnn_pnet: image (1, 3, H, W) -> box_offsets (1, 4, h, w), face_prob (1, h, w); H and W dynamic (one call
+    per pyramid level). Its Keras "same" max-pool pads by a size-dependent amount; the export module uses
+    the equivalent ceil-mode pool, which works for every size in one graph.
+mtcnn_rnet: patches (N, 3, 24, 24) -> box_offsets (N, 4), face_prob (N); N dynamic.
+mtcnn_onet: patches (N, 3, 48, 48) -> box_offsets (N, 4), landmarks (N, 10), face_prob (N); N dynamic.
+yoloface: image (1, 3, H, W) RGB in [0, 1] -> detections (1, A, 16); H and W dynamic (multiples of 32). The
+    official TorchScript model takes the cell grids as inputs; the export module builds them from the input
+    size inside the graph. Exported with the TorchScript exporter (the torch.export-based one cannot take
+    a scripted model with a list input); when that fails the model is skipped with the reason recorded.
+The decoding, pyramids and NMS stay on the host, as in `face_detector.py`. All fp32, as the reference.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .face_detector import MTCNNDetector, PNet, YoloFaceDetector
+from .onnx_io import ExportSpec
+from .weights import DETECTOR_FILE
+
+MTCNN_SOURCE = "mtcnn==1.0.0 package weights"
+
+
+class PNetAnySize(nn.Module):
+    """P-Net with its first pool as ceil-mode max-pool: the same windows as the Keras "same" pool (2x2,
+    stride 2: output ceil(n/2), the odd last window covering one real cell) without size-dependent padding."""
+
+    def __init__(self, pnet: PNet):
+        super().__init__()
+        self.pnet = pnet
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.pnet
+        x = F.max_pool2d(p.prelu1(p.conv1(image)), 2, 2, ceil_mode=True)
+        x = p.prelu3(p.conv3(p.prelu2(p.conv2(x))))
+        return p.box_offsets(x), p.face_logits(x).softmax(dim=1)[:, 1]
+
+
+def mtcnn_specs(detector: MTCNNDetector | None = None, seed: int = 0) -> list[ExportSpec]:
+    detector = detector or MTCNNDetector()
+    gen = torch.Generator().manual_seed(seed)
+
+    def images(n: int, height: int, width: int) -> torch.Tensor:
+        return (torch.rand(n, 3, height, width, generator=gen) * 255 - 127.5) / 128  # the detector's scaling
+
+    batch = {0: "boxes"}
+    return [
+        ExportSpec(
+            name="mtcnn_pnet", module=PNetAnySize(detector.pnet).eval(),
+            inputs={"image": images(1, 64, 48)}, outputs=["box_offsets", "face_prob"],
+            dynamic_axes={"image": {2: "height", 3: "width"}, "box_offsets": {2: "cells_y", 3: "cells_x"},
+                          "face_prob": {1: "cells_y", 2: "cells_x"}},
+            sources=(MTCNN_SOURCE,), extra_inputs=[{"image": images(1, 37, 51)}], allow_fp16=False),
+        ExportSpec(
+            name="mtcnn_rnet", module=detector.rnet.eval(),
+            inputs={"patches": images(4, 24, 24)}, outputs=["box_offsets", "face_prob"],
+            dynamic_axes={"patches": batch, "box_offsets": batch, "face_prob": batch},
+            sources=(MTCNN_SOURCE,), extra_inputs=[{"patches": images(1, 24, 24)}], allow_fp16=False),
+        ExportSpec(
+            name="mtcnn_onet", module=detector.onet.eval(),
+            inputs={"patches": images(4, 48, 48)}, outputs=["box_offsets", "landmarks", "face_prob"],
+            dynamic_axes={"patches": batch, "box_offsets": batch, "landmarks": batch, "face_prob": batch},
+            sources=(MTCNN_SOURCE,), extra_inputs=[{"patches": images(1, 48, 48)}], allow_fp16=False),
+    ]
+
+
+class YoloFaceWithGrids(nn.Module):
+    """The official detector with its per-stride cell grids built from the input size."""
+
+    def __init__(self, model: nn.Module, strides: tuple[int, ...] = YoloFaceDetector.strides):
+        super().__init__()
+        self.model = model
+        self.strides = list(strides)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[2], image.shape[3]
+        grids: list[torch.Tensor] = []
+        for stride in self.strides:
+            ys = torch.arange(height // stride, device=image.device).float()
+            xs = torch.arange(width // stride, device=image.device).float()
+            # (1, 1, rows, cols, 2) of (x, y), as YoloFaceDetector builds them
+            grid = torch.stack((xs[None, :].expand(ys.shape[0], -1), ys[:, None].expand(-1, xs.shape[0])), dim=2)
+            grids.append(grid[None, None])
+        return self.model(image, grids)
+
+
+def yoloface_spec(path: Path, seed: int = 0) -> ExportSpec:
+    with warnings.catch_warnings():  # torch 2.13 deprecates the TorchScript loader
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = torch.jit.load(str(path), map_location="cpu").eval()
+    gen = torch.Generator().manual_seed(seed)
+
+    def image(height: int, width: int) -> torch.Tensor:
+        return torch.rand(1, 3, height, width, generator=gen)
+
+    return ExportSpec(
+        # scripted: tracing cannot step into a loaded TorchScript model; the exporter takes a scripted graph
+        name="yoloface", module=torch.jit.script(YoloFaceWithGrids(model).eval()),
+        inputs={"image": image(416, 416)}, outputs=["detections"],
+        dynamic_axes={"image": {2: "height", 3: "width"}, "detections": {1: "anchors"}},
+        sources=(DETECTOR_FILE,), extra_inputs=[{"image": image(416, 736)}], allow_fp16=False)

@@ -1,0 +1,63 @@
+"""The pose guider for export: the general per-frame encoder, and its folded constant map.
+
+pose_guider: pose_images (N, 3, H, W) -> pose_features (N, C0, H/8, W/8), each frame on its own; N, H, W
+    dynamic. This is the general path, for pose images other than the official all-black ones.
+pose_constant.npy: (C0, H/8, W/8) float32, the output for the all-black image at the generated crop size.
+    The official preprocessing always produces all-black pose frames, so the runtime feeds this map to the
+    UNet's `pose_map` input and never runs the pose guider.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from hyportrait.runtime.pipeline import AnimateConfig
+
+from .onnx_io import ExportSpec, atomic_path, sha256_file
+from .pose_guider import PoseGuider
+from .weights import CHECKPOINTS, Networks
+
+POSE_SOURCE = next(spec.path for spec in CHECKPOINTS if spec.name == "pose_guider")
+POSE_CONSTANT_FILE = "pose_constant.npy"
+
+
+class PoseFrameEncoder(nn.Module):
+    def __init__(self, pose_guider: PoseGuider):
+        super().__init__()
+        self.pose_guider = pose_guider
+
+    def forward(self, pose_images: torch.Tensor) -> torch.Tensor:
+        return self.pose_guider.encode_frames(pose_images)
+
+
+def pose_guider_spec(nets: Networks, image_size: int = 64, seed: int = 0) -> ExportSpec:
+    gen = torch.Generator().manual_seed(seed)
+    channels = nets.pose_guider.config.conditioning_channels
+
+    def images(frames: int, height: int, width: int) -> torch.Tensor:
+        return torch.rand(frames, channels, height, width, generator=gen) * 2 - 1
+
+    return ExportSpec(
+        name="pose_guider",
+        module=PoseFrameEncoder(nets.pose_guider).eval(),
+        inputs={"pose_images": images(2, image_size, image_size)},
+        outputs=["pose_features"],
+        dynamic_axes={"pose_images": {0: "frames", 2: "height", 3: "width"},
+                      "pose_features": {0: "frames", 2: "feature_height", 3: "feature_width"}},
+        sources=(POSE_SOURCE,),
+        extra_inputs=[{"pose_images": images(3, image_size + 16, image_size - 8)}],
+    )
+
+
+def write_pose_constant(nets: Networks, out_dir: Path, size: int = AnimateConfig.size) -> dict:
+    """Write the all-black map at `size` x `size` (fp32, written atomically); returns its manifest entry."""
+    constant = nets.pose_guider.constant_features(size, size).float().numpy()
+    path = Path(out_dir) / POSE_CONSTANT_FILE
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, constant)
+    return {"file": POSE_CONSTANT_FILE, "dtype": "float32", "shape": list(constant.shape),
+            "image_size": [size, size], "input": "all-black pose image (the official preprocessing's)",
+            "feeds": "unet input pose_map", "sha256": sha256_file(path), "sources": [POSE_SOURCE]}

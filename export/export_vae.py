@@ -1,0 +1,90 @@
+"""The VAE for export: the image encoder and the temporal decoder as two models.
+
+vae_encoder: image (N, 3, H, W) in [-1, 1] -> latent_mean (N, 4, H/8, W/8), unscaled (the pipeline multiplies
+    by the scaling factor where it needs the scaled latent). Always fp32: the reference upcasts the encoder
+    (force_upcast).
+vae_decoder: latents (F, 4, h, w) as sampled, i.e. scaled by the scaling factor -> frames (F, 3, 8h, 8w) in
+    about [-1, 1]. The model multiplies by 1/scaling_factor first, exactly as the reference decode does, so
+    the runtime feeds the sampler's latents unchanged. F is the decode chunk (the official 8, or fewer for
+    the last chunk): it is the batch axis, and the temporal layers treat the whole batch as one clip.
+H and W are dynamic on both (multiples of 8); validation runs at small sizes to stay cheap on a CPU.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLTemporalDecoder
+from torch import nn
+
+from .onnx_io import ExportSpec
+from .weights import CHECKPOINTS, Networks
+
+VAE_SOURCE = next(spec.path for spec in CHECKPOINTS if spec.name == "vae")
+MAX_DECODE_FRAMES = 8  # the official decode chunk
+
+
+class VAEImageEncoder(nn.Module):
+    def __init__(self, vae: AutoencoderKLTemporalDecoder):
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = vae.quant_conv
+        self.latent_channels = vae.config.latent_channels
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        # the posterior's mean is the first half of the moments; its std is never used at inference
+        return self.quant_conv(self.encoder(image))[:, :self.latent_channels]
+
+
+class VAEClipDecoder(nn.Module):
+    def __init__(self, vae: AutoencoderKLTemporalDecoder):
+        super().__init__()
+        self.decoder = vae.decoder
+        self.inverse_scale = 1 / vae.config.scaling_factor
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        num_frames = latents.shape[0]  # traced as the input's size, so the frame count stays dynamic
+        image_only_indicator = torch.zeros(1, num_frames, dtype=latents.dtype, device=latents.device)
+        return self.decoder(latents * self.inverse_scale, image_only_indicator=image_only_indicator,
+                            num_frames=num_frames)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def vae_encoder_spec(nets: Networks, image_size: int = 64, seed: int = 0) -> ExportSpec:
+    gen = _generator(seed)
+
+    def image(batch: int, height: int, width: int) -> torch.Tensor:
+        return torch.rand(batch, 3, height, width, generator=gen) * 2 - 1
+
+    axes = {0: "batch", 2: "height", 3: "width"}
+    return ExportSpec(
+        name="vae_encoder",
+        module=VAEImageEncoder(nets.vae).eval(),
+        inputs={"image": image(1, image_size, image_size)},
+        outputs=["latent_mean"],
+        dynamic_axes={"image": axes, "latent_mean": {0: "batch", 2: "latent_height", 3: "latent_width"}},
+        sources=(VAE_SOURCE,),
+        extra_inputs=[{"image": image(2, image_size + 16, image_size - 16)}],
+        allow_fp16=False,
+    )
+
+
+def vae_decoder_spec(nets: Networks, latent_size: int = 8, seed: int = 0) -> ExportSpec:
+    gen = _generator(seed)
+    scale = nets.vae.config.scaling_factor
+
+    def latents(frames: int, height: int, width: int) -> torch.Tensor:
+        # the sampler's latents: a unit-variance latent times the scaling factor
+        return torch.randn(frames, 4, height, width, generator=gen) * scale
+
+    return ExportSpec(
+        name="vae_decoder",
+        module=VAEClipDecoder(nets.vae).eval(),
+        inputs={"latents": latents(MAX_DECODE_FRAMES, latent_size, latent_size)},
+        outputs=["frames"],
+        dynamic_axes={"latents": {0: "frames", 2: "latent_height", 3: "latent_width"},
+                      "frames": {0: "frames", 2: "height", 3: "width"}},
+        sources=(VAE_SOURCE,),
+        extra_inputs=[{"latents": latents(3, latent_size + 2, latent_size)}],
+    )
