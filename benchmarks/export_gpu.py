@@ -52,9 +52,10 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False  # an fp32 reference, not tf32
     torch.backends.cudnn.allow_tf32 = False
     pixels = 512 if a.size == "official" else 64
-    specs = [unet_spec(nets), appearance_spec(nets), motion_spec(nets), vae_encoder_spec(nets, image_size=pixels),
-             vae_decoder_spec(nets, latent_size=pixels // 8), pose_guider_spec(nets, image_size=pixels),
-             *mtcnn_specs()]
+    # the UNet last: if a run is cut short, the others are already in the report
+    specs = [*mtcnn_specs(), pose_guider_spec(nets, image_size=pixels), vae_encoder_spec(nets, image_size=pixels),
+             vae_decoder_spec(nets, latent_size=pixels // 8), motion_spec(nets), appearance_spec(nets),
+             unet_spec(nets)]
     for spec in specs:
         if a.only and spec.name not in a.only:
             continue
