@@ -303,7 +303,8 @@ class UNetWithAdapters(UNetSpatioTemporalConditionModel):
         emb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))
         time_ids_emb = self.add_time_proj(added_time_ids.flatten()).reshape(batch_size, -1).to(emb.dtype)
         emb = emb + self.add_embedding(time_ids_emb)
-        emb = emb.repeat_interleave(num_frames, dim=0)
+        # = repeat_interleave(num_frames): a traced repeat_interleave indexes with a CPU tensor (GPU export fails)
+        emb = emb[:, None].expand(-1, num_frames, -1).flatten(0, 1)
 
         if pose_features.dim() == 5:
             pose_features = pose_features.flatten(0, 1)
