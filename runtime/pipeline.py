@@ -197,13 +197,17 @@ def sample_latents(nets: Networks, cond: Conditioning, config: AnimateConfig, ge
 
 
 def place_networks(nets: Networks, config: AnimateConfig) -> Networks:
-    """Device and dtypes as the reference runs them: the motion networks and the VAE encoder stay fp32."""
+    """Device, dtypes and grad flags as in the reference; motion networks and VAE encoder stay fp32."""
     for name, module in nets.modules().items():
         if name == "vae":
             place_vae(module, config.device, config.dtype)
         else:
             fp32 = name in ("expression", "headpose", "motion_refiner")
             module.to(config.device, torch.float32 if fp32 else config.dtype)
+        # The reference leaves requires_grad on (but for the two motion encoders). The flag picks the
+        # matmul path of a Linear on a strided input (one folded mm when the weight requires grad, else a
+        # bmm), and in fp16 the two round differently. Inference runs under no_grad: no graph is recorded.
+        module.requires_grad_(name not in ("expression", "headpose"))
     return nets
 
 
