@@ -32,6 +32,8 @@ def main():
     p.add_argument("--report", type=Path, required=True)
     p.add_argument("--only", nargs="*", help="export only these models")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--onnxruntime-attention", action="store_true",
+                   help="UNet attention as onnxruntime's fused MultiHeadAttention op (runs at 64x64 in onnxruntime)")
     p.add_argument("--unet-latent", type=int, help="latent size of the UNet model (default 64: 512 px crops)")
     p.add_argument("--unet-batch", type=int, default=3, help="guidance batch of the UNet example (also checked at 1, or 2)")
     p.add_argument("--size", choices=["official", "tiny"], default="official",
@@ -59,7 +61,8 @@ def main():
     # the UNet last: if a run is cut short, the others are already in the report
     specs = [*mtcnn_specs(), pose_guider_spec(nets, image_size=pixels), vae_encoder_spec(nets, image_size=pixels),
              vae_decoder_spec(nets, latent_size=pixels // 8), motion_spec(nets), appearance_spec(nets),
-             unet_spec(nets, batch=a.unet_batch, latent_size=a.unet_latent)]
+             unet_spec(nets, batch=a.unet_batch, latent_size=a.unet_latent,
+                       onnxruntime_attention=a.onnxruntime_attention)]
     for spec in specs:
         if a.only and spec.name not in a.only:
             continue

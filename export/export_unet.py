@@ -51,7 +51,7 @@ def weight_sharing_copy(module: nn.Module) -> nn.Module:
 
 def unet_spec(nets: Networks, dedup: bool = True, batch: int = 3, frames: int | None = None,
               latent_size: int | None = None, pose_map: bool = True, shared_appearance: bool = True,
-              seed: int = 0) -> ExportSpec:
+              seed: int = 0, onnxruntime_attention: bool = False) -> ExportSpec:
     """The "unet" model: batch dynamic (exported at `batch`, also validated at 1, or 2 when `batch` is 1),
     frames and latent size fixed.
 
@@ -61,6 +61,8 @@ def unet_spec(nets: Networks, dedup: bool = True, batch: int = 3, frames: int | 
     latent_size default to the UNet's window (25 at official size) and the 512x512 crop's latent (64).
     The export trace runs the attention unfused: at official size the level-0 self-attention scores take
     8.4 GB (fp32) per batch item, so export full size on a GPU with a small `batch`.
+    onnxruntime_attention: attention as onnxruntime's fused MultiHeadAttention op (needs dedup), for the
+    onnxruntime backend; onnxruntime cannot allocate the unfused chain's scores at the official size.
     """
     unet: UNetWithAdapters = nets.unet
     config = unet.unet_config
@@ -68,7 +70,7 @@ def unet_spec(nets: Networks, dedup: bool = True, batch: int = 3, frames: int | 
     size = latent_size or LATENT_SIZE[nets.size]
     if size % 8:
         raise ValueError(f"latent_size must be a multiple of 8 (the UNet downsamples 3 times), got {size}")
-    engine_unet = weight_sharing_copy(unet).set_engine_rewrites(dedup).eval()
+    engine_unet = weight_sharing_copy(unet).set_engine_rewrites(dedup, onnxruntime_attention).eval()
     module = UNetWithPoseMap(engine_unet) if pose_map else engine_unet
     pose_name = "pose_map" if pose_map else "pose_features"
     pose_channels, width = config.block_out_channels[0], config.cross_attention_dim

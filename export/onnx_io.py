@@ -188,7 +188,8 @@ def _trace_to_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], spec: Exp
         warnings.simplefilter("ignore")
         torch.onnx.export(module, tuple(inputs.values()), str(path), input_names=list(inputs),
                           output_names=list(spec.outputs), dynamic_axes=dynamic_axes, opset_version=OPSET,
-                          do_constant_folding=True, dynamo=False)
+                          do_constant_folding=True, dynamo=False,
+                          custom_opsets={"com.microsoft": 1})  # onnxruntime's fused attention, when asked for
 
 
 def export_onnx(spec: ExportSpec, out_dir: Path, precision: str = "fp32", *,

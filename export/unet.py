@@ -104,6 +104,26 @@ def frame_mean_context(tokens: torch.Tensor, batch_size: int, num_pixels: int) -
     return mean[:, None].expand(-1, num_pixels, -1, -1).reshape(batch_size * num_pixels, *mean.shape[1:])
 
 
+class OrtMultiHeadAttention(torch.autograd.Function):
+    """softmax(Q·Kᵀ·scale)·V on (batch, tokens, heads*head_dim) tensors, exported as onnxruntime's fused
+    `com.microsoft.MultiHeadAttention` (flash / memory-efficient kernels on CUDA). Only onnxruntime runs
+    that op: TensorRT gets the plain chain of `dot_product_attention` instead."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, num_heads: int, scale: float):
+        def heads(t):
+            return t.reshape(t.shape[0], t.shape[1], num_heads, -1).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(query), heads(key), heads(value), scale=scale)
+        return out.transpose(1, 2).reshape(query.shape)
+
+    @staticmethod
+    def symbolic(g, query, key, value, num_heads: int, scale: float):
+        out = g.op("com.microsoft::MultiHeadAttention", query, key, value, num_heads_i=num_heads, scale_f=scale)
+        out.setType(query.type())
+        return out
+
+
 def dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(Q·Kᵀ·scale)·V on (batch, heads, tokens, head_dim) tensors.
 
@@ -128,6 +148,9 @@ def shared_context_attention(attn: Attention, query: torch.Tensor, key: torch.Te
     """
     batch, length, channels = query.shape
     kv_batch = key.shape[0]
+    if torch.onnx.is_in_onnx_export() and getattr(attn, "onnxruntime_fused", False):
+        out = OrtMultiHeadAttention.apply(query.reshape(kv_batch, -1, channels), key, value, attn.heads, attn.scale)
+        return out.reshape(batch, length, channels)
     q, k, v = (t.reshape(kv_batch, -1, attn.heads, channels // attn.heads).transpose(1, 2)
                for t in (query, key, value))
     # attn.scale is a Python float (1/sqrt(head_dim)): a constant in the graph, not computed from shapes
@@ -260,14 +283,16 @@ class UNetWithAdapters(UNetSpatioTemporalConditionModel):
                 module.__class__ = FrameMeanTransformerSpatioTemporal
         self.engine_rewrites = False
 
-    def set_engine_rewrites(self, enabled: bool = True) -> UNetWithAdapters:
+    def set_engine_rewrites(self, enabled: bool = True, onnxruntime_attention: bool = False) -> UNetWithAdapters:
         """Switch (in place, both ways) between the official computation and the engine rewrites.
 
         The rewrites give the same result up to float rounding: temporal cross-attention K/V (main and IP)
         projected once per batch item from the frame-mean tokens and broadcast to all B*h*w pixel
         sequences instead of projected from B*h*w copies; appearance K/V projected once per batch item when
         `appearance_tokens` are given once for all frames; attention exported as the chain TensorRT fuses
-        (`dot_product_attention`). Parameters and state-dict keys do not change.
+        (`dot_product_attention`), or with `onnxruntime_attention` as onnxruntime's fused MultiHeadAttention
+        op (an onnxruntime-only graph: the unfused chain needs 8.4 GB score tensors per batch item at 64x64).
+        Parameters and state-dict keys do not change.
         """
         for name, module in self.named_modules():
             if isinstance(module, FrameMeanTransformerSpatioTemporal):
@@ -277,6 +302,7 @@ class UNetWithAdapters(UNetSpatioTemporalConditionModel):
                     module.processor.__class__ = SharedContextIPAttnProcessor if enabled else IPAdapterAttnProcessor2_0
                 else:
                     module.set_processor(SelfAttnProcessor() if enabled else AttnProcessor2_0())
+                module.onnxruntime_fused = enabled and onnxruntime_attention
         self.engine_rewrites = enabled
         return self
 

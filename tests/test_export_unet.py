@@ -182,3 +182,17 @@ def test_exported_token_projections_see_no_per_pixel_copies(exported):
         while source in producer and producer[source].op_type in ("Reshape", "Flatten"):
             source = producer[source].input[0]
         assert source in inputs or producer[source].op_type == "ReduceMean", producer.get(source)
+
+
+def test_onnxruntime_fused_attention_export(tmp_path):
+    """The onnxruntime form: every attention one com.microsoft.MultiHeadAttention node, same results."""
+    import onnx
+
+    from hyportrait.export.onnx_io import export_onnx, validate_onnx
+    from hyportrait.export.weights import random_networks
+
+    spec = unet_spec(random_networks("tiny", seed=1), onnxruntime_attention=True)
+    record = export_onnx(spec, tmp_path)
+    ops = [n.op_type for n in onnx.load(tmp_path / record.file).graph.node]
+    assert ops.count("MultiHeadAttention") == 60 and "Softmax" not in ops
+    assert max(validate_onnx(spec, tmp_path / record.file)) <= 1e-4
