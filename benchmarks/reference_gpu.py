@@ -14,7 +14,6 @@ import math
 import platform
 import subprocess
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,14 @@ import torch
 from hyportrait.export.face_detector import MTCNNDetector
 from hyportrait.export.weights import random_networks
 from hyportrait.runtime.animate import load_image
-from hyportrait.runtime.pipeline import (AnimateConfig, build_conditioning, decode_frames, motion_tokens,
-                                         place_networks, sample_latents)
+from hyportrait.runtime.pipeline import (
+    AnimateConfig,
+    build_conditioning,
+    decode_frames,
+    motion_tokens,
+    place_networks,
+    sample_latents,
+)
 from hyportrait.runtime.preprocess import DrivingPreprocessor, preprocess_source
 from hyportrait.runtime.video import read_frames
 
@@ -53,7 +58,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def run(image: Path, video: Path, max_frames: int, out: Path) -> dict:
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
               "date": time.strftime("%Y-%m-%d"),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, check=False,
                                        text=True).stdout.strip() or "unknown"}
     nets32 = random_networks("official", seed=0)
     detector = MTCNNDetector(device="cuda")
@@ -86,10 +91,11 @@ def run(image: Path, video: Path, max_frames: int, out: Path) -> dict:
         ids = cond.added_time_ids[None].expand(3, -1)
         t = torch.tensor(0.5, device="cuda")
         lat8 = torch.randn(8, 4, 64, 64, device="cuda", dtype=dtype)
+        # each lambda is timed before the loop moves on, so late binding of the loop variables is harmless
         report[precision] = {
-            "unet_b3_ms": cuda_time(lambda: nets.unet(x, t, tokens, tokens, pose, ids)),
-            "unet_b1_ms": cuda_time(lambda: nets.unet(x[:1], t, tokens[:1], tokens[:1], pose[:1], ids[:1])),
-            "vae_decode_8_frames_ms": cuda_time(lambda: nets.vae.decode(lat8, num_frames=8).sample),
+            "unet_b3_ms": cuda_time(lambda: nets.unet(x, t, tokens, tokens, pose, ids)),  # noqa: B023
+            "unet_b1_ms": cuda_time(lambda: nets.unet(x[:1], t, tokens[:1], tokens[:1], pose[:1], ids[:1])),  # noqa: B023
+            "vae_decode_8_frames_ms": cuda_time(lambda: nets.vae.decode(lat8, num_frames=8).sample),  # noqa: B023
             "denoise_s": denoise_s, "decode_s": decode_s, "frames": int(frames.shape[0]),
             "unet_calls": int(config.num_steps * math.ceil(cond.motion.shape[0] / (config.window - config.overlap))),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30,

@@ -109,7 +109,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise WeightsError(f"{path}: file not found") from None
-    except Exception as exc:  # any reader failure means the file is not a usable checkpoint
+    except Exception as exc:  # noqa: BLE001 -- any reader failure means the file is not a usable checkpoint
         raise WeightsError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: expected a state dict of tensors")
