@@ -21,13 +21,13 @@ import torch
 
 from hyportrait.export.face_detector import MTCNNDetector
 from hyportrait.export.weights import random_networks
-from hyportrait.runtime.animate import load_image
+from hyportrait.runtime.api import load_image
+from hyportrait.runtime.models import torch_models
 from hyportrait.runtime.pipeline import (
     AnimateConfig,
     build_conditioning,
     decode_frames,
     motion_tokens,
-    place_networks,
     sample_latents,
 )
 from hyportrait.runtime.preprocess import DrivingPreprocessor, preprocess_source
@@ -66,22 +66,23 @@ def run(image: Path, video: Path, max_frames: int, out: Path) -> dict:
     driving = DrivingPreprocessor(detector)
     chunks = list(driving.chunks(read_frames(video, limit=max_frames)))
     results = {}
-    for precision in ("fp16", "fp32"):
+    for precision in ("fp32", "fp16"):  # fp32 first: the networks are cast in place
         config = AnimateConfig(precision=precision, device="cuda", max_frames=max_frames)
-        nets = place_networks(nets32, config)
-        motion = torch.cat([motion_tokens(nets, torch.from_numpy(c.expression_images), torch.from_numpy(c.pose_images),
+        models = torch_models(nets32, device="cuda", dtype=config.dtype, size=config.size)
+        nets = nets32
+        motion = torch.cat([motion_tokens(models, torch.from_numpy(c.expression_images), torch.from_numpy(c.pose_images),
                                           c.head_bucket, c.exp_bucket) for c in chunks])
         generator = torch.Generator("cuda").manual_seed(config.seed)
-        cond = build_conditioning(nets, config, ref_image=torch.from_numpy(source.ref_image),
+        cond = build_conditioning(models, config, ref_image=torch.from_numpy(source.ref_image),
                                   dino_image=torch.from_numpy(source.dino_image),
                                   id_embedding=torch.zeros(1, 512), motion=motion, generator=generator)
         torch.cuda.synchronize()
         tic = time.perf_counter()
-        latents = sample_latents(nets, cond, config, generator)
+        latents = sample_latents(models, cond, config, generator)
         torch.cuda.synchronize()
         denoise_s = time.perf_counter() - tic
         tic = time.perf_counter()
-        frames = np.stack(list(decode_frames(nets, latents, config, cond.num_pad)))
+        frames = np.stack(list(decode_frames(models, latents, config, cond.num_pad)))
         decode_s = time.perf_counter() - tic
         results[precision] = frames
         dtype = config.dtype

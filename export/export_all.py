@@ -22,7 +22,7 @@ from .export_arcface import copy_arcface
 from .export_face_detector import mtcnn_specs, yoloface_spec
 from .export_motion import motion_spec
 from .export_pose_guider import pose_guider_spec, write_pose_constant
-from .export_unet import unet_spec
+from .export_unet import LATENT_SIZE, unet_spec
 from .export_vae import vae_decoder_spec, vae_encoder_spec
 from .lora import merge_lora
 from .manifest import MANIFEST_FILE, Manifest, write_manifest
@@ -53,9 +53,9 @@ from .weights import (
 log = logging.getLogger(__name__)
 
 
-def network_specs(nets: Networks) -> list[ExportSpec]:
+def network_specs(nets: Networks, onnxruntime_attention: bool = False) -> list[ExportSpec]:
     """The specs of every network built from the checkpoints (the face detectors come separately)."""
-    return [unet_spec(nets), appearance_spec(nets), motion_spec(nets), vae_encoder_spec(nets),
+    return [unet_spec(nets, onnxruntime_attention=onnxruntime_attention), appearance_spec(nets), motion_spec(nets), vae_encoder_spec(nets),
             vae_decoder_spec(nets), pose_guider_spec(nets)]
 
 
@@ -66,9 +66,12 @@ def _remove_model(out: Path, record: ModelRecord) -> None:
 
 
 def export_and_validate(spec: ExportSpec, out: Path, precision: str, providers: Sequence[str] | None = None,
-                        external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> ModelRecord:
+                        external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, validate: bool = True) -> ModelRecord:
     """Export one spec and check it against its module; a model off by more than the tolerance is removed."""
     record = export_onnx(spec, out, precision, external_data_threshold=external_data_threshold)
+    if not validate:
+        record.validation = {"skipped": "validation not asked for"}
+        return record
     tolerance = FP32_TOLERANCE if record.precision == "fp32" else FP16_TOLERANCE
     provider = (providers or ["CPUExecutionProvider"])[0]
     start = time.perf_counter()
@@ -100,15 +103,24 @@ def export_and_validate(spec: ExportSpec, out: Path, precision: str, providers: 
 
 def export_all(weights: Path | None, out: Path, precision: str = "fp32", lora: Path | None = None,
                size: Size = "official", *, providers: Sequence[str] | None = None,
-               external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Manifest:
+               external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+               onnxruntime_attention: bool = False, networks: Networks | None = None,
+               validate: bool = True) -> Manifest:
     """Export every network of `weights` (None: random networks of `size`, for trying and for tests) into
     `out` and write `out/manifest.json`. lora: a PEFT LoRA merged into the UNet before export.
-    providers: onnxruntime providers for the validation runs (default CPU)."""
+    providers: onnxruntime providers for the validation runs (default CPU). onnxruntime_attention: the UNet's
+    attention as onnxruntime's fused MultiHeadAttention op, for the onnxruntime backend on a GPU (the plain
+    MatMul-Softmax-MatMul chain is the form TensorRT fuses, but onnxruntime materialises its scores).
+    networks: random networks already built (e.g. on a GPU, where tracing the official size is fast) instead
+    of building them from `size`. validate=False skips the onnxruntime checks (benchmarks that measure
+    accuracy themselves)."""
     check_precision(precision)
     if lora is not None and not Path(lora).exists():
         raise InputError(f"LoRA {lora} does not exist")
     out = ensure_writable(Path(out))  # before the long work
-    if weights is None:
+    if networks is not None:
+        nets, origin, size = networks, f"random:{networks.size}", networks.size
+    elif weights is None:
         nets, origin = random_networks(size), f"random:{size}"
     else:
         nets, origin = load_networks(weights, size), str(weights)
@@ -123,7 +135,8 @@ def export_all(weights: Path | None, out: Path, precision: str = "fp32", lora: P
     # an earlier export's manifest would describe models about to be replaced: the folder is unfinished
     # until the new one is written
     (out / MANIFEST_FILE).unlink(missing_ok=True)
-    specs = network_specs(nets) + mtcnn_specs()
+    manifest.unet_attention = "onnxruntime" if onnxruntime_attention else "plain"
+    specs = network_specs(nets, onnxruntime_attention) + mtcnn_specs()
     detector = Path(weights) / DETECTOR_FILE if weights is not None else None
     if detector is not None and detector.is_file():
         specs.append(yoloface_spec(detector))
@@ -132,7 +145,7 @@ def export_all(weights: Path | None, out: Path, precision: str = "fp32", lora: P
     for spec in specs:
         try:
             manifest.models[spec.name] = export_and_validate(spec, out, precision, providers,
-                                                             external_data_threshold)
+                                                             external_data_threshold, validate)
         except ExportError as exc:
             if spec.name != "yoloface":
                 raise
@@ -140,7 +153,8 @@ def export_all(weights: Path | None, out: Path, precision: str = "fp32", lora: P
             manifest.skipped["yoloface"] = str(exc)
             log.warning("yoloface not exported: %s", exc)
 
-    manifest.files["pose_constant"] = write_pose_constant(nets, out)
+    # at the crop size of the exported UNet's latent
+    manifest.files["pose_constant"] = write_pose_constant(nets, out, size=8 * LATENT_SIZE[size])
     if weights is not None and (Path(weights) / ARCFACE_FILE).is_file():
         manifest.files["arcface"] = copy_arcface(Path(weights), out)
     else:

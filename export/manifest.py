@@ -34,6 +34,7 @@ class Manifest:
     opset: int = OPSET
     versions: dict[str, str] = field(default_factory=_versions)
     lora: str | None = None
+    unet_attention: str = "plain"  # "onnxruntime": com.microsoft.MultiHeadAttention (onnxruntime only)
     sources: dict[str, str] = field(default_factory=dict)  # weights-folder file (or LoRA) -> sha256
     models: dict[str, ModelRecord] = field(default_factory=dict)
     files: dict[str, dict] = field(default_factory=dict)  # other artifacts (the pose map, ArcFace, ...)

@@ -282,6 +282,20 @@ def _as_tuple(out) -> tuple[torch.Tensor, ...]:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
+def default_input_sets(spec: ExportSpec) -> list[dict[str, torch.Tensor]]:
+    """The example, each of `spec.extra_inputs`, then one fresh random set shaped like each of those."""
+    given = [spec.inputs, *spec.extra_inputs]
+    return given + [random_like(s, seed=1000 + i) for i, s in enumerate(given)]
+
+
+@torch.no_grad()
+def module_references(spec: ExportSpec, input_sets: Sequence[dict[str, torch.Tensor]]) -> list[tuple[torch.Tensor, ...]]:
+    """The module's outputs (on the CPU) for each input set, run where the module's weights are."""
+    device = module_device(spec.module)
+    return [tuple(r.cpu() for r in _as_tuple(spec.module(*(v.to(device) for v in inputs.values()))))
+            for inputs in input_sets]
+
+
 def ort_session(model_path: Path, providers: Sequence[str] | None = None):
     import onnxruntime as ort
 
@@ -291,24 +305,23 @@ def ort_session(model_path: Path, providers: Sequence[str] | None = None):
 
 
 def validate_onnx(spec: ExportSpec, model_path: Path, providers: Sequence[str] | None = None,
-                  input_sets: Iterable[dict[str, torch.Tensor]] | None = None) -> list[float]:
+                  input_sets: Iterable[dict[str, torch.Tensor]] | None = None,
+                  references: Sequence[tuple[torch.Tensor, ...]] | None = None) -> list[float]:
     """Relative error of the ONNX model against `spec.module` (fp32, in torch) per input set.
 
     Default sets: the example, each of `spec.extra_inputs`, then one fresh random set shaped like each of
     those. The ONNX model gets each input in its own declared dtype, so an fp16 model is measured
-    against the fp32 module. Per set the error is the largest over the outputs.
+    against the fp32 module. Per set the error is the largest over the outputs. `references`: the module's
+    outputs per set, computed beforehand (from `module_references`), so that the module need not share the GPU
+    with onnxruntime.
     """
+    input_sets = list(input_sets) if input_sets is not None else default_input_sets(spec)
+    if references is None:
+        references = module_references(spec, input_sets)
     session = ort_session(model_path, providers)
-    if input_sets is None:
-        given = [spec.inputs, *spec.extra_inputs]
-        input_sets = given + [random_like(s, seed=1000 + i) for i, s in enumerate(given)]
     onnx_dtypes = {i.name: _ORT_TYPES[i.type] for i in session.get_inputs()}
     errors = []
-    device = module_device(spec.module)
-    for inputs in input_sets:
-        with torch.no_grad():
-            reference = _as_tuple(spec.module(*(v.to(device) for v in inputs.values())))
-            reference = tuple(r.cpu() for r in reference)
+    for inputs, reference in zip(input_sets, references):
         feed = {k: v.numpy().astype(onnx_dtypes[k]) for k, v in inputs.items() if k in onnx_dtypes}
         results = session.run(list(spec.outputs), feed)
         if len(results) != len(reference):

@@ -15,8 +15,25 @@ def _add_animate(sub) -> None:
     p = sub.add_parser("animate", help="animate a portrait with a driving video")
     p.add_argument("--image", required=True, type=Path, help="source portrait (png/jpg)")
     p.add_argument("--video", required=True, type=Path, help="driving video")
-    p.add_argument("--weights", type=Path, help="official weights folder (pretrained_weights/); "
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
+                   help="how the networks run (default torch): torch loads --weights, onnxruntime an export "
+                   "folder (--models), tensorrt an engine folder (--models)")
+    p.add_argument("--weights", type=Path, help="official weights folder (pretrained_weights/), torch backend; "
                    "without it a small random-weight model runs (for trying the pipeline, not for results)")
+    p.add_argument("--models", type=Path, help="folder of `hyportrait export` (onnxruntime) or `hyportrait "
+                   "build` (tensorrt)")
+    p.add_argument("--mode", choices=["quality", "fast"], default="quality",
+                   help="quality: the official 25-step sampler with 3 guidance branches; fast: LCM, 4 steps, "
+                   "no guidance (for a UNet with an LCM LoRA merged)")
+    p.add_argument("--lora", type=Path, help="torch backend: a PEFT LoRA (e.g. LCM) merged into the UNet")
+    p.add_argument("--sampler", choices=["euler", "lcm"], help="override the mode's sampler")
+    p.add_argument("--guidance-branches", type=int, choices=[1, 2, 3],
+                   help="UNet batch per window: 3 official two-stage guidance, 2 motion guidance only, 1 none")
+    p.add_argument("--rewrites", action="store_true",
+                   help="torch backend: run the engine rewrites (same up to rounding, faster) instead of the "
+                   "faithful modules")
+    p.add_argument("--cuda-graph", action="store_true", help="torch backend: replay UNet and VAE decoder as "
+                   "CUDA graphs")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
     p.add_argument("--steps", type=int, help="denoising steps (official: 25)")
     p.add_argument("--seed", type=int, help="random seed (official: 72580)")
@@ -27,6 +44,7 @@ def _add_animate(sub) -> None:
                    help="motion guidance ramp over the steps")
     p.add_argument("--max-frames", type=int, help="use at most this many driving frames")
     p.add_argument("--decode-chunk", type=int, help="frames per VAE decode call (official: 8)")
+    p.add_argument("--overlap", type=int, help="frames shared by neighbouring windows (official: 3)")
     p.add_argument("--precision", choices=["fp16", "fp32"], help="network precision (default fp16 on GPU, "
                    "fp32 on CPU)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -52,14 +70,18 @@ def _add_export(sub) -> None:
                    help="model precision (default fp32); fp16 keeps norms and the motion/VAE-encoder/"
                    "detector models in fp32")
     p.add_argument("--lora", type=Path, help="PEFT LoRA (folder or weights file) merged into the UNet first")
+    p.add_argument("--unet-attention", choices=["plain", "onnxruntime"], default="plain",
+                   help="plain: MatMul-Softmax-MatMul, the form TensorRT fuses (default); onnxruntime: its fused "
+                   "MultiHeadAttention op, for the onnxruntime backend on a GPU")
 
 
 def _animate(args) -> int:
-    from hyportrait.runtime.animate import animate_files
+    from hyportrait.runtime.api import Animator
 
     overrides = {k: v for k, v in {
         "num_steps": args.steps, "seed": args.seed, "decode_chunk": args.decode_chunk,
-        "precision": args.precision, "device": args.device, "max_frames": args.max_frames,
+        "max_frames": args.max_frames, "overlap": args.overlap, "sampler": args.sampler,
+        "guidance_branches": args.guidance_branches,
     }.items() if v is not None}
     if args.guidance is not None:
         overrides.update(min_appearance_guidance=args.guidance, max_appearance_guidance=args.guidance,
@@ -69,8 +91,10 @@ def _animate(args) -> int:
                          max_appearance_guidance=args.appearance_guidance[1])
     if args.motion_guidance:
         overrides.update(min_motion_guidance=args.motion_guidance[0], max_motion_guidance=args.motion_guidance[1])
-    result = animate_files(args.image, args.video, args.out, weights=args.weights, overrides=overrides,
-                           progress=not args.quiet)
+    animator = Animator(args.models, backend=args.backend, weights=args.weights, device=args.device,
+                        precision=args.precision, mode=args.mode, lora=args.lora, faithful=not args.rewrites,
+                        cuda_graph=args.cuda_graph, progress=not args.quiet, **overrides)
+    result = animator.animate(args.image, args.video, args.out)
     print(f"wrote {result.cropped}")
     print(f"wrote {result.full_resolution}")
     return 0
@@ -92,7 +116,8 @@ def _export(args) -> int:
     from hyportrait.export.export_all import export_all
 
     manifest = export_all(None if args.tiny_random else args.weights, args.out, args.precision, args.lora,
-                          size="tiny" if args.tiny_random else "official")
+                          size="tiny" if args.tiny_random else "official",
+                          onnxruntime_attention=args.unet_attention == "onnxruntime")
     for name, record in manifest.models.items():
         check = record.validation or {}
         error = check.get("max_relative_error")

@@ -1,22 +1,23 @@
-"""The reference pipeline: the official inference, reproduced step for step in PyTorch.
+"""The denoising loop: per-video constants once, windowed sampling with guidance, streamed decoding.
 
-This is the golden path other backends are compared against. Per video it computes the constants
-once (appearance tokens, image latent, motion tokens, the pose map), samples the whole clip with
-sliding windows and three guidance branches, then decodes in chunks and streams frames out.
+One loop for every backend: it calls the networks through `Models` (runtime/backends.py, runtime/models.py),
+so the PyTorch reference, onnxruntime and TensorRT differ only in how a network is called. With the torch
+backend in its faithful form this is the official inference step for step (bit-identical in fp16).
+
+Quality mode is the official sampler: 25 Euler steps, three guidance branches in one UNet batch, windows
+of 25 frames. Fast mode is the LCM multistep sampler (4 steps) for a UNet with an LCM LoRA merged,
+with one, two or three guidance branches.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
 import torch
 
-from hyportrait.export.motion_refiner import assemble_motion_tokens
-from hyportrait.export.vae import decode_latents, encode_image, place_vae
-from hyportrait.export.weights import Networks
-
+from .backends import Models
 from .sampling import (
     c_noise,
     combine_guidance,
@@ -24,13 +25,19 @@ from .sampling import (
     i2i_start_index,
     karras_sigmas,
     sample_euler_windows,
+    sample_lcm_windows,
     scale_input,
 )
 from .windows import pad_motion_tokens
 
 Precision = Literal["fp16", "fp32"]
+Sampler = Literal["euler", "lcm"]
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 VAE_SCALE = 0.18215
+FAST_MODE = {"sampler": "lcm", "num_steps": 4, "guidance_branches": 1}
+# The UNet batch of each guidance setting: branch 0 has no image latent, appearance or motion; branch 1 the
+# image latent and appearance; branch 2 everything.
+GUIDANCE_BRANCHES = {3: (0, 1, 2), 2: (1, 2), 1: (2,)}
 
 
 @dataclass
@@ -57,6 +64,8 @@ class AnimateConfig:
     max_frames: int = 10000  # driving frames used at most (the official frame_num)
     precision: Precision = "fp16"
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    sampler: Sampler = "euler"  # "lcm": the few-step sampler of fast mode
+    guidance_branches: int = 3  # 3: uncond/appearance/full (official); 2: motion guidance only; 1: none
 
     def __post_init__(self):
         if self.precision not in DTYPES:
@@ -69,12 +78,22 @@ class AnimateConfig:
             raise ValueError(f"overlap must be in [0, window), got {self.overlap}")
         if self.size % 64:
             raise ValueError(f"size must be a multiple of 64 (the UNet downsamples the latent 3 times), got {self.size}")
+        if self.sampler not in ("euler", "lcm"):
+            raise ValueError(f"sampler must be euler or lcm, got {self.sampler!r}")
+        if self.guidance_branches not in GUIDANCE_BRANCHES:
+            raise ValueError(f"guidance_branches must be 1, 2 or 3, got {self.guidance_branches}")
         if self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
 
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.precision]
+
+
+    @classmethod
+    def fast(cls, **overrides) -> AnimateConfig:
+        """Fast mode: LCM, 4 steps, one UNet batch per window (no guidance); any field can be overridden."""
+        return replace(cls(), **{**FAST_MODE, **overrides})
 
 
 @dataclass
@@ -90,138 +109,128 @@ class Conditioning:
     extras: dict = field(default_factory=dict)
 
 
-@torch.no_grad()
-def appearance_tokens(nets: Networks, dino_image: torch.Tensor, id_embedding: torch.Tensor, dtype) -> torch.Tensor:
-    """(3,224,224) normalised image + (1, 512) identity embedding -> (64, 1024) appearance tokens."""
-    device = next(nets.dino.parameters()).device
-    tokens = nets.dino(dino_image[None].to(device, dtype), id_embedding.reshape(1, -1).to(device, dtype))
-    return nets.image_proj(tokens)[0]
-
-
-@torch.no_grad()
-def motion_tokens(nets: Networks, expression_images: torch.Tensor, pose_images: torch.Tensor,
+def motion_tokens(models: Models, expression_images: torch.Tensor, pose_images: torch.Tensor,
                   head_bucket: int, exp_bucket: int) -> torch.Tensor:
-    """Motion tokens (n, 64, 1024) of one chunk of driving frames, fp32 as in the reference.
+    """Motion tokens (n, 64, 1024) fp32 of one chunk of driving frames (n <= 25).
 
     The intensity bucket ids are computed per chunk (25 frames), so the encoders run per chunk too.
     """
-    device = next(nets.expression.parameters()).device
-    face = expression_images.to(device, torch.float32)
-    pose = pose_images.to(device, torch.float32)
+    device = models.device
     head_id, exp_id = (torch.tensor([i], dtype=torch.int32, device=device) for i in (head_bucket, exp_bucket))
-    refined = nets.motion_refiner(nets.expression(face), head_id, exp_id)
-    rotation, _ = nets.headpose(pose * 2 + 1)  # the official input scaling: values in [1, 3]
-    return assemble_motion_tokens(refined, rotation)
+    return models.motion(face_images=expression_images.to(device), pose_images=pose_images.to(device),
+                         head_bucket=head_id, exp_bucket=exp_id).float()
 
 
-@torch.no_grad()
-def pose_map(nets: Networks, height: int, width: int, dtype) -> torch.Tensor:
-    """(320, height/8, width/8): the pose guider's output for the all-black pose image of every frame."""
-    return nets.pose_guider.constant_features(height, width).to(dtype)
-
-
-@torch.no_grad()
-def build_conditioning(nets: Networks, config: AnimateConfig, *, ref_image: torch.Tensor,
+def build_conditioning(models: Models, config: AnimateConfig, *, ref_image: torch.Tensor,
                        dino_image: torch.Tensor, id_embedding: torch.Tensor, motion: torch.Tensor,
                        generator: torch.Generator) -> Conditioning:
     """ref_image (3,H,W) in [-1,1]; motion (N,64,1024) fp32 from `motion_tokens`."""
-    dtype, device = config.dtype, config.device
+    dtype, device = models.dtype, models.device
     ref = ref_image[None].to(device, torch.float32)
     if ref.shape[-1] != config.size:
         ref = torch.nn.functional.interpolate(ref, size=(config.size, config.size), mode="bilinear",
                                               antialias=True, align_corners=False)
-    mean = encode_image(nets.vae, ref)
+    mean = models.vae_encoder(image=ref).float()
     ref_latent = mean * VAE_SCALE
     # Drawn even when the strength is 0: it moves the RNG exactly as the reference does.
     aug = torch.randn(ref.shape, generator=generator, device=device, dtype=torch.float32)
     # With no augmentation the reference encodes the same image twice: reuse the first result.
-    image_latent = mean if config.noise_aug_strength == 0 else encode_image(
-        nets.vae, ref + config.noise_aug_strength * aug)
-    _, _, height, width = ref.shape
+    image_latent = mean if config.noise_aug_strength == 0 else models.vae_encoder(
+        image=ref + config.noise_aug_strength * aug).float()
+    if models.pose_map.shape[-2:] != mean.shape[-2:]:
+        raise ValueError(f"the models generate {models.pose_map.shape[-1] * 8} px crops, the config asks for "
+                         f"{config.size} px")
+    appearance = models.appearance(image=dino_image[None].to(device),
+                                   id_embedding=id_embedding.reshape(1, -1).to(device))
     return Conditioning(
-        appearance=appearance_tokens(nets, dino_image, id_embedding, dtype),
+        appearance=appearance[0].to(dtype),
         image_latent=image_latent[0].to(dtype),
         ref_latent=ref_latent[0].to(dtype),
         motion=pad_motion_tokens(motion.to(device), config.pad_frames).to(dtype),
-        pose=pose_map(nets, height, width, dtype).to(device),
+        pose=models.pose_map.to(device, dtype),
         added_time_ids=torch.tensor([config.fps_condition, config.motion_bucket_id, config.noise_aug_strength],
                                     dtype=dtype, device=device),
         num_pad=config.pad_frames,
     )
 
 
-UNetCall = Callable[..., torch.Tensor]
+def guided_denoiser(unet: Callable[..., torch.Tensor], cond: Conditioning, sigmas: torch.Tensor,
+                    config: AnimateConfig):
+    """The denoiser of one window: one UNet batch holding the guidance branches, combined.
 
-
-def guided_denoiser(unet: UNetCall, cond: Conditioning, sigmas: torch.Tensor, config: AnimateConfig):
-    """The reference denoiser: one UNet batch with the three guidance branches per window.
-
-    Branches: 0 no appearance, no motion; 1 appearance only; 2 appearance and motion.
+    Three branches (the official): no appearance and no motion / appearance / appearance and motion, combined
+    in two stages. Two: appearance / appearance and motion, motion guidance only. One: no guidance.
     """
     steps = len(sigmas) - 1
     g_app = guidance_ramp(config.min_appearance_guidance, config.max_appearance_guidance, steps, cond.motion.dtype)
     g_mot = guidance_ramp(config.min_motion_guidance, config.max_motion_guidance, steps, cond.motion.dtype)
-    zeros_tokens = torch.zeros_like(cond.appearance)
-    zeros_latent = torch.zeros_like(cond.image_latent)
+    branches = GUIDANCE_BRANCHES[config.guidance_branches]
+    batch = len(branches)
+    image = torch.stack([torch.zeros_like(cond.image_latent) if b == 0 else cond.image_latent for b in branches])
+    appearance = torch.stack([torch.zeros_like(cond.appearance) if b == 0 else cond.appearance for b in branches])
+    time_ids = cond.added_time_ids[None].expand(batch, -1)
 
     def denoise(x: torch.Tensor, step: int, index: torch.Tensor) -> torch.Tensor:
         frames = x.shape[0]
         sigma = sigmas[step]
-        x_in = scale_input(x, sigma)[None].expand(3, *x.shape)
-        image = torch.stack([zeros_latent, cond.image_latent, cond.image_latent])[:, None].expand(3, frames, -1, -1, -1)
-        appearance = torch.stack([zeros_tokens, cond.appearance, cond.appearance])[:, None].expand(3, frames, -1, -1)
+        x_in = scale_input(x, sigma)[None].expand(batch, *x.shape)
         motion = cond.motion.index_select(0, index)
-        motion = torch.stack([torch.zeros_like(motion), torch.zeros_like(motion), motion])
-        pose = cond.pose[None, None].expand(3, frames, -1, -1, -1)
-        v = unet(torch.cat([x_in, image], dim=2), c_noise(sigma), appearance, motion, pose,
-                 cond.added_time_ids[None].expand(3, -1))
+        motion = torch.stack([motion if b == 2 else torch.zeros_like(motion) for b in branches])
+        v = unet(sample=torch.cat([x_in, image[:, None].expand(batch, frames, -1, -1, -1)], dim=2),
+                 timestep=c_noise(sigma).reshape(1), appearance_tokens=appearance, motion_tokens=motion,
+                 pose_map=cond.pose, added_time_ids=time_ids)
+        if batch == 1:
+            return v[0]
+        if batch == 2:
+            drop, full = v.unbind(0)
+            return drop + g_mot[step] * (full - drop)
         uncond, drop, full = v.chunk(3)
         return combine_guidance(uncond[0], drop[0], full[0], g_app[step], g_mot[step])
 
     return denoise
 
 
+def sampler_sigmas(config: AnimateConfig, device) -> torch.Tensor:
+    """The sigmas the sampler walks, i2i strength applied, ending in 0."""
+    sigmas = karras_sigmas(config.num_steps, config.sigma_min, config.sigma_max).to(device)
+    return sigmas[i2i_start_index(config.num_steps, config.i2i_strength):]
+
+
 @torch.no_grad()
-def sample_latents(nets: Networks, cond: Conditioning, config: AnimateConfig, generator: torch.Generator,
+def sample_latents(models: Models, cond: Conditioning, config: AnimateConfig, generator: torch.Generator,
                    callback: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Whole-clip latents (T, 4, h, w) after the reference sampler."""
-    sigmas_all = karras_sigmas(config.num_steps, config.sigma_min, config.sigma_max).to(config.device)
-    sigmas = sigmas_all[i2i_start_index(config.num_steps, config.i2i_strength):]
+    """Whole-clip latents (T, 4, h, w) after the configured sampler."""
+    dtype, device = models.dtype, models.device
+    sigmas = sampler_sigmas(config, device)
     num_frames = cond.motion.shape[0]
-    noise = torch.randn((1, num_frames, *cond.ref_latent.shape), generator=generator, device=config.device,
-                        dtype=config.dtype)[0]
-    x = cond.ref_latent[None] + noise * sigmas[0].to(config.dtype)
-    denoise = guided_denoiser(nets.unet, cond, sigmas, config)
-    return sample_euler_windows(denoise, x, sigmas, window=config.window, overlap=config.overlap,
-                                shift_offset=config.shift_offset, callback=callback)
-
-
-def place_networks(nets: Networks, config: AnimateConfig) -> Networks:
-    """Device, dtypes and grad flags as in the reference; motion networks and VAE encoder stay fp32."""
-    for name, module in nets.modules().items():
-        if name == "vae":
-            place_vae(module, config.device, config.dtype)
-        else:
-            fp32 = name in ("expression", "headpose", "motion_refiner")
-            module.to(config.device, torch.float32 if fp32 else config.dtype)
-        # The reference leaves requires_grad on (but for the two motion encoders). The flag picks the
-        # matmul path of a Linear on a strided input (one folded mm when the weight requires grad, else a
-        # bmm), and in fp16 the two round differently. Inference runs under no_grad: no graph is recorded.
-        module.requires_grad_(name not in ("expression", "headpose"))
-    return nets
+    noise = torch.randn((1, num_frames, *cond.ref_latent.shape), generator=generator, device=device,
+                        dtype=dtype)[0]
+    x = cond.ref_latent[None] + noise * sigmas[0].to(dtype)
+    denoise = guided_denoiser(models.unet, cond, sigmas, config)
+    windows = {"window": config.window, "overlap": config.overlap, "shift_offset": config.shift_offset,
+               "callback": callback}
+    if config.sampler == "lcm":
+        return sample_lcm_windows(denoise, x, sigmas, generator, **windows)
+    return sample_euler_windows(denoise, x, sigmas, **windows)
 
 
 @torch.no_grad()
-def decode_frames(nets: Networks, latents: torch.Tensor, config: AnimateConfig,
+def decode_frames(models: Models, latents: torch.Tensor, config: AnimateConfig,
                   num_pad: int) -> Iterator[np.ndarray]:
-    """Decoded (H, W, 3) uint8 RGB frames, pad frames dropped, streamed chunk by chunk."""
+    """Decoded (H, W, 3) uint8 RGB frames, pad frames dropped, streamed chunk by chunk.
+
+    The temporal decoder mixes the frames of a chunk, so chunk boundaries are part of the result (the
+    official 8); chunks made only of pad frames are skipped.
+    """
     total = latents.shape[0]
-    index = 0
-    for chunk in decode_latents(nets.vae, latents, config.decode_chunk):
+    for start in range(0, total, config.decode_chunk):
+        stop = min(start + config.decode_chunk, total)
+        if stop <= num_pad or start >= total - num_pad:
+            continue
+        chunk = models.vae_decoder(latents=latents[start:stop]).float()
         pixels = (chunk * 0.5 + 0.5).clamp(0, 1)
         # truncation, not rounding, as the reference's (x * 255).astype(uint8)
         frames = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)
-        for frame in frames:
+        for index, frame in enumerate(frames, start):
             if num_pad <= index < total - num_pad:
                 yield frame
-            index += 1

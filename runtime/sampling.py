@@ -66,28 +66,59 @@ def i2i_start_index(num_steps: int, strength: float) -> int:
     return num_steps - min(int(num_steps * strength), num_steps)
 
 
+def window_average(update: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, *,
+                   window: int, overlap: int, shift: int) -> torch.Tensor:
+    """`update(x_window, frame_index)` over the windows of one step, averaged per frame (uniform weights).
+
+    Windows start every `window - overlap` frames, moved back by `shift`, and wrap around the clip.
+    """
+    total = torch.zeros_like(x)
+    count = torch.zeros((x.shape[0], 1, 1, 1), dtype=x.dtype, device=x.device)
+    for index in window_indices(x.shape[0], window, overlap, shift):
+        index = torch.as_tensor(index, device=x.device)
+        total.index_add_(0, index, update(x.index_select(0, index), index))
+        count.index_add_(0, index, torch.ones((len(index), 1, 1, 1), dtype=x.dtype, device=x.device))
+    return total / count
+
+
 def sample_euler_windows(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, window: int = 25,
                          overlap: int = 3, shift_offset: int = 3,
                          callback: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Euler sampling of a whole clip with circular sliding windows.
+    """Euler sampling of a whole clip with circular sliding windows (the reference sampler).
 
     x: (T, C, h, w) latents at sigmas[0]. `denoise(x_window, step, frame_index)` returns the guided
-    v-prediction for the window's frames. Each step, windows start every `window - overlap` frames,
-    moved back by a shift that grows by `shift_offset` per step; their Euler updates are averaged
-    per frame with uniform weights.
+    v-prediction for the window's frames. Each step the windows' Euler updates are averaged per frame; the
+    windows move back by a shift that grows by `shift_offset` per step.
     """
-    num_frames = x.shape[0]
     shift = 0
     for step in range(len(sigmas) - 1):
-        total = torch.zeros_like(x)
-        count = torch.zeros((num_frames, 1, 1, 1), dtype=x.dtype, device=x.device)
-        for index in window_indices(num_frames, window, overlap, shift):
-            index = torch.as_tensor(index, device=x.device)
-            xw = x.index_select(0, index)
-            v = denoise(xw, step, index)
-            total.index_add_(0, index, euler_step(xw, v, sigmas[step], sigmas[step + 1]))
-            count.index_add_(0, index, torch.ones((len(index), 1, 1, 1), dtype=x.dtype, device=x.device))
-        x = total / count
+        def update(xw: torch.Tensor, index: torch.Tensor, step: int = step) -> torch.Tensor:
+            return euler_step(xw, denoise(xw, step, index), sigmas[step], sigmas[step + 1])
+
+        x = window_average(update, x, window=window, overlap=overlap, shift=shift)
+        shift = (shift + shift_offset) % window
+        if callback is not None:
+            callback(step)
+    return x
+
+
+def sample_lcm_windows(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, generator: torch.Generator, *,
+                       window: int = 25, overlap: int = 3, shift_offset: int = 3,
+                       callback: Callable[[int], None] | None = None) -> torch.Tensor:
+    """LCM multistep sampling (k-diffusion's `sample_lcm`) of a whole clip with the same sliding windows.
+
+    Each step jumps to the denoised estimate (the windows' estimates averaged per frame), then re-noises it
+    to the next sigma with fresh noise from `generator`; the last step returns the estimate.
+    """
+    shift = 0
+    for step in range(len(sigmas) - 1):
+        def update(xw: torch.Tensor, index: torch.Tensor, step: int = step) -> torch.Tensor:
+            return denoised_from_v(xw, denoise(xw, step, index), sigmas[step])
+
+        x = window_average(update, x, window=window, overlap=overlap, shift=shift)
+        if sigmas[step + 1] > 0:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + noise * sigmas[step + 1].to(x.dtype)
         shift = (shift + shift_offset) % window
         if callback is not None:
             callback(step)
@@ -108,6 +139,8 @@ __all__: Sequence[str] = [
     "i2i_start_index",
     "karras_sigmas",
     "sample_euler_windows",
+    "sample_lcm_windows",
     "scale_input",
+    "window_average",
     "window_calls",
 ]

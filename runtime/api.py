@@ -1,0 +1,298 @@
+"""The embeddable API: create an `Animator` once (networks loaded, engines checked), then animate many
+portrait/video pairs.
+
+    from hyportrait.runtime.api import Animator
+    animator = Animator(backend="onnxruntime", models="onnx/")       # or backend="torch", weights=...
+    result = animator.animate("face.png", "driving.mp4", "outputs/")  # -> AnimateResult (paths, timings)
+    for frame in animator.frames("face.png", "driving.mp4"): ...      # (512, 512, 3) uint8 RGB crops
+
+Outputs, as the official inference writes them, under `{out}/{YYYYmmdd_HHMMSS}_{image}_{video}/`:
+`cropped.mp4` (the generated crop) and `full_resolution.mp4` (pasted back onto the source image), both at
+the driving video's frame rate and with its audio, each written under a temporary name and renamed when
+complete. Inputs are plain types: a path, encoded bytes or an (H, W, 3) uint8 RGB array for the image; a
+path or encoded bytes for the video.
+
+Thread safety: an Animator runs one animation at a time; calls from several threads are serialised by a
+lock (they share the networks and the GPU stream). For parallel work create one Animator per GPU.
+Errors are `hyportrait.errors.HyportraitError` subclasses with a stable `.code`.
+"""
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from hyportrait.errors import InputError
+from hyportrait.export.arcface import load_arcface, zero_identity_embedding
+from hyportrait.export.face_detector import load_face_detector
+
+from .backends import Models, resolve_device
+from .paste_back import paste_back, soft_mask
+from .pipeline import (
+    DTYPES,
+    FAST_MODE,
+    AnimateConfig,
+    Conditioning,
+    build_conditioning,
+    decode_frames,
+    motion_tokens,
+    sample_latents,
+)
+from .preprocess import DrivingPreprocessor, SourceInputs, preprocess_source
+from .sampling import i2i_start_index
+from .video import VideoInfo, VideoWriter, probe_video, read_frames
+
+# Without official weights the torch backend runs tiny random-weight networks: every stage runs quickly on a
+# CPU, and the video is noise. Explicit options still override these.
+RANDOM_MODEL_DEFAULTS = {"num_steps": 4, "size": 128}
+MODES = ("quality", "fast")
+
+
+@dataclass
+class AnimateResult:
+    cropped: Path
+    full_resolution: Path
+    num_frames: int
+    fps: Fraction
+    missing_face_frames: int
+    timings: dict[str, float]
+
+    def as_dict(self) -> dict:
+        """Plain types only (for embedders and JSON)."""
+        return {"cropped": str(self.cropped), "full_resolution": str(self.full_resolution),
+                "num_frames": self.num_frames, "fps": float(self.fps),
+                "missing_face_frames": self.missing_face_frames, "timings": dict(self.timings)}
+
+
+@dataclass
+class Prepared:
+    """One video's inputs to the sampler: everything before the denoising loop."""
+    source: SourceInputs
+    video: VideoInfo
+    conditioning: Conditioning
+    generator: torch.Generator
+    num_frames: int  # driving frames used
+    missing_face_frames: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def load_image(image) -> np.ndarray:
+    """A path, encoded bytes or an (H, W, 3) uint8 RGB array -> (H, W, 3) uint8 RGB."""
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise InputError(f"source image array must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+        return image
+    source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else Path(image)
+    name = "source image (bytes)" if isinstance(source, io.BytesIO) else f"source image {source}"
+    try:
+        with Image.open(source) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise InputError(f"{name}: file not found") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"{name}: not a readable image ({exc})") from None
+
+
+@contextmanager
+def video_path(video) -> Iterator[Path]:
+    """A path for `video` (a path, or encoded bytes written to a temporary file for the call)."""
+    if not isinstance(video, (bytes, bytearray)):
+        yield Path(video)
+        return
+    fd, tmp = tempfile.mkstemp(prefix="hyportrait-video-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(video)
+        yield Path(tmp)
+    finally:
+        os.unlink(tmp)
+
+
+def _stem(thing, default: str) -> str:
+    return Path(thing).stem if isinstance(thing, (str, os.PathLike)) else default
+
+
+class Animator:
+    """The networks of one backend, loaded once, and the whole animation from files to videos.
+
+    backend: "torch" (PyTorch modules from `weights`, the official weights folder; without it tiny random
+    networks for trying things), "onnxruntime" (`models` = a `hyportrait export` folder) or "tensorrt"
+    (`models` = a `hyportrait build` folder).
+    mode: "quality" (the official sampler) or "fast" (LCM, 4 steps, no guidance: for a UNet with an LCM LoRA
+    merged, `lora=` on the torch backend or `hyportrait export --lora`).
+    faithful (torch only): True runs the modules as the official code does (the reference, bit-identical);
+    False the engine rewrites (same up to rounding, faster). cuda_graph (torch only): replay the UNet and VAE
+    decoder as CUDA graphs. Any `AnimateConfig` field can be given as a keyword (num_steps, seed, ...).
+    """
+
+    def __init__(self, models: str | Path | None = None, *, backend: str = "torch", weights: str | Path | None = None,
+                 device: str | None = None, precision: str | None = None, mode: str = "quality",
+                 lora: str | Path | None = None, faithful: bool = True, cuda_graph: bool = False,
+                 progress: bool = False, **options):
+        tic = time.perf_counter()
+        if mode not in MODES:
+            raise InputError(f"unknown mode {mode!r}: choose quality or fast")
+        unknown = set(options) - {f.name for f in fields(AnimateConfig)} - {"precision", "device"}
+        if unknown:
+            raise InputError(f"unknown option(s) {', '.join(sorted(unknown))}")
+        self.device = resolve_device(device, backend)
+        self.backend = backend
+        self.progress = progress
+        self._lock = threading.Lock()
+        precision = precision or ("fp16" if self.device.type == "cuda" else "fp32")  # fp16 is slow on CPUs
+        if precision not in DTYPES:
+            raise InputError(f"unknown precision {precision!r}: choose fp16 or fp32")
+        settings = dict(FAST_MODE) if mode == "fast" else {}
+        if backend == "torch":
+            if models is not None:
+                raise InputError("the torch backend loads `weights` (a weights folder), not `models`")
+            if weights is None:
+                settings.update(RANDOM_MODEL_DEFAULTS)
+                print("hyportrait: no weights given: running a tiny random-weight model; the video shows noise, "
+                      "not a face. Pass the official pretrained_weights/ folder for real results.", file=sys.stderr)
+            settings.update(options)
+            self.config = AnimateConfig(**settings, precision=precision, device=str(self.device))
+            self.models = self._torch_models(weights, lora, faithful, cuda_graph)
+        else:
+            if models is None:
+                raise InputError(f"the {backend} backend needs `models`: a folder made by "
+                                 + ("`hyportrait export`" if backend == "onnxruntime" else "`hyportrait build`"))
+            if lora is not None:
+                raise InputError("a LoRA is merged at export time (`hyportrait export --lora`), not at run time")
+            from .models import engine_models, onnx_models
+
+            loaded = (onnx_models if backend == "onnxruntime" else engine_models)(Path(models), self.device)
+            size = loaded.pose_map.shape[-1] * 8  # the exported UNet's latent fixes the crop size
+            for option, fixed in (("size", size), ("window", loaded.window)):
+                if options.get(option, fixed) != fixed:
+                    raise InputError(f"the models in {models} are built for {option} {fixed} ({'px crops' if option == 'size' else 'frames per UNet call'}), "
+                                     f"{option}={options[option]} was asked for")
+            settings.update(options)
+            self.config = AnimateConfig(**{"size": size, "window": loaded.window, **settings},
+                                        precision="fp16" if loaded.dtype == torch.float16 else "fp32",
+                                        device=str(self.device))
+            self.models = loaded
+            weights = models  # ArcFace (arcface.onnx) is copied into the export folder
+        self.detector = load_face_detector(Path(weights) if backend == "torch" and weights else None,
+                                           device=self.device)
+        self.arcface = load_arcface(Path(weights) if weights else None)
+        self.load_seconds = time.perf_counter() - tic
+
+    def _torch_models(self, weights, lora, faithful: bool, cuda_graph: bool) -> Models:
+        from hyportrait.export.lora import merge_lora
+        from hyportrait.export.weights import load_networks, random_networks
+
+        from .models import torch_models
+
+        nets = load_networks(weights) if weights else random_networks("tiny")
+        if lora is not None:
+            if not Path(lora).exists():
+                raise InputError(f"LoRA {lora} does not exist")
+            merge_lora(nets.unet, lora)
+        return torch_models(nets, device=self.device, dtype=self.config.dtype, size=self.config.size,
+                            faithful=faithful, cuda_graph=cuda_graph)
+
+    # -- the stages ----------------------------------------------------------------------------------------
+
+    def prepare(self, image, video: Path) -> Prepared:
+        """Source and driving preprocessing, motion tokens and the per-video constants."""
+        from tqdm import tqdm
+
+        config = self.config
+        timings: dict[str, float] = {}
+        tic = time.perf_counter()
+        source = preprocess_source(load_image(image), self.detector)
+        info = probe_video(video)
+        identity = self.arcface.embed(source.arcface_image) if self.arcface else zero_identity_embedding()
+        driving = DrivingPreprocessor(self.detector)
+        tokens = []
+        total = min(info.num_frames, config.max_frames)
+        with tqdm(total=total, desc="preprocess", unit="frame", disable=not self.progress) as bar:
+            for chunk in driving.chunks(read_frames(video, limit=config.max_frames), chunk_frames=config.window):
+                tokens.append(motion_tokens(self.models, torch.from_numpy(chunk.expression_images),
+                                            torch.from_numpy(chunk.pose_images), chunk.head_bucket,
+                                            chunk.exp_bucket))
+                bar.update(len(chunk.landmarks))
+        motion = torch.cat(tokens)
+        if driving.missing_face_frames:
+            print(f"hyportrait: {len(driving.missing_face_frames)} of {motion.shape[0]} driving frames had no "
+                  "detectable face; they reuse the last good landmarks", file=sys.stderr)
+        timings["preprocess"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        generator = torch.Generator(self.device).manual_seed(config.seed)
+        cond = build_conditioning(self.models, config, ref_image=torch.from_numpy(source.ref_image),
+                                  dino_image=torch.from_numpy(source.dino_image),
+                                  id_embedding=torch.from_numpy(identity), motion=motion, generator=generator)
+        timings["conditioning"] = time.perf_counter() - tic
+        return Prepared(source, info, cond, generator, motion.shape[0], len(driving.missing_face_frames), timings)
+
+    def sample(self, prepared: Prepared) -> torch.Tensor:
+        """The denoising loop: whole-clip latents, pad frames included."""
+        from tqdm import tqdm
+
+        tic = time.perf_counter()
+        steps = self.config.num_steps - i2i_start_index(self.config.num_steps, self.config.i2i_strength)
+        with tqdm(total=steps, desc="denoise", unit="step", disable=not self.progress) as bar:
+            latents = sample_latents(self.models, prepared.conditioning, self.config, prepared.generator,
+                                     callback=lambda step: bar.update(1))
+        prepared.timings["denoise"] = time.perf_counter() - tic
+        return latents
+
+    # -- whole animations ----------------------------------------------------------------------------------
+
+    def frames(self, image, video) -> Iterator[np.ndarray]:
+        """The generated (size, size, 3) uint8 RGB crops, streamed as they are decoded (for callers that
+        encode themselves)."""
+        with self._lock, video_path(video) as path:
+            prepared = self.prepare(image, path)
+            latents = self.sample(prepared)
+            yield from decode_frames(self.models, latents, self.config, prepared.conditioning.num_pad)
+
+    def animate(self, image, video, out: str | Path) -> AnimateResult:
+        """Animate `image` with `video`; write cropped.mp4 and full_resolution.mp4 under a new folder of `out`."""
+        from tqdm import tqdm
+
+        with self._lock, video_path(video) as path:
+            start = time.perf_counter()
+            prepared = self.prepare(image, path)
+            latents = self.sample(prepared)
+            tic = time.perf_counter()
+            folder = Path(out) / (f"{datetime.now():%Y%m%d_%H%M%S}_{_stem(image, 'image')}_"
+                                  f"{_stem(video, 'video')}")
+            cropped, full = folder / "cropped.mp4", folder / "full_resolution.mp4"
+            source = prepared.source
+            x1, y1, x2, y2 = source.crop_box
+            mask = soft_mask(x2 - x1, y2 - y1)
+            fps = prepared.video.fps
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with VideoWriter(cropped, fps, audio_from=path) as crop_out, \
+                        VideoWriter(full, fps, audio_from=path) as full_out, \
+                        tqdm(total=prepared.num_frames, desc="decode+encode", unit="frame",
+                             disable=not self.progress) as bar:
+                    for frame in decode_frames(self.models, latents, self.config, prepared.conditioning.num_pad):
+                        crop_out.write(frame)
+                        full_out.write(paste_back(source.original_image, frame, source.crop_box, mask))
+                        bar.update(1)
+            except OSError as exc:
+                raise InputError(f"cannot write the output videos under {folder}: {exc.strerror or exc}") from None
+            finally:
+                # the writers removed their partial files; leave no empty result folder behind either
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+            timings = dict(prepared.timings, decode_encode=time.perf_counter() - tic)
+            timings["total"] = time.perf_counter() - start
+        return AnimateResult(cropped, full, prepared.num_frames, fps, prepared.missing_face_frames, timings)

@@ -1,0 +1,229 @@
+"""How a network is called: one small interface over PyTorch modules, onnxruntime sessions and TensorRT engines.
+
+A `Session` takes named torch tensors and returns the model's single output as a torch tensor on the
+runtime's device. Each backend casts inputs to the dtypes its model declares, so the loop in
+`pipeline.py` is the same for all of them. The five networks of the loop and the pose map form `Models`:
+
+    appearance   image (1,3,224,224), id_embedding (1,512)                    -> (1,64,1024)
+    motion       face_images, pose_images (n,3,256,256), head_bucket, exp_bucket (1,) int32 -> (n,64,1024)
+    vae_encoder  image (1,3,H,W) in [-1,1]                                     -> unscaled latent mean (1,4,h,w)
+    vae_decoder  latents (n,4,h,w), scaled                                     -> frames (n,3,H,W) in [-1,1]
+    unet         sample (B,F,8,h,w), timestep (1,), appearance_tokens (B,64,1024),
+                 motion_tokens (B,F,64,1024), pose_map (C0,h,w), added_time_ids (B,3) -> (B,F,4,h,w)
+
+These are the names and shapes of the exported ONNX models (see `hyportrait.export`); the torch backend
+wraps the PyTorch modules to the same contract.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from hyportrait.errors import HyportraitError, InputError
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+MODEL_NAMES = ("appearance", "motion", "vae_encoder", "vae_decoder", "unet")
+
+
+class BackendError(HyportraitError):
+    code = "backend_unavailable"
+
+
+class OutOfMemoryError(HyportraitError):
+    code = "out_of_memory"
+
+
+class Session(Protocol):
+    name: str
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class Models:
+    """The networks of the loop, each behind a Session, plus the pose guider's constant map (C0, h, w)."""
+    appearance: Session
+    motion: Session
+    vae_encoder: Session
+    vae_decoder: Session
+    unet: Session
+    pose_map: torch.Tensor
+    backend: str
+    device: torch.device
+    dtype: torch.dtype  # the latents' dtype: fp16 unless the models are fp32
+    window: int | None = None  # the frames per UNet call an exported UNet is fixed to (None: any)
+    description: str = ""
+
+
+def out_of_memory(what: str, exc: BaseException) -> OutOfMemoryError:
+    return OutOfMemoryError(f"out of GPU memory while running {what} ({str(exc).splitlines()[0][:200]}); "
+                            "try a smaller --decode-chunk, fast mode, or a GPU with more memory")
+
+
+# --- torch --------------------------------------------------------------------------------------------------
+
+class TorchSession:
+    """A PyTorch module called with the loop's named inputs, cast to the dtypes it computes in.
+
+    cuda_graph: capture one CUDA graph per input-shape key after a warm-up call and replay it (inputs are
+    copied into the graph's static buffers; the output is cloned out of it). Only for modules whose
+    computation depends on input shapes alone.
+    """
+
+    def __init__(self, name: str, module: nn.Module, dtypes: dict[str, torch.dtype], *, cuda_graph: bool = False):
+        self.name = name
+        self.module = module
+        self.dtypes = dtypes
+        self.cuda_graph = cuda_graph
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+
+    def _cast(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.dtypes[k]) if k in self.dtypes else v for k, v in inputs.items()}
+
+    @torch.no_grad()
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        inputs = self._cast(inputs)
+        try:
+            if not self.cuda_graph:
+                return self.module(**inputs)
+            return self._replay(inputs)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise out_of_memory(self.name, exc) from None
+
+    def _replay(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
+        if key not in self._graphs:
+            static = {k: v.clone() for k, v in inputs.items()}
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up outside the capture (cuDNN/cuBLAS pick their kernels)
+                self.module(**static)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = self.module(**static)
+            self._graphs[key] = (graph, static, output)
+        graph, static, output = self._graphs[key]
+        for k, v in inputs.items():
+            static[k].copy_(v)
+        graph.replay()
+        return output.clone()
+
+
+# --- onnxruntime --------------------------------------------------------------------------------------------
+
+_ORT_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int32)": torch.int32,
+                 "tensor(int64)": torch.int64, "tensor(double)": torch.float64, "tensor(uint8)": torch.uint8,
+                 "tensor(bool)": torch.bool}
+_TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32,
+                   torch.int64: np.int64, torch.float64: np.float64, torch.uint8: np.uint8, torch.bool: np.bool_}
+
+
+def onnxruntime_providers(device: torch.device) -> list:
+    """CUDA (on the torch device's GPU) then CPU, or CPU alone."""
+    import onnxruntime as ort
+
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BackendError("onnxruntime has no CUDA provider here (install onnxruntime-gpu for a GPU run, "
+                           "or use --device cpu)")
+    # kSameAsRequested: the UNet's activations are GBs; the default arena doubles each extension
+    options = {"device_id": str(device.index or 0), "arena_extend_strategy": "kSameAsRequested"}
+    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+
+
+class OnnxRuntimeSession:
+    """An onnxruntime InferenceSession fed torch tensors.
+
+    On a GPU the inputs and the output stay in device memory: they are bound by pointer (I/O binding); the
+    output is a torch tensor allocated once per input-shape key (its shape is learnt from the first run).
+    On the CPU plain numpy in and out.
+    """
+
+    def __init__(self, name: str, path: Path, device: torch.device):
+        import onnxruntime as ort
+
+        self.name = name
+        self.device = device
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=onnxruntime_providers(device))
+        except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own types; the message is what matters
+            message = str(exc)
+            if "Failed to allocate" in message or "out of memory" in message.lower():
+                raise out_of_memory(f"loading {path.name}", exc) from None
+            raise BackendError(f"onnxruntime cannot load {path}: {message[:500]}") from None
+        self.input_dtypes = {i.name: _ORT_TO_TORCH[i.type] for i in self.session.get_inputs()}
+        self.output = self.session.get_outputs()[0]
+        self._shapes: dict[tuple, tuple[int, ...]] = {}
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        inputs = {k: v.to(self.input_dtypes[k]).contiguous() for k, v in inputs.items() if k in self.input_dtypes}
+        try:
+            if self.device.type != "cuda":
+                feed = {k: v.numpy() for k, v in inputs.items()}
+                return torch.from_numpy(self.session.run([self.output.name], feed)[0])
+            return self._run_bound(inputs)
+        except Exception as exc:
+            message = str(exc)
+            if "Failed to allocate" in message or "out of memory" in message.lower():
+                raise out_of_memory(self.name, exc) from None
+            raise
+
+    def _run_bound(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        binding = self.session.io_binding()
+        index = self.device.index or 0
+        for k, v in inputs.items():
+            binding.bind_input(k, "cuda", index, _TORCH_TO_NUMPY[v.dtype], list(v.shape), v.data_ptr())
+        key = tuple((k, tuple(v.shape)) for k, v in inputs.items())
+        torch.cuda.current_stream(self.device).synchronize()  # onnxruntime runs on its own stream
+        if key not in self._shapes:
+            binding.bind_output(self.output.name, "cuda", index)
+            self.session.run_with_iobinding(binding)
+            value = binding.get_outputs()[0]
+            self._shapes[key] = tuple(value.shape())
+            return torch.from_numpy(value.numpy()).to(self.device)
+        out = torch.empty(self._shapes[key], dtype=_ORT_TO_TORCH[self.output.type], device=self.device)
+        binding.bind_output(self.output.name, "cuda", index, _TORCH_TO_NUMPY[out.dtype], list(out.shape),
+                            out.data_ptr())
+        self.session.run_with_iobinding(binding)  # synchronises its stream before returning
+        return out
+
+
+# --- TensorRT -----------------------------------------------------------------------------------------------
+
+class TensorRTSession:
+    """A TensorRT engine (hyportrait.engines) behind the Session interface."""
+
+    def __init__(self, name: str, engine):
+        self.name = name
+        self.engine = engine
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        try:
+            outputs = self.engine.run(inputs)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise out_of_memory(self.name, exc) from None
+        return next(iter(outputs.values()))
+
+
+def resolve_device(device: str | None, backend: str) -> torch.device:
+    """The torch device the runtime works on; refuses a GPU backend or device that this machine lacks."""
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {device} was asked for, but torch sees no CUDA GPU on this machine")
+    if backend == "tensorrt" and device.type != "cuda":
+        raise BackendError("the tensorrt backend needs a CUDA GPU; use --backend onnxruntime or torch on a CPU")
+    return device
+

@@ -1,0 +1,161 @@
+"""Where the loop's networks come from: PyTorch modules, an ONNX export folder, or a TensorRT engine folder.
+
+- `torch_models(nets, ...)`: the PyTorch modules. `faithful=True` calls them exactly as the official
+  inference does (the reference: bit-identical); `faithful=False` runs the engine rewrites of the export
+  (K/V of shared contexts projected once, DINO's constant position table and pruned adapters), the same up
+  to float rounding and faster.
+- `onnx_models(folder, device)`: the models of `hyportrait export` (manifest.json) with onnxruntime.
+- `engine_models(folder, device)`: the engines of `hyportrait build` with TensorRT.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from hyportrait.errors import InputError
+from hyportrait.export.export_appearance import AppearanceEncoder
+from hyportrait.export.export_motion import MotionEncoder
+from hyportrait.export.export_unet import UNetWithPoseMap, weight_sharing_copy
+from hyportrait.export.export_vae import VAEClipDecoder, VAEImageEncoder
+from hyportrait.export.vae import place_vae
+from hyportrait.export.weights import Networks
+
+from .backends import (
+    MODEL_NAMES,
+    Models,
+    OnnxRuntimeSession,
+    TensorRTSession,
+    TorchSession,
+)
+
+POSE_CONSTANT_FILE = "pose_constant.npy"
+EXPORT_MANIFEST = "manifest.json"
+
+
+class ReferenceUNet(nn.Module):
+    """The UNet called from the engine contract exactly as the official pipeline calls it: appearance tokens
+    and the pose map expanded to every frame, the timestep as a 0-dim tensor."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, appearance_tokens, motion_tokens, pose_map, added_time_ids):
+        batch, frames = sample.shape[:2]
+        appearance = appearance_tokens[:, None].expand(batch, frames, -1, -1)
+        pose = pose_map[None, None].expand(batch, frames, -1, -1, -1)
+        return self.unet(sample, timestep.reshape(()), appearance, motion_tokens, pose, added_time_ids)
+
+
+class ReferenceAppearance(nn.Module):
+    def __init__(self, dino: nn.Module, image_proj: nn.Module):
+        super().__init__()
+        self.dino = dino
+        self.image_proj = image_proj
+
+    def forward(self, image, id_embedding):
+        return self.image_proj(self.dino(image, id_embedding))
+
+
+def place_networks(nets: Networks, device, dtype: torch.dtype) -> Networks:
+    """Device, dtypes and grad flags as in the reference; motion networks and VAE encoder stay fp32."""
+    for name, module in nets.modules().items():
+        if name == "vae":
+            place_vae(module, device, dtype)
+        else:
+            fp32 = name in ("expression", "headpose", "motion_refiner")
+            module.to(device, torch.float32 if fp32 else dtype)
+        # The reference leaves requires_grad on (but for the two motion encoders). The flag picks the
+        # matmul path of a Linear on a strided input (one folded mm when the weight requires grad, else a
+        # bmm), and in fp16 the two round differently. Inference runs under no_grad: no graph is recorded.
+        module.requires_grad_(name not in ("expression", "headpose"))
+    return nets
+
+
+def torch_models(nets: Networks, *, device, dtype: torch.dtype, size: int, faithful: bool = True,
+                 cuda_graph: bool = False) -> Models:
+    """The networks as torch Sessions (they are moved to `device` and `dtype` in place).
+
+    size: the generated crop (px); the pose map is computed for it. cuda_graph: replay the UNet and the
+    VAE decoder as CUDA graphs (GPU only).
+    """
+    device = torch.device(device)
+    place_networks(nets, device, dtype)
+    f32 = torch.float32
+    vae_dtype = next(nets.vae.encoder.parameters()).dtype
+    if faithful:
+        unet, appearance = ReferenceUNet(nets.unet), ReferenceAppearance(nets.dino, nets.image_proj)
+    else:
+        unet = UNetWithPoseMap(weight_sharing_copy(nets.unet).set_engine_rewrites(True))
+        appearance = AppearanceEncoder(nets.dino, nets.image_proj)
+    graphs = cuda_graph and device.type == "cuda"
+    unet_dtypes = {"sample": dtype, "timestep": f32, "appearance_tokens": dtype, "motion_tokens": dtype,
+                   "pose_map": dtype, "added_time_ids": dtype}
+    with torch.no_grad():
+        pose_map = nets.pose_guider.constant_features(size, size).to(dtype)
+    return Models(
+        appearance=TorchSession("appearance", appearance.eval(), {"image": dtype, "id_embedding": dtype}),
+        motion=TorchSession("motion", MotionEncoder(nets.expression, nets.headpose, nets.motion_refiner).eval(),
+                            {"face_images": f32, "pose_images": f32}),
+        vae_encoder=TorchSession("vae_encoder", VAEImageEncoder(nets.vae).eval(), {"image": vae_dtype}),
+        vae_decoder=TorchSession("vae_decoder", VAEClipDecoder(nets.vae).eval(), {"latents": dtype},
+                                 cuda_graph=graphs),
+        unet=TorchSession("unet", unet.eval(), unet_dtypes, cuda_graph=graphs),
+        pose_map=pose_map, backend="torch", device=device, dtype=dtype,
+        description=f"torch {'faithful' if faithful else 'rewritten'} {str(dtype).removeprefix('torch.')}"
+                    + (" cuda-graphs" if graphs else ""),
+    )
+
+
+def _read_export_manifest(folder: Path) -> dict:
+    path = Path(folder) / EXPORT_MANIFEST
+    if not path.is_file():
+        raise InputError(f"{folder} is not a finished export: no {EXPORT_MANIFEST} "
+                         "(run `hyportrait export --weights DIR --out FOLDER`)")
+    manifest = json.loads(path.read_text())
+    missing = [name for name in MODEL_NAMES if name not in manifest.get("models", {})]
+    if missing:
+        raise InputError(f"export {folder} lacks the models {', '.join(missing)}")
+    return manifest
+
+
+def _pose_map(folder: Path, device) -> torch.Tensor:
+    path = Path(folder) / POSE_CONSTANT_FILE
+    if not path.is_file():
+        raise InputError(f"{path} is missing (it is written by `hyportrait export`)")
+    return torch.from_numpy(np.load(path)).to(device)
+
+
+def _unet_sample(unet_record: dict) -> tuple[torch.dtype, int]:
+    """The latents' dtype and the frame window of an exported UNet (its `sample` input is (B, F, 8, h, w))."""
+    sample = next(t for t in unet_record["inputs"] if t["name"] == "sample")
+    return (torch.float16 if sample["dtype"] == "float16" else torch.float32), int(sample["shape"][1])
+
+
+def onnx_models(folder: Path, device) -> Models:
+    """The exported models of `folder` as onnxruntime sessions (CUDA provider on a GPU device)."""
+    folder, device = Path(folder), torch.device(device)
+    manifest = _read_export_manifest(folder)
+    records = manifest["models"]
+    sessions = {name: OnnxRuntimeSession(name, folder / records[name]["file"], device) for name in MODEL_NAMES}
+    dtype, window = _unet_sample(records["unet"])
+    return Models(**sessions, pose_map=_pose_map(folder, device), backend="onnxruntime", device=device,
+                  dtype=dtype, window=window, description=f"onnxruntime {manifest.get('precision')} {folder}")
+
+
+def engine_models(folder: Path, device) -> Models:
+    """The TensorRT engines of `folder` (made by `hyportrait build`), each checked against this GPU and
+    TensorRT before it is loaded."""
+    from hyportrait.engines.engine import load_engines  # TensorRT is imported only for this backend
+
+    folder, device = Path(folder), torch.device(device)
+    engines = load_engines(folder, MODEL_NAMES, device=device)
+    onnx_folder = Path(engines.onnx_folder) if engines.onnx_folder else folder
+    sessions = {name: TensorRTSession(name, engine) for name, engine in engines.engines.items()}
+    dtype, window = _unet_sample(_read_export_manifest(onnx_folder)["models"]["unet"])
+    return Models(**sessions, pose_map=_pose_map(onnx_folder, device), backend="tensorrt", device=device,
+                  dtype=dtype, window=window, description=f"tensorrt {folder}")

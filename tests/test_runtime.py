@@ -1,0 +1,229 @@
+"""The runtime: one loop over torch / onnxruntime sessions, the samplers and guidance modes, the embedding API.
+
+The expensive fixtures (a tiny export, two Animators) are module-scoped; the clip is 6 driving frames.
+"""
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hyportrait.errors import HyportraitError, InputError
+from hyportrait.export.export_all import export_all
+from hyportrait.export.weights import random_networks
+from hyportrait.runtime.api import Animator
+from hyportrait.runtime.backends import BackendError, resolve_device
+from hyportrait.runtime.models import torch_models
+from hyportrait.runtime.pipeline import (
+    GUIDANCE_BRANCHES,
+    AnimateConfig,
+    Conditioning,
+    build_conditioning,
+    decode_frames,
+    guided_denoiser,
+    motion_tokens,
+    sample_latents,
+    sampler_sigmas,
+)
+from hyportrait.runtime.sampling import (
+    c_noise,
+    denoised_from_v,
+    karras_sigmas,
+    sample_lcm_windows,
+    scale_input,
+)
+from hyportrait.runtime.video import probe_video
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_IMAGE = ROOT / "hyportrait" / "assets" / "sample_portrait.jpg"
+SAMPLE_VIDEO = ROOT / "hyportrait" / "assets" / "sample_driving.mp4"
+FRAMES = 6
+# the tiny export makes 64 px crops with a 4-frame UNet; overlap 1 keeps the windows few
+CLIP = {"max_frames": FRAMES, "num_steps": 2, "overlap": 1}
+TINY = {"size": 64, "window": 4, **CLIP}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx")
+    export_all(None, out, "fp32", size="tiny")
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_animator():
+    return Animator(backend="torch", device="cpu", **TINY)
+
+
+@pytest.fixture(scope="module")
+def ort_animator(export_dir):
+    return Animator(export_dir, backend="onnxruntime", device="cpu", **CLIP)
+
+
+def small_conditioning(models, config, seed=0) -> tuple[Conditioning, torch.Generator]:
+    gen = torch.Generator().manual_seed(seed)
+    motion = motion_tokens(models, torch.rand(5, 3, 256, 256, generator=gen), torch.rand(5, 3, 256, 256, generator=gen),
+                           3, 7)
+    generator = torch.Generator().manual_seed(config.seed)
+    cond = build_conditioning(models, config, ref_image=torch.rand(3, 64, 64, generator=gen) * 2 - 1,
+                              dino_image=torch.randn(3, 224, 224, generator=gen),
+                              id_embedding=torch.nn.functional.normalize(torch.randn(512, generator=gen), dim=0),
+                              motion=motion, generator=generator)
+    return cond, generator
+
+
+def test_the_faithful_unet_session_is_the_official_call_bit_for_bit():
+    """The loop's UNet batch through the torch session equals calling the UNet as the official pipeline does:
+    appearance and pose map expanded per frame, 0-dim timestep, three branches."""
+    config = AnimateConfig(precision="fp32", device="cpu", size=64, window=4, num_steps=2, pad_frames=2)
+    nets = random_networks("tiny")
+    models = torch_models(nets, device="cpu", dtype=torch.float32, size=64)
+    cond, _ = small_conditioning(models, config)
+    sigmas = sampler_sigmas(config, "cpu")
+    x = torch.randn(4, 4, 8, 8)
+    index = torch.tensor([0, 1, 2, 3])
+    calls = []
+    original = models.unet.module.forward
+    models.unet.module.forward = lambda **kw: calls.append(kw) or original(**kw)
+    guided = guided_denoiser(models.unet, cond, sigmas, config)(x, 0, index)
+
+    x_in = scale_input(x, sigmas[0])[None].expand(3, *x.shape)
+    image = torch.stack([torch.zeros_like(cond.image_latent), cond.image_latent, cond.image_latent])
+    appearance = torch.stack([torch.zeros_like(cond.appearance), cond.appearance, cond.appearance])
+    motion = cond.motion.index_select(0, index)
+    with torch.no_grad():
+        v = nets.unet(torch.cat([x_in, image[:, None].expand(3, 4, -1, -1, -1)], dim=2), c_noise(sigmas[0]),
+                      appearance[:, None].expand(3, 4, -1, -1),
+                      torch.stack([torch.zeros_like(motion), torch.zeros_like(motion), motion]),
+                      cond.pose[None, None].expand(3, 4, -1, -1, -1), cond.added_time_ids[None].expand(3, -1))
+    uncond, drop, full = v
+    expected = uncond + 2.0 * (drop - uncond) + 2.0 * (full - drop)
+    assert len(calls) == 1 and calls[0]["sample"].shape[0] == 3
+    assert torch.equal(guided, expected)
+
+
+@pytest.mark.parametrize("branches", [1, 2, 3])
+def test_guidance_branches_set_the_unet_batch(branches):
+    config = AnimateConfig(precision="fp32", device="cpu", size=64, window=4, num_steps=2, pad_frames=1,
+                           guidance_branches=branches, min_motion_guidance=3.0, max_motion_guidance=3.0)
+    models = torch_models(random_networks("tiny"), device="cpu", dtype=torch.float32, size=64)
+    cond, _ = small_conditioning(models, config)
+    seen = []
+
+    def unet(**kw):
+        seen.append(kw)
+        # branches 0, 1, 2 (uncond, appearance, full) output 1, 2, 3
+        values = [1.0 + b for b in GUIDANCE_BRANCHES[branches]]
+        return torch.tensor(values)[:, None, None, None, None].expand(branches, 4, 4, 8, 8)
+
+    out = guided_denoiser(unet, cond, sampler_sigmas(config, "cpu"), config)(torch.zeros(4, 4, 8, 8), 0,
+                                                                               torch.arange(4))
+    batch = seen[0]
+    assert batch["sample"].shape[0] == batch["appearance_tokens"].shape[0] == batch["motion_tokens"].shape[0] == branches
+    # the last branch always has motion; an earlier one never does
+    assert batch["motion_tokens"][-1].abs().sum() > 0 and batch["motion_tokens"][:-1].abs().sum() == 0
+    expected = {1: 3.0, 2: 2.0 + 3.0 * (3.0 - 2.0), 3: 1.0 + 2.0 * (2.0 - 1.0) + 3.0 * (3.0 - 2.0)}[branches]
+    assert torch.allclose(out, torch.full_like(out, expected))
+
+
+def test_lcm_sampler_reaches_a_perfect_models_target_and_reuses_windows():
+    """A model whose denoised estimate is always `target` must give `target` after the last step, whatever the
+    noise; and every frame of the clip is covered by the windows each step."""
+    target = torch.randn(7, 4, 2, 2)
+    sigmas = karras_sigmas(4)
+    seen = []
+
+    def denoise(xw, step, index):
+        seen.append((step, index.tolist()))
+        sigma = sigmas[step]
+        # v such that denoised_from_v(xw, v, sigma) == target[index]
+        return (xw / (sigma**2 + 1) - target[index]) * (sigma**2 + 1) ** 0.5 / sigma
+
+    x = torch.randn(7, 4, 2, 2) * sigmas[0]
+    out = sample_lcm_windows(denoise, x, sigmas, torch.Generator().manual_seed(0), window=4, overlap=1,
+                             shift_offset=1)
+    assert torch.allclose(out, target, atol=1e-4)
+    assert torch.allclose(denoised_from_v(x[:4], denoise(x[:4], 0, torch.arange(4)), sigmas[0]), target[:4],
+                          atol=1e-3)
+    for step in range(4):
+        covered = {i for s, index in seen if s == step for i in index}
+        assert covered == set(range(7))
+
+
+def test_fast_mode_config():
+    fast = AnimateConfig.fast(seed=3)
+    assert (fast.sampler, fast.num_steps, fast.guidance_branches, fast.seed) == ("lcm", 4, 1, 3)
+    with pytest.raises(ValueError, match="guidance_branches"):
+        AnimateConfig(guidance_branches=4)
+
+
+def test_rewritten_torch_models_follow_the_faithful_ones():
+    config = AnimateConfig(precision="fp32", device="cpu", size=64, window=4, num_steps=2, pad_frames=2,
+                           decode_chunk=3)
+    results = []
+    for faithful in (True, False):
+        models = torch_models(random_networks("tiny"), device="cpu", dtype=torch.float32, size=64, faithful=faithful)
+        cond, generator = small_conditioning(models, config)
+        latents = sample_latents(models, cond, config, generator)
+        results.append(np.stack(list(decode_frames(models, latents, config, cond.num_pad))))
+    assert results[0].shape == (5, 64, 64, 3)
+    assert psnr(*results) > 45
+
+
+def test_onnxruntime_backend_matches_the_torch_reference(tmp_path, torch_animator, ort_animator):
+    """CI's end-to-end check: the same tiny networks through the exported models (onnxruntime CPU, fp32)
+    and through PyTorch, same seed: same frame count, fps and audio, PSNR >= 40 dB."""
+    results = [a.animate(SAMPLE_IMAGE, SAMPLE_VIDEO, tmp_path / name)
+               for name, a in (("torch", torch_animator), ("ort", ort_animator))]
+    infos = [(probe_video(r.cropped), probe_video(r.full_resolution)) for r in results]
+    for cropped, full in infos:
+        assert (cropped.num_frames, cropped.has_audio, full.has_audio) == (FRAMES, True, True)
+        assert cropped.fps == full.fps == probe_video(SAMPLE_VIDEO).fps
+    frames = [np.stack(list(a.frames(SAMPLE_IMAGE, SAMPLE_VIDEO))) for a in (torch_animator, ort_animator)]
+    assert frames[0].shape == frames[1].shape == (FRAMES, 64, 64, 3)
+    assert psnr(*frames) >= 40
+    assert set(results[1].timings) >= {"preprocess", "conditioning", "denoise", "decode_encode", "total"}
+
+
+def test_api_takes_bytes_and_arrays(torch_animator):
+    image_bytes = SAMPLE_IMAGE.read_bytes()
+    array = np.asarray(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
+    from_paths = np.stack(list(torch_animator.frames(SAMPLE_IMAGE, SAMPLE_VIDEO)))
+    from_plain = np.stack(list(torch_animator.frames(array, SAMPLE_VIDEO.read_bytes())))
+    assert np.array_equal(from_paths, from_plain)
+
+
+def test_a_clip_shorter_than_one_window(tmp_path):
+    animator = Animator(backend="torch", device="cpu", **{**TINY, "num_steps": 1, "pad_frames": 0, "max_frames": 2})
+    frames = list(animator.frames(SAMPLE_IMAGE, SAMPLE_VIDEO))
+    assert len(frames) == 2 and frames[0].shape == (64, 64, 3)
+
+
+def test_errors_are_clear(tmp_path, export_dir):
+    with pytest.raises(InputError, match="needs `models`"):
+        Animator(backend="onnxruntime", device="cpu")
+    with pytest.raises(InputError, match="no manifest.json"):
+        Animator(tmp_path, backend="onnxruntime", device="cpu")
+    with pytest.raises(InputError, match="unknown option"):
+        Animator(backend="torch", device="cpu", num_stepz=3)
+    with pytest.raises(InputError, match="unknown backend"):
+        resolve_device("cpu", "openvino")
+    with pytest.raises(BackendError, match="CUDA GPU"):
+        resolve_device("cpu", "tensorrt")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="no CUDA GPU"):
+            Animator(export_dir, backend="onnxruntime", device="cuda")
+    with pytest.raises(InputError, match="size 64 .px crops., size=128"):
+        Animator(export_dir, backend="onnxruntime", device="cpu", size=128)
+    with pytest.raises(HyportraitError, match="no face") as info:
+        Animator(backend="torch", device="cpu", **TINY).animate(np.zeros((64, 64, 3), np.uint8), SAMPLE_VIDEO,
+                                                                tmp_path)
+    assert info.value.code == "no_face"
+    assert not list(tmp_path.rglob("*"))
