@@ -1,0 +1,380 @@
+"""Speed and accuracy of every runtime configuration on one GPU, in one run (so ratios are fair).
+
+    python -m hyportrait.benchmarks.bench --image IMG --video VID --report bench.json [--onnx DIR]
+
+Networks are random at the official size (speed does not depend on the weights). Configurations:
+    reference        torch, the faithful modules, eager fp16: the official code's way (quality mode)
+    torch            torch, engine rewrites (K/V dedup, pruned DINO adapters), fp16
+    torch+graphs     the same with the UNet and VAE decoder replayed as CUDA graphs
+    onnxruntime      the fp16 export (attention as onnxruntime's fused op) with the CUDA provider
+each in quality mode (25 Euler steps, 3 guidance branches) and fast mode (LCM 4 steps, 1 branch).
+
+Per configuration: per-stage times with CUDA events after warm-up (motion encoding of a 25-frame chunk,
+appearance, VAE encode, one UNet call, VAE decode of 8 frames); accuracy: the short clip (--accuracy-frames
+driving frames) sampled and decoded, PSNR against torch fp32 of the same mode; the long-video limit in
+output frames per second (per output frame: steps x UNet call / (window - overlap) + decode + motion);
+the demo clip (the whole driving video) end to end for fast mode, and estimated from the stage times for
+quality mode; device memory in use. Once per run: preprocessing per frame, video encoding per frame, the
+UNet's and VAE decoder's FLOPs (torch's FLOP counter) and the measured fp16 matmul peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hyportrait.export.face_detector import MTCNNDetector
+from hyportrait.export.weights import random_networks
+from hyportrait.runtime.api import load_image
+from hyportrait.runtime.backends import Models
+from hyportrait.runtime.models import onnx_models, torch_models
+from hyportrait.runtime.pipeline import (
+    AnimateConfig,
+    build_conditioning,
+    decode_frames,
+    motion_tokens,
+    sample_latents,
+)
+from hyportrait.runtime.preprocess import DrivingPreprocessor, preprocess_source
+from hyportrait.runtime.video import VideoWriter, probe_video, read_frames
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"  # the CPU only for a dry run of this script with --size tiny
+# tiny: the small test networks, a 64 px crop and the tiny export's 4-frame window
+SIZES = {"official": {}, "tiny": {"size": 64, "window": 4, "overlap": 1, "num_steps": 2}}
+
+
+def empty_cache():
+    if GPU:
+        torch.cuda.empty_cache()
+
+
+def synchronize():
+    if GPU:
+        torch.cuda.synchronize()
+
+
+def cuda_ms(fn, warmup: int = 2, repeat: int = 5) -> float:
+    """Median milliseconds of fn() timed with CUDA events (wall time on a CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if not GPU:
+            tic = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - tic) * 1000)
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def matmul_peak_tflops() -> float:
+    n, dtype = (8192, torch.float16) if GPU else (512, torch.float32)
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    ms = cuda_ms(lambda: a @ a, warmup=3, repeat=10)
+    return 2 * n**3 / ms / 1e9
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def used_gib() -> float:
+    if not GPU:
+        return 0.0
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**30
+
+
+class Inputs:
+    """The preprocessed sample, shared by every configuration."""
+
+    def __init__(self, image: Path, video: Path, frames: int):
+        detector = MTCNNDetector(device=DEVICE)
+        tic = time.perf_counter()
+        self.source = preprocess_source(load_image(image), detector)
+        driving = DrivingPreprocessor(detector)
+        self.chunks = list(driving.chunks(read_frames(video, limit=frames)))
+        self.num_frames = sum(len(c.landmarks) for c in self.chunks)
+        self.preprocess_ms_per_frame = (time.perf_counter() - tic) * 1000 / self.num_frames
+        self.fps = probe_video(video).fps
+
+    def conditioning(self, models: Models, config: AnimateConfig, frames: int | None = None):
+        chunks = self.chunks
+        motion = torch.cat([motion_tokens(models, torch.from_numpy(c.expression_images),
+                                          torch.from_numpy(c.pose_images), c.head_bucket, c.exp_bucket)
+                            for c in chunks])[:frames]
+        generator = torch.Generator(DEVICE).manual_seed(config.seed)
+        cond = build_conditioning(models, config, ref_image=torch.from_numpy(self.source.ref_image),
+                                  dino_image=torch.from_numpy(self.source.dino_image),
+                                  id_embedding=torch.zeros(512), motion=motion, generator=generator)
+        return cond, generator
+
+
+def clip(models: Models, config: AnimateConfig, inputs: Inputs, frames: int | None) -> tuple[np.ndarray, dict]:
+    """Sample and decode `frames` driving frames; wall times of each part."""
+    times = {}
+    synchronize()
+    tic = time.perf_counter()
+    cond, generator = inputs.conditioning(models, config, frames)
+    synchronize()
+    times["conditioning_s"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    latents = sample_latents(models, cond, config, generator)
+    synchronize()
+    times["denoise_s"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    out = np.stack(list(decode_frames(models, latents, config, cond.num_pad)))
+    times["decode_s"] = time.perf_counter() - tic
+    return out, times
+
+
+def stage_times(models: Models, config: AnimateConfig, inputs: Inputs) -> dict:
+    dtype, size = models.dtype, config.size
+    latent = size // 8
+    branches = config.guidance_branches
+    chunk = inputs.chunks[0]
+    face = torch.from_numpy(chunk.expression_images).to(DEVICE)
+    pose = torch.from_numpy(chunk.pose_images).to(DEVICE)
+    bucket = torch.tensor([1], dtype=torch.int32, device=DEVICE)
+    image = torch.rand(1, 3, size, size, device=DEVICE) * 2 - 1
+    dino = torch.randn(1, 3, 224, 224, device=DEVICE)
+    unet_in = {"sample": torch.randn(branches, config.window, 8, latent, latent, device=DEVICE, dtype=dtype),
+               "timestep": torch.tensor([0.5], device=DEVICE),
+               "appearance_tokens": torch.randn(branches, 64, 1024, device=DEVICE, dtype=dtype),
+               "motion_tokens": torch.randn(branches, config.window, 64, 1024, device=DEVICE, dtype=dtype),
+               "pose_map": models.pose_map.to(dtype),
+               "added_time_ids": torch.tensor([[12.5, 0.0, 0.0]] * branches, device=DEVICE)}
+    latents8 = torch.randn(config.decode_chunk, 4, latent, latent, device=DEVICE, dtype=dtype)
+    return {
+        "motion_chunk_ms": cuda_ms(lambda: models.motion(face_images=face, pose_images=pose, head_bucket=bucket,
+                                                         exp_bucket=bucket)),
+        "motion_frames": int(face.shape[0]),
+        "appearance_ms": cuda_ms(lambda: models.appearance(image=dino, id_embedding=torch.zeros(1, 512, device=DEVICE))),
+        "vae_encode_ms": cuda_ms(lambda: models.vae_encoder(image=image)),
+        "unet_call_ms": cuda_ms(lambda: models.unet(**unet_in)),
+        "unet_batch": branches,
+        "vae_decode_chunk_ms": cuda_ms(lambda: models.vae_decoder(latents=latents8)),
+        "decode_chunk": config.decode_chunk,
+    }
+
+
+def long_video_fps(stages: dict, config: AnimateConfig, encode_ms_per_frame: float,
+                   preprocess_ms_per_frame: float) -> dict:
+    """Output frames per second far from the clip's ends: each frame costs steps / (window - overlap) UNet
+    calls, 1/decode_chunk of a decode, its share of motion encoding, preprocessing and video encoding."""
+    per_frame_ms = {
+        "unet": config.num_steps * stages["unet_call_ms"] / (config.window - config.overlap),
+        "vae_decode": stages["vae_decode_chunk_ms"] / stages["decode_chunk"],
+        "motion": stages["motion_chunk_ms"] / stages["motion_frames"],
+        "preprocess": preprocess_ms_per_frame,
+        "encode": encode_ms_per_frame,
+    }
+    gpu = per_frame_ms["unet"] + per_frame_ms["vae_decode"] + per_frame_ms["motion"]
+    return {"per_frame_ms": per_frame_ms, "gpu_fps": 1000 / gpu, "fps": 1000 / sum(per_frame_ms.values())}
+
+
+def demo_seconds_estimate(stages: dict, config: AnimateConfig, frames: int, encode_ms_per_frame: float,
+                          preprocess_ms_per_frame: float) -> float:
+    """End-to-end seconds for a clip of `frames` driving frames from the stage times (pads included)."""
+    total = frames + 2 * config.pad_frames
+    windows = math.ceil(total / (config.window - config.overlap))
+    ms = (config.num_steps * windows * stages["unet_call_ms"]
+          + math.ceil(frames / config.decode_chunk) * stages["vae_decode_chunk_ms"]
+          + math.ceil(frames / config.window) * stages["motion_chunk_ms"]
+          + stages["appearance_ms"] + stages["vae_encode_ms"]
+          + frames * (encode_ms_per_frame + preprocess_ms_per_frame))
+    return ms / 1000
+
+
+def encode_ms_per_frame(fps, frames: int = 60) -> float:
+    """Two 512x512 H.264 streams per frame (cropped + full resolution, as `animate` writes); no audio."""
+    import tempfile
+
+    pixels = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        tic = time.perf_counter()
+        with VideoWriter(Path(tmp) / "a.mp4", fps) as a, VideoWriter(Path(tmp) / "b.mp4", fps) as b:
+            for _ in range(frames):
+                a.write(pixels)
+                b.write(pixels)
+        return (time.perf_counter() - tic) * 1000 / frames
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image", type=Path, required=True)
+    p.add_argument("--video", type=Path, required=True)
+    p.add_argument("--report", type=Path, required=True)
+    p.add_argument("--onnx", type=Path, help="fp16 export folder for the onnxruntime configurations "
+                   "(`hyportrait export --precision fp16 --unet-attention onnxruntime`); made if absent")
+    p.add_argument("--accuracy-frames", type=int, default=10, help="driving frames of the accuracy clip")
+    p.add_argument("--demo-frames", type=int, default=120, help="driving frames of the demo clip")
+    p.add_argument("--configs", nargs="*", help="only these configurations, as NAME:MODE (e.g. torch:fast)")
+    p.add_argument("--skip-quality-reference-fp32", action="store_true",
+                   help="no fp32 quality run (2 s per UNet call): quality-mode PSNR is then against reference fp16")
+
+    p.add_argument("--size", choices=list(SIZES), default="official",
+                   help="tiny: the small test networks (a dry run of this script, on the CPU without a GPU)")
+    a = p.parse_args()
+    report = {"device": torch.cuda.get_device_name() if GPU else "cpu", "size": a.size, "date": time.strftime("%Y-%m-%d"),
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, check=False,
+                                       text=True).stdout.strip() or "unknown",
+              "torch": torch.__version__, "configs": {}}
+
+    def save():
+        a.report.write_text(json.dumps(report, indent=2, default=str))
+
+    if not GPU and a.size != "tiny":
+        p.error("no GPU: only --size tiny runs on the CPU")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    report["matmul_fp16_peak_tflops"] = matmul_peak_tflops()
+    inputs = Inputs(a.image, a.video, a.demo_frames)
+    report["preprocess_ms_per_frame"] = inputs.preprocess_ms_per_frame
+    report["encode_ms_per_frame"] = encode_ms = encode_ms_per_frame(inputs.fps)
+    report["demo_frames"] = inputs.num_frames
+    print("inputs ready", json.dumps(report), flush=True)
+    save()
+
+    nets = random_networks(a.size, seed=0)
+    sizes = SIZES[a.size]
+    modes = {"quality": AnimateConfig(device=DEVICE, **sizes),
+             "fast": AnimateConfig.fast(device=DEVICE, **{**sizes, "num_steps": 4})}
+    crop = modes["quality"].size
+    # fp32 references of each mode on the short clip (the networks are cast in place: fp32 first)
+    fp32 = torch_models(nets, device=DEVICE, dtype=torch.float32, size=crop)
+    references = {}
+    for mode, config in modes.items():
+        if mode == "quality" and a.skip_quality_reference_fp32:
+            continue
+        tic = time.perf_counter()
+        references[mode], _ = clip(fp32, replace_precision(config, "fp32"), inputs, a.accuracy_frames)
+        report[f"fp32_{mode}_seconds"] = time.perf_counter() - tic
+        print(f"fp32 {mode} reference done in {report[f'fp32_{mode}_seconds']:.1f} s", flush=True)
+    del fp32
+    empty_cache()
+    wants_onnx = not a.configs or any(c.startswith("onnxruntime") for c in a.configs)
+    # exported while the networks are fp32 and on the GPU (tracing the official UNet on a CPU takes long)
+    onnx_folder = ensure_onnx(a.onnx, nets) if wants_onnx else None
+
+    builders = {
+        "reference": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=True),
+        "torch": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=False),
+        "torch+graphs": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=False,
+                                             cuda_graph=True),
+        "onnxruntime": lambda: onnx_models(onnx_folder, torch.device(DEVICE)),
+    }
+    for name, build in builders.items():
+        wanted = [m for m in modes if not a.configs or f"{name}:{m}" in a.configs]
+        if not wanted:
+            continue
+        try:
+            if name == "onnxruntime":  # the torch modules leave the GPU to onnxruntime
+                for module in nets.modules().values():
+                    module.to("cpu")
+                empty_cache()
+            models = build()
+        except Exception as exc:  # noqa: BLE001 -- record and go on with the other configurations
+            report["configs"][name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            save()
+            continue
+        for mode in wanted:
+            config = modes[mode]
+            key = f"{name}:{mode}"
+            entry = {}
+            try:
+                if GPU:
+                    torch.cuda.reset_peak_memory_stats()
+                entry["stages"] = stages = stage_times(models, config, inputs)
+                frames, entry["accuracy_clip_times"] = clip(models, config, inputs, a.accuracy_frames)
+                if mode in references:
+                    entry["psnr_vs_fp32_db"] = psnr(frames, references[mode])
+                if name == "reference":
+                    references[f"{mode}_fp16"] = frames
+                elif f"{mode}_fp16" in references:
+                    entry["psnr_vs_reference_fp16_db"] = psnr(frames, references[f"{mode}_fp16"])
+                entry["long_video"] = long_video_fps(stages, config, encode_ms, inputs.preprocess_ms_per_frame)
+                entry["demo_seconds_estimate"] = demo_seconds_estimate(stages, config, inputs.num_frames, encode_ms,
+                                                                       inputs.preprocess_ms_per_frame)
+                if mode == "fast":  # cheap enough to run the whole demo clip
+                    out, times = clip(models, config, inputs, None)
+                    gpu_s = times["denoise_s"] + times["decode_s"] + times["conditioning_s"]
+                    entry["demo_clip_measured"] = {
+                        **times, "frames": int(out.shape[0]),
+                        "seconds_with_preprocess_and_encode": gpu_s + inputs.num_frames * (
+                            encode_ms + inputs.preprocess_ms_per_frame) / 1000,
+                        "gpu_fps": out.shape[0] / gpu_s}
+                if name != "onnxruntime" and GPU:
+                    entry["torch_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                entry["device_used_gib"] = used_gib()
+            except Exception as exc:  # noqa: BLE001
+                entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            report["configs"][key] = entry
+            print(key, json.dumps(entry, default=str), flush=True)
+            save()
+        if name == "reference":  # FLOPs of the faithful networks, once
+            report["flops"] = network_flops(models, modes["quality"])
+            save()
+        del models
+        empty_cache()
+    save()
+
+
+def replace_precision(config: AnimateConfig, precision: str) -> AnimateConfig:
+    from dataclasses import replace
+
+    return replace(config, precision=precision)
+
+
+def network_flops(models: Models, config: AnimateConfig) -> dict:
+    latent = config.size // 8
+    dtype = models.dtype
+    unet_in = {"sample": torch.randn(3, config.window, 8, latent, latent, device=DEVICE, dtype=dtype),
+               "timestep": torch.tensor([0.5], device=DEVICE),
+               "appearance_tokens": torch.randn(3, 64, 1024, device=DEVICE, dtype=dtype),
+               "motion_tokens": torch.randn(3, config.window, 64, 1024, device=DEVICE, dtype=dtype),
+               "pose_map": models.pose_map.to(dtype),
+               "added_time_ids": torch.tensor([[12.5, 0.0, 0.0]] * 3, device=DEVICE)}
+    latents = torch.randn(8, 4, latent, latent, device=DEVICE, dtype=dtype)
+    return {"unet_b3": count_flops(lambda: models.unet(**unet_in)),
+            "vae_decode_8": count_flops(lambda: models.vae_decoder(latents=latents))}
+
+
+def ensure_onnx(folder: Path | None, nets) -> Path:
+    """The fp16 export for onnxruntime (attention as its fused op), exported here when missing."""
+    from hyportrait.export.export_all import export_all
+
+    folder = folder or Path("/tmp/hyportrait-bench-onnx")
+    if not (folder / "manifest.json").is_file():
+        tic = time.perf_counter()
+        # fp32 on a CPU: its provider lacks fp16 kernels for some ops
+        export_all(None, folder, "fp16" if GPU else "fp32", networks=nets, onnxruntime_attention=True,
+                   validate=False)
+        print(f"exported {folder} in {time.perf_counter() - tic:.0f} s", flush=True)
+    return folder
+
+
+if __name__ == "__main__":
+    main()
