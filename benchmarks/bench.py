@@ -232,6 +232,8 @@ def main():
     p.add_argument("--accuracy-frames", type=int, default=10, help="driving frames of the accuracy clip")
     p.add_argument("--demo-frames", type=int, default=120, help="driving frames of the demo clip")
     p.add_argument("--configs", nargs="*", help="only these configurations, as NAME:MODE (e.g. torch:fast)")
+    p.add_argument("--reference-cache", type=Path,
+                   help="an .npz keeping the fp32 reference frames between runs (the quality one takes minutes)")
     p.add_argument("--skip-quality-reference-fp32", action="store_true",
                    help="no fp32 quality run (2 s per UNet call): quality-mode PSNR is then against reference fp16")
 
@@ -265,14 +267,17 @@ def main():
     crop = modes["quality"].size
     # fp32 references of each mode on the short clip (the networks are cast in place: fp32 first)
     fp32 = torch_models(nets, device=DEVICE, dtype=torch.float32, size=crop)
-    references = {}
+    cache = a.reference_cache
+    references = dict(np.load(cache)) if cache and cache.is_file() else {}
     for mode, config in modes.items():
-        if mode == "quality" and a.skip_quality_reference_fp32:
+        if mode in references or (mode == "quality" and a.skip_quality_reference_fp32):
             continue
         tic = time.perf_counter()
         references[mode], _ = clip(fp32, replace_precision(config, "fp32"), inputs, a.accuracy_frames)
         report[f"fp32_{mode}_seconds"] = time.perf_counter() - tic
         print(f"fp32 {mode} reference done in {report[f'fp32_{mode}_seconds']:.1f} s", flush=True)
+        if cache:
+            np.savez(cache, **references)
     del fp32
     empty_cache()
     wants_onnx = not a.configs or any(c.startswith("onnxruntime") for c in a.configs)

@@ -54,7 +54,7 @@ def pose_guider_spec(nets: Networks, image_size: int = 64, seed: int = 0) -> Exp
 
 def write_pose_constant(nets: Networks, out_dir: Path, size: int = AnimateConfig.size) -> dict:
     """Write the all-black map at `size` x `size` (fp32, written atomically); returns its manifest entry."""
-    constant = nets.pose_guider.constant_features(size, size).float().numpy()
+    constant = nets.pose_guider.constant_features(size, size).float().cpu().numpy()
     path = Path(out_dir) / POSE_CONSTANT_FILE
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, constant)
