@@ -75,6 +75,32 @@ def _add_export(sub) -> None:
                    "MultiHeadAttention op, for the onnxruntime backend on a GPU")
 
 
+def _add_build(sub) -> None:
+    p = sub.add_parser("build", help="build TensorRT engines from an export folder (needs TensorRT or TensorRT-RTX)")
+    p.add_argument("--onnx", required=True, type=Path, help="export folder (written by `hyportrait export`)")
+    p.add_argument("--out", required=True, type=Path, help="engine folder (<model>.engine, .engine.json, .build.log)")
+    p.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int8", "fp8"],
+                   help="fp16/fp32: the export's models as exported (engines are strongly typed); int8/fp8: the "
+                   "UNet quantized with --calibration data, the other models as exported (default fp16)")
+    p.add_argument("--calibration", type=Path, metavar="FILE.npz",
+                   help="UNet input sets for int8/fp8 calibration (arrays named '<set>/<input>'); without it "
+                   "the UNet is built from the export's model")
+    p.add_argument("--profile", default="quality", choices=["quality", "fast", "all"],
+                   help="input shapes to optimise for: quality (UNet guidance batch 1..3), fast (batch 1), "
+                   "all (both; default quality)")
+    p.add_argument("--models", nargs="+", metavar="MODEL", help="build only these models (default: all exported)")
+    p.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0..5",
+                   help="builder optimization level (default 3; higher builds longer)")
+    p.add_argument("--workspace-gb", type=float, help="memory limit for the builder's tactics (default: the GPU's)")
+    p.add_argument("--timing-cache", type=Path, help="timing cache file, loaded and updated (default: OUT/timing.cache)")
+    p.add_argument("--refit", action="store_true", help="refittable engines (weights replaceable without a rebuild)")
+    p.add_argument("--hardware-compatible", action="store_true",
+                   help="engines that run on any Ampere or newer GPU (slower than GPU-specific ones)")
+    p.add_argument("--version-compatible", action="store_true",
+                   help="engines that later TensorRT versions of the same major version can run (lean runtime)")
+    p.add_argument("--verbose", action="store_true", help="TensorRT's verbose messages in the build logs")
+
+
 def _animate(args) -> int:
     from hyportrait.runtime.api import Animator
 
@@ -129,6 +155,31 @@ def _export(args) -> int:
     return 0
 
 
+def _build(args) -> int:
+    from hyportrait.engines.build import BuildRequest, build_all
+    from hyportrait.engines.engine_manifest import BuildFlags
+
+    workspace = int(args.workspace_gb * 2**30) if args.workspace_gb else None
+    flags = BuildFlags(optimization_level=args.opt_level, workspace_bytes=workspace, refit=args.refit,
+                       hardware_compatible=args.hardware_compatible, version_compatible=args.version_compatible)
+    request = BuildRequest(onnx_dir=args.onnx, out_dir=args.out, precision=args.precision, profile=args.profile,
+                           flags=flags, calibration=args.calibration, timing_cache=args.timing_cache,
+                           models=tuple(args.models) if args.models else None, verbose=args.verbose)
+    results = build_all(request, keep_going=True)
+    for result in results:
+        detail = result.error or (f"{result.engine_bytes / 2**20:9.1f} MiB in {result.seconds:.1f} s"
+                                  if result.status == "built" else "up to date")
+        print(f"{result.model:12s} {result.status:8s} {result.precision or '':5s} {detail}")
+        for note in result.notes:
+            print(f"{'':12s} note: {note}")
+    failed = [r.model for r in results if r.status == "failed"]
+    if failed:
+        print(f"hyportrait: error [build_failed]: {', '.join(failed)} failed (see the .build.log files in "
+              f"{args.out})", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="hyportrait: %(message)s", level=logging.INFO)
     # diffusers warns on every fp16 cast about modules it would keep in fp32; ours have none (its list is empty)
@@ -138,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_animate(sub)
     _add_weights(sub)
     _add_export(sub)
+    _add_build(sub)
     args = parser.parse_args(argv)
     try:
-        return {"animate": _animate, "weights": _weights, "export": _export}[args.command](args)
+        return {"animate": _animate, "weights": _weights, "export": _export, "build": _build}[args.command](args)
     except HyportraitError as exc:
         print(f"hyportrait: error [{exc.code}]: {exc.message}", file=sys.stderr)
         return 2

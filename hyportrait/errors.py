@@ -26,3 +26,9 @@ class VideoError(InputError):
 
 class WeightsError(HyportraitError):
     code = "bad_weights"
+
+
+class EngineMismatchError(HyportraitError):
+    """A TensorRT engine that cannot serve this GPU, TensorRT install or input shapes; the message says what
+    differs and the `hyportrait build` command that rebuilds it."""
+    code = "engine_mismatch"

@@ -1,0 +1,460 @@
+"""INT8 and FP8 explicit quantization of the UNet: Q/DQ nodes inserted by onnxruntime.quantization.
+
+Scheme (what TensorRT's explicit quantization expects):
+- Only MatMul, Conv and Gemm are quantized, at their inputs: weights per output channel, activations per
+  tensor, both symmetric (zero point 0); outputs and biases stay in the model's float type, so each Q/DQ
+  pair sits where TensorRT fuses it into the quantized kernel.
+- Scales come from a min/max calibration (onnxruntime's MinMax calibrator over `CalibrationDataReader`
+  inputs): int8 maps amax to 127; fp8 (e4m3fn) maps amax to 448, as TensorRT does. onnxruntime itself
+  would derive fp8 scales from a Gaussian fit of each tensor, which on the test UNet gives a larger error,
+  so the fp8 scales are passed to it as overrides.
+- Kept in the source precision: every other op (normalisations, softmax, activations, the sinusoidal
+  embeddings) and the sensitive MatMul/Conv/Gemm nodes of `select_nodes` (first and last convolution, the
+  time-embedding MLPs, the attention matmuls of two activations). The list, with reasons, goes into the
+  quantized model's metadata and its JSON report.
+- Opset 19 (QuantizeLinear-19 takes float16 inputs and float8 types); the source is converted first.
+Output `<model>.<precision>.onnx` (+ `.onnx.data` past 2 GB) next to the source, with
+`<model>.<precision>.quantization.json`: the settings, the excluded nodes and the quality report (relative
+error of the output against the unquantized model, per evaluation input set, run with onnxruntime).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from hyportrait.errors import InputError
+from hyportrait.export.onnx_io import (
+    EXTERNAL_DATA_THRESHOLD,
+    ModelRecord,
+    atomic_path,
+    relative_error,
+    sha256_file,
+)
+
+PRECISIONS = ("int8", "fp8")
+QUANTIZED_OP_TYPES = ("MatMul", "Conv", "Gemm")
+QDQ_OPSET = 19
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+SCHEME = "qdq-v1: MatMul/Conv/Gemm inputs, weights per channel, activations per tensor, symmetric, amax scales"
+# (graph scope segment, why nodes under it stay unquantized)
+SENSITIVE_SCOPES = (
+    ("conv_in", "first convolution: reads the noisy latent and the conditioning latent at full precision"),
+    ("conv_out", "last convolution: writes the v-prediction the sampler integrates"),
+    ("time_embedding", "time-embedding MLP: one vector per call, negligible compute, steers every block"),
+    ("add_embedding", "added-time-ids MLP (fps, motion bucket, noise augmentation): negligible compute"),
+    ("time_emb_proj", "per-block projection of the time embedding: one vector per call, negligible compute"),
+    ("time_pos_embed", "frame-position MLP of the temporal blocks: one vector per frame"),
+)
+ACTIVATION_MATMUL = ("attention matmul of two activations (Q.K^T, probabilities.V): softmax probabilities "
+                     "quantize poorly per tensor, and TensorRT fuses attention in the source precision")
+OTHER_OPS = ("op type not quantized: normalisations, softmax, activations, element-wise ops and the sinusoidal "
+             "embeddings keep the source precision")
+_METADATA_KEY = "hyportrait.quantization"
+
+
+@dataclass
+class NodeSelection:
+    quantized: list[str]
+    excluded: dict[str, list[str]]  # reason -> node names
+
+
+@dataclass
+class QuantizationReport:
+    precision: str
+    scheme: str
+    source: str
+    source_sha256: str
+    output: str
+    output_sha256: str
+    data_file: str | None
+    opset: int
+    calibration: dict  # how many input sets, their origin and sha256, the calibration method
+    quantized_nodes: int
+    excluded: dict[str, list[str]]
+    not_quantized_op_types: str
+    evaluation: dict = field(default_factory=dict)  # relative errors against the unquantized model
+    seconds: float = 0.0
+
+
+def quantized_path(source: Path, precision: str) -> Path:
+    """`unet.onnx` -> `unet.int8.onnx` in the same folder."""
+    source = Path(source)
+    return source.with_name(f"{source.name.removesuffix('.onnx')}.{precision}.onnx")
+
+
+def report_path(model: Path) -> Path:
+    model = Path(model)
+    return model.with_name(model.name.removesuffix(".onnx") + ".quantization.json")
+
+
+def _weight_input(node: onnx.NodeProto, constants: set[str]) -> str | None:
+    """The constant (weight) input of a MatMul/Conv/Gemm node, if it has one."""
+    return next((name for name in node.input[:2] if name in constants), None)
+
+
+def select_nodes(model: onnx.ModelProto) -> NodeSelection:
+    """Which MatMul/Conv/Gemm nodes to quantize, and why the others are kept (see SENSITIVE_SCOPES)."""
+    graph = model.graph
+    constants = {t.name for t in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    quantized, excluded = [], {}
+    for node in graph.node:
+        if node.op_type not in QUANTIZED_OP_TYPES:
+            continue
+        scopes = set(node.name.split("/"))
+        reason = next((why for scope, why in SENSITIVE_SCOPES if scope in scopes), None)
+        if reason is None and _weight_input(node, constants) is None:
+            reason = ACTIVATION_MATMUL
+        if reason is None:
+            quantized.append(node.name)
+        else:
+            excluded.setdefault(reason, []).append(node.name)
+    return NodeSelection(quantized, excluded)
+
+
+def _numpy_dtype(elem_type: int) -> np.dtype:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def model_input_dtypes(model_path: Path) -> dict[str, np.dtype]:
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return {i.name: _numpy_dtype(i.type.tensor_type.elem_type) for i in graph.input}
+
+
+def _feed_reader(feeds: Sequence[dict[str, np.ndarray]], dtypes: dict[str, np.dtype]):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class FeedReader(CalibrationDataReader):
+        """The calibration input sets, each cast to the dtypes the model declares."""
+
+        def __init__(self):
+            self._sets = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            feed = next(self._sets, None)
+            return None if feed is None else {k: np.asarray(v).astype(dtypes[k]) for k, v in feed.items()}
+
+    return FeedReader()
+
+
+def random_unet_feeds(record: ModelRecord, count: int, *, batch: int = 1, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """`count` random input sets for the UNet of an export manifest (for tests and smoke runs; real calibration
+    uses the runtime's conditioning). Floats are standard normal except the scalars that feed embeddings,
+    drawn over the pipeline's ranges as export_unet draws them: c_noise in [-1.55, 1.64], and time ids
+    (fps 5..30, motion bucket 0..255, noise augmentation 0..0.1)."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        feed = {}
+        for tensor in record.inputs:
+            shape = [batch if isinstance(d, str) else d for d in tensor.shape]
+            feed[tensor.name] = rng.standard_normal(shape).astype(tensor.dtype)
+        if "timestep" in feed:
+            feed["timestep"] = rng.uniform(-1.55, 1.64, feed["timestep"].shape).astype(feed["timestep"].dtype)
+        if "added_time_ids" in feed:
+            ids = feed["added_time_ids"]
+            columns = [rng.uniform(5, 30, ids.shape[0]), rng.integers(0, 256, ids.shape[0]),
+                       rng.uniform(0, 0.1, ids.shape[0])]
+            feed["added_time_ids"] = np.stack(columns, axis=1).astype(ids.dtype)
+        feeds.append(feed)
+    return feeds
+
+
+def save_calibration_npz(path: Path, feeds: Sequence[dict[str, np.ndarray]]) -> Path:
+    """Write input sets as one .npz, arrays named `<set index>/<input name>` (the --calibration format)."""
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{f"{i}/{name}": value for i, feed in enumerate(feeds) for name, value in feed.items()})
+    return path
+
+
+def load_calibration_npz(path: Path) -> list[dict[str, np.ndarray]]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"calibration file {path} does not exist")
+    sets: dict[int, dict[str, np.ndarray]] = {}
+    with np.load(path) as data:
+        for key in data.files:
+            index, sep, name = key.partition("/")
+            if not sep or not index.isdigit():
+                raise InputError(f"{path}: array {key!r} is not named '<set index>/<input name>'")
+            sets.setdefault(int(index), {})[name] = data[key]
+    if not sets:
+        raise InputError(f"{path} holds no input sets")
+    return [sets[i] for i in sorted(sets)]
+
+
+def feeds_sha256(feeds: Sequence[dict[str, np.ndarray]]) -> str:
+    """A digest of input sets (names, dtypes, shapes, bytes), for cache keys."""
+    digest = hashlib.sha256()
+    for feed in feeds:
+        for name in sorted(feed):
+            value = np.ascontiguousarray(feed[name])
+            digest.update(f"{name}:{value.dtype}:{value.shape};".encode())
+            digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def default_providers() -> list[str]:
+    """onnxruntime's CUDA provider when this install has it (the UNet is heavy for a CPU), else the CPU."""
+    import onnxruntime as ort
+
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+
+
+def _is_large(model_path: Path) -> bool:
+    size = sum(p.stat().st_size for p in (model_path, Path(f"{model_path}.data")) if p.is_file())
+    return size > EXTERNAL_DATA_THRESHOLD
+
+
+def upgrade_opset(source: Path, out: Path) -> Path:
+    """`source` converted to opset QDQ_OPSET at `out` (same folder: external weights stay shared, unloaded)."""
+    model = onnx.load(str(source), load_external_data=False)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < QDQ_OPSET:
+        model = onnx.version_converter.convert_version(model, QDQ_OPSET)
+    onnx.save_model(model, str(out))
+    return out
+
+
+def calibrate(model_path: Path, feeds: Sequence[dict[str, np.ndarray]], *, providers: Sequence | None = None):
+    """Per-tensor min/max (symmetric) of the inputs and outputs of every MatMul/Conv/Gemm over `feeds`, run
+    with onnxruntime (providers default: `default_providers()`). Returns onnxruntime's TensorsData. Tensor names are the export's, so ranges taken on
+    one export of a network apply to another export of it (e.g. at a smaller latent size)."""
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+
+    model_path = Path(model_path)
+    with tempfile.TemporaryDirectory(dir=model_path.parent, prefix=".calibration-") as tmp:
+        calibrator = create_calibrator(model_path, list(QUANTIZED_OP_TYPES),
+                                       augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=CalibrationMethod.MinMax,
+                                       use_external_data_format=_is_large(model_path),
+                                       providers=list(providers or default_providers()),
+                                       extra_options={"symmetric": True})
+        calibrator.collect_data(_feed_reader(feeds, model_input_dtypes(model_path)))
+        return calibrator.compute_data()
+
+
+def _amax(ranges, name: str) -> float:
+    low, high = ranges[name].range_value
+    return float(np.maximum(np.abs(np.asarray(low, np.float64)), np.abs(np.asarray(high, np.float64))).max())
+
+
+def tensor_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
+    """The element type of every typed tensor of the graph, after shape inference (run on the graph without
+    its weights, so it works past 2 GB)."""
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    for tensor in bare.graph.initializer:  # dims and type are all inference needs
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+    graph = onnx.shape_inference.infer_shapes(bare).graph
+    values = [*graph.input, *graph.value_info, *graph.output]
+    types = {v.name: _numpy_dtype(v.type.tensor_type.elem_type) for v in values if v.type.tensor_type.elem_type}
+    types |= {t.name: _numpy_dtype(t.data_type) for t in model.graph.initializer}
+    return types
+
+
+def _weight_axis(node: onnx.NodeProto) -> int:
+    """The output-channel axis onnxruntime quantizes this node's weight along."""
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return 1 if node.op_type == "MatMul" else 0
+
+
+def fp8_overrides(model: onnx.ModelProto, selection: NodeSelection, ranges) -> dict[str, list[dict]]:
+    """onnxruntime TensorQuantOverrides giving amax / 448 scales: per tensor for activations (in the tensor's
+    own float type, as QuantizeLinear-19 requires), per output channel for weights."""
+    zero = np.array(0, dtype=ml_dtypes.float8_e4m3fn)
+    initializers = {t.name: t for t in model.graph.initializer}
+    dtypes = tensor_dtypes(model)
+    chosen = set(selection.quantized)
+    overrides = {}
+    for node in model.graph.node:
+        if node.name not in chosen:
+            continue
+        for name in node.input[:2]:
+            if name in initializers:
+                axis = _weight_axis(node)
+                weight = numpy_helper.to_array(initializers[name]).astype(np.float32)
+                amax = np.abs(np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)).max(axis=1)
+                overrides[name] = [{"axis": axis, "scale": np.float32(max(a, 1e-12) / FP8_MAX), "zero_point": zero}
+                                   for a in amax]
+            elif name:
+                dtype = dtypes.get(name, np.dtype(np.float32))
+                scale = np.asarray(max(_amax(ranges, name) / FP8_MAX, np.finfo(dtype).tiny), dtype=dtype)
+                overrides[name] = [{"scale": scale, "zero_point": zero}]
+    return overrides
+
+
+def _check_coverage(model: onnx.ModelProto, selection: NodeSelection, ranges) -> None:
+    """Ranges taken on another export of the network must still name every tensor to be quantized."""
+    constants = {t.name for t in model.graph.initializer}
+    chosen = set(selection.quantized)
+    needed = {name for node in model.graph.node if node.name in chosen
+              for name in node.input[:2] if name and name not in constants}
+    missing = sorted(needed - set(ranges.keys()))
+    if missing:
+        raise InputError(f"the calibration ranges lack {len(missing)} tensors to quantize (e.g. {missing[0]}): "
+                         "calibrate on an export of the same network")
+
+
+def _quantize_static(source: Path, output: Path, precision: str, selection: NodeSelection, ranges,
+                     model: onnx.ModelProto, large: bool) -> None:
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        TensorData,
+        TensorsData,
+        quantize_static,
+        save_tensors_data,
+    )
+
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+             "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OP_TYPES)}
+    if precision == "int8":
+        qtype, method = QuantType.QInt8, CalibrationMethod.MinMax
+    else:
+        # onnxruntime requires its Distribution method for float8; every scale is overridden, so only the
+        # ranges' container type matters
+        qtype, method = QuantType.QFLOAT8E4M3FN, CalibrationMethod.Distribution
+        extra["TensorQuantOverrides"] = fp8_overrides(model, selection, ranges)
+        ranges = TensorsData(method, {name: TensorData(lowest=d.range_value[0], highest=d.range_value[1],
+                                                       avg=np.zeros((), np.float32), std=np.ones((), np.float32))
+                                      for name, d in ranges.items()})
+    cache = output.parent / "calibration.json"  # onnxruntime reads precomputed ranges from its cache file
+    save_tensors_data(ranges, cache)
+    quantize_static(str(source), str(output), None, quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(QUANTIZED_OP_TYPES), nodes_to_quantize=selection.quantized,
+                    per_channel=True, activation_type=qtype, weight_type=qtype, calibrate_method=method,
+                    use_external_data_format=large, calibration_cache_path=str(cache),
+                    extra_options=extra)
+
+
+def _session(model_path: Path, providers: Sequence | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # onnxruntime's extended fusions turn float8 Q/DQ around Gemm into a QGemm it has no float8 kernel for
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(str(model_path), options, providers=list(providers or default_providers()))
+
+
+def evaluate(reference: Path, quantized: Path, feeds: Sequence[dict[str, np.ndarray]], *,
+             providers: Sequence | None = None) -> dict:
+    """Relative error of the quantized model's first output against the unquantized model's, per input set."""
+    models = (quantized, reference)
+    sessions = [_session(path, providers) for path in models]
+    dtypes = [model_input_dtypes(path) for path in models]
+    errors = []
+    for feed in feeds:
+        quantized_out, reference_out = (
+            session.run(None, {k: np.asarray(v).astype(types[k]) for k, v in feed.items()})[0]
+            for session, types in zip(sessions, dtypes))
+        errors.append(relative_error(quantized_out, reference_out))
+    return {"reference": f"the unquantized model {Path(reference).name}", "input_sets": len(errors),
+            "relative_errors": errors, "max_relative_error": max(errors),
+            "provider": str((providers or default_providers())[0])}
+
+
+def quantize_model(source: Path, precision: str, ranges, *, calibration: dict, source_sha256: str | None = None,
+                   eval_feeds: Sequence[dict[str, np.ndarray]] | None = None,
+                   providers: Sequence | None = None) -> QuantizationReport:
+    """Insert Q/DQ nodes into `source` for `precision` with calibration `ranges` (from `calibrate`), writing
+    `quantized_path(source, precision)` and its report. calibration: a description of the ranges' inputs
+    (recorded). eval_feeds: input sets for the quality report (None: no evaluation, e.g. a model too large
+    for onnxruntime on this machine)."""
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown quantization precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    start = time.perf_counter()
+    source = Path(source)
+    final = quantized_path(source, precision)
+    tmp = Path(tempfile.mkdtemp(dir=source.parent, prefix=f".{final.name}.partial-"))
+    # next to the source, so that its external weights file is found under the same relative name
+    upgraded = tmp.with_name(f"{tmp.name}.opset{QDQ_OPSET}.onnx")
+    try:
+        upgrade_opset(source, upgraded)
+        # fp8 weight scales are computed from the weights themselves
+        model = onnx.load(str(upgraded), load_external_data=precision == "fp8")
+        selection = select_nodes(model)
+        _check_coverage(model, selection, ranges)
+        output = tmp / final.name
+        _quantize_static(upgraded, output, precision, selection, ranges, model, large=_is_large(source))
+        del model
+        _record_metadata(output, precision, selection)
+        data = Path(f"{output}.data")
+        external = data.is_file()
+        if external:  # data first, model last: a model file is never seen without its weights
+            os.replace(data, final.with_name(data.name))
+        os.replace(output, final)
+        if not external:
+            final.with_name(data.name).unlink(missing_ok=True)  # a stale data file of an earlier run
+    finally:
+        upgraded.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    report = QuantizationReport(
+        precision=precision, scheme=SCHEME, source=source.name,
+        source_sha256=source_sha256 or sha256_file(source), output=final.name, output_sha256=sha256_file(final),
+        data_file=f"{final.name}.data" if final.with_name(f"{final.name}.data").is_file() else None,
+        opset=QDQ_OPSET, calibration=calibration, quantized_nodes=len(selection.quantized),
+        excluded=selection.excluded, not_quantized_op_types=OTHER_OPS)
+    if eval_feeds:
+        try:
+            report.evaluation = evaluate(source, final, eval_feeds, providers=providers)
+        except Exception as exc:  # noqa: BLE001 -- onnxruntime's own types (e.g. out of memory): the model stands
+            report.evaluation = {"error": f"onnxruntime could not run the models: {type(exc).__name__}: {exc}"}
+    report.seconds = round(time.perf_counter() - start, 3)
+    write_report(report, report_path(final))
+    return report
+
+
+def _record_metadata(model_path: Path, precision: str, selection: NodeSelection) -> None:
+    model = onnx.load(str(model_path), load_external_data=False)  # weights stay where they are
+    props = {p.key: p.value for p in model.metadata_props}
+    props["hyportrait.precision"] = precision
+    props[_METADATA_KEY] = json.dumps({"scheme": SCHEME, "quantized_nodes": len(selection.quantized),
+                                       "excluded": selection.excluded, "not_quantized_op_types": OTHER_OPS})
+    onnx.helper.set_model_props(model, props)
+    onnx.save_model(model, str(model_path))
+
+
+def write_report(report: QuantizationReport, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(asdict(report), indent=1) + "\n")
+    return path
+
+
+def read_report(path: Path) -> QuantizationReport | None:
+    path = Path(path)
+    return QuantizationReport(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def calibration_record(feeds: Sequence[dict[str, np.ndarray]], origin: str) -> dict:
+    """What a quantization report says about its calibration (its sha256 decides whether a model is current)."""
+    return {"method": "onnxruntime MinMax, symmetric", "input_sets": len(feeds), "origin": origin,
+            "sha256": feeds_sha256(feeds)}
+
+
+def quantize_unet(source: Path, precision: str, feeds: Sequence[dict[str, np.ndarray]], *, calibration_origin: str,
+                  source_sha256: str | None = None, providers: Sequence | None = None) -> QuantizationReport:
+    """Calibrate on `feeds` and quantize `source`; the quality report runs on the same feeds."""
+    ranges = calibrate(source, feeds, providers=providers)
+    return quantize_model(source, precision, ranges, calibration=calibration_record(feeds, calibration_origin),
+                          source_sha256=source_sha256, eval_feeds=feeds, providers=providers)
