@@ -121,6 +121,14 @@ def video_path(video) -> Iterator[Path]:
         os.unlink(tmp)
 
 
+def make_config(settings: dict, **fixed) -> AnimateConfig:
+    """An AnimateConfig whose invalid values are input errors (with a code), not tracebacks."""
+    try:
+        return AnimateConfig(**settings, **fixed)
+    except ValueError as exc:
+        raise InputError(f"invalid option: {exc}") from None
+
+
 def _stem(thing, default: str) -> str:
     return Path(thing).stem if isinstance(thing, (str, os.PathLike)) else default
 
@@ -164,7 +172,7 @@ class Animator:
                 print("hyportrait: no weights given: running a tiny random-weight model; the video shows noise, "
                       "not a face. Pass the official pretrained_weights/ folder for real results.", file=sys.stderr)
             settings.update(options)
-            self.config = AnimateConfig(**settings, precision=precision, device=str(self.device))
+            self.config = make_config(settings, precision=precision, device=str(self.device))
             self.models = self._torch_models(weights, lora, faithful, cuda_graph)
         else:
             if models is None:
@@ -181,9 +189,9 @@ class Animator:
                     raise InputError(f"the models in {models} are built for {option} {fixed} ({'px crops' if option == 'size' else 'frames per UNet call'}), "
                                      f"{option}={options[option]} was asked for")
             settings.update(options)
-            self.config = AnimateConfig(**{"size": size, "window": loaded.window, **settings},
-                                        precision="fp16" if loaded.dtype == torch.float16 else "fp32",
-                                        device=str(self.device))
+            self.config = make_config({"size": size, "window": loaded.window, **settings},
+                                      precision="fp16" if loaded.dtype == torch.float16 else "fp32",
+                                      device=str(self.device))
             self.models = loaded
             weights = models  # ArcFace (arcface.onnx) is copied into the export folder
         self.detector = load_face_detector(Path(weights) if backend == "torch" and weights else None,

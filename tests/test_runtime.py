@@ -213,6 +213,8 @@ def test_errors_are_clear(tmp_path, export_dir):
         Animator(tmp_path, backend="onnxruntime", device="cpu")
     with pytest.raises(InputError, match="unknown option"):
         Animator(backend="torch", device="cpu", num_stepz=3)
+    with pytest.raises(InputError, match="overlap must be in"):
+        Animator(backend="torch", device="cpu", **{**TINY, "overlap": 4})
     with pytest.raises(InputError, match="unknown backend"):
         resolve_device("cpu", "openvino")
     with pytest.raises(BackendError, match="CUDA GPU"):
