@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hyportrait.engines.quality import psnr
 from hyportrait.export.face_detector import MTCNNDetector
 from hyportrait.export.weights import random_networks
 from hyportrait.runtime.api import load_image
@@ -79,10 +80,6 @@ def cuda_ms(fn, warmup: int = 2, repeat: int = 5) -> float:
         times.append(start.elapsed_time(end))
     return float(np.median(times))
 
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def matmul_peak_tflops() -> float:
@@ -315,11 +312,11 @@ def main():
                 entry["stages"] = stages = stage_times(models, config, inputs)
                 frames, entry["accuracy_clip_times"] = clip(models, config, inputs, a.accuracy_frames)
                 if mode in references:
-                    entry["psnr_vs_fp32_db"] = psnr(frames, references[mode])
+                    entry["psnr_vs_fp32_db"] = psnr(frames, references[mode], data_range=255)
                 if name == "reference":
                     references[f"{mode}_fp16"] = frames
                 elif f"{mode}_fp16" in references:
-                    entry["psnr_vs_reference_fp16_db"] = psnr(frames, references[f"{mode}_fp16"])
+                    entry["psnr_vs_reference_fp16_db"] = psnr(frames, references[f"{mode}_fp16"], data_range=255)
                 entry["long_video"] = long_video_fps(stages, config, encode_ms, inputs.preprocess_ms_per_frame)
                 entry["demo_seconds_estimate"] = demo_seconds_estimate(stages, config, inputs.num_frames, encode_ms,
                                                                        inputs.preprocess_ms_per_frame)

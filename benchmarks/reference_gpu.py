@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hyportrait.engines.quality import psnr
 from hyportrait.export.face_detector import MTCNNDetector
 from hyportrait.export.weights import random_networks
 from hyportrait.runtime.api import load_image
@@ -48,10 +49,6 @@ def cuda_time(fn, warmup=2, repeat=5) -> float:
         times.append(start.elapsed_time(end))
     return float(np.median(times))
 
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 @torch.no_grad()
@@ -103,7 +100,7 @@ def run(image: Path, video: Path, max_frames: int, out: Path) -> dict:
         }
         torch.cuda.reset_peak_memory_stats()
         print(precision, report[precision], flush=True)
-    report["psnr_fp16_vs_fp32_db"] = psnr(results["fp16"], results["fp32"])
+    report["psnr_fp16_vs_fp32_db"] = psnr(results["fp16"], results["fp32"], data_range=255)
     report["max_frames"] = max_frames
     out.write_text(json.dumps(report, indent=2))
     return report

@@ -6,6 +6,9 @@
   to float rounding and faster.
 - `onnx_models(folder, device)`: the models of `hyportrait export` (manifest.json) with onnxruntime.
 - `engine_models(folder, device)`: the engines of `hyportrait build` with TensorRT.
+
+Only the torch backend imports the PyTorch network definitions (and with them diffusers): the onnxruntime
+and TensorRT backends run without diffusers installed.
 """
 from __future__ import annotations
 
@@ -17,12 +20,6 @@ import torch
 from torch import nn
 
 from hyportrait.errors import InputError
-from hyportrait.export.export_appearance import AppearanceEncoder
-from hyportrait.export.export_motion import MotionEncoder
-from hyportrait.export.export_unet import UNetWithPoseMap, weight_sharing_copy
-from hyportrait.export.export_vae import VAEClipDecoder, VAEImageEncoder
-from hyportrait.export.vae import place_vae
-from hyportrait.export.weights import Networks
 
 from .backends import (
     MODEL_NAMES,
@@ -61,8 +58,10 @@ class ReferenceAppearance(nn.Module):
         return self.image_proj(self.dino(image, id_embedding))
 
 
-def place_networks(nets: Networks, device, dtype: torch.dtype) -> Networks:
+def place_networks(nets, device, dtype: torch.dtype):
     """Device, dtypes and grad flags as in the reference; motion networks and VAE encoder stay fp32."""
+    from hyportrait.export.vae import place_vae
+
     for name, module in nets.modules().items():
         if name == "vae":
             place_vae(module, device, dtype)
@@ -76,13 +75,18 @@ def place_networks(nets: Networks, device, dtype: torch.dtype) -> Networks:
     return nets
 
 
-def torch_models(nets: Networks, *, device, dtype: torch.dtype, size: int, faithful: bool = True,
+def torch_models(nets, *, device, dtype: torch.dtype, size: int, faithful: bool = True,
                  cuda_graph: bool = False) -> Models:
     """The networks as torch Sessions (they are moved to `device` and `dtype` in place).
 
     size: the generated crop (px); the pose map is computed for it. cuda_graph: replay the UNet and the
-    VAE decoder as CUDA graphs (GPU only).
+    VAE decoder as CUDA graphs (GPU only). nets: `hyportrait.export.weights.Networks`.
     """
+    from hyportrait.export.export_appearance import AppearanceEncoder
+    from hyportrait.export.export_motion import MotionEncoder
+    from hyportrait.export.export_unet import UNetWithPoseMap, weight_sharing_copy
+    from hyportrait.export.export_vae import VAEClipDecoder, VAEImageEncoder
+
     device = torch.device(device)
     place_networks(nets, device, dtype)
     f32 = torch.float32

@@ -3,6 +3,8 @@
 The expensive fixtures (a tiny export, two Animators) are module-scoped; the clip is 6 driving frames.
 """
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hyportrait.engines.quality import psnr
 from hyportrait.errors import HyportraitError, InputError
 from hyportrait.export.export_all import export_all
 from hyportrait.export.weights import random_networks
@@ -44,10 +47,6 @@ FRAMES = 6
 CLIP = {"max_frames": FRAMES, "num_steps": 2, "overlap": 1}
 TINY = {"size": 64, "window": 4, **CLIP}
 
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +173,7 @@ def test_rewritten_torch_models_follow_the_faithful_ones():
         latents = sample_latents(models, cond, config, generator)
         results.append(np.stack(list(decode_frames(models, latents, config, cond.num_pad))))
     assert results[0].shape == (5, 64, 64, 3)
-    assert psnr(*results) > 45
+    assert psnr(*results, data_range=255) > 45
 
 
 def test_onnxruntime_backend_matches_the_torch_reference(tmp_path, torch_animator, ort_animator):
@@ -188,7 +187,7 @@ def test_onnxruntime_backend_matches_the_torch_reference(tmp_path, torch_animato
         assert cropped.fps == full.fps == probe_video(SAMPLE_VIDEO).fps
     frames = [np.stack(list(a.frames(SAMPLE_IMAGE, SAMPLE_VIDEO))) for a in (torch_animator, ort_animator)]
     assert frames[0].shape == frames[1].shape == (FRAMES, 64, 64, 3)
-    assert psnr(*frames) >= 40
+    assert psnr(*frames, data_range=255) >= 40
     assert set(results[1].timings) >= {"preprocess", "conditioning", "denoise", "decode_encode", "total"}
 
 
@@ -229,3 +228,18 @@ def test_errors_are_clear(tmp_path, export_dir):
                                                                 tmp_path)
     assert info.value.code == "no_face"
     assert not list(tmp_path.rglob("*"))
+
+
+def test_exported_models_run_without_diffusers(export_dir):
+    """The onnxruntime backend needs neither diffusers nor transformers at run time."""
+    script = (
+        "import sys\n"
+        "from hyportrait.runtime.api import Animator\n"
+        f"a = Animator({str(export_dir)!r}, backend='onnxruntime', device='cpu', max_frames=2, num_steps=1, "
+        "overlap=1, pad_frames=0)\n"
+        f"assert len(list(a.frames({str(SAMPLE_IMAGE)!r}, {str(SAMPLE_VIDEO)!r}))) == 2\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
