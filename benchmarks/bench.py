@@ -7,6 +7,7 @@ Networks are random at the official size (speed does not depend on the weights).
     torch            torch, engine rewrites (K/V dedup, pruned DINO adapters), fp16
     torch+graphs     the same with the UNet and VAE decoder replayed as CUDA graphs
     onnxruntime      the fp16 export (attention as onnxruntime's fused op) with the CUDA provider
+    onnxruntime+graphs  the same with the UNet and VAE decoder captured as CUDA graphs by onnxruntime
 each in quality mode (25 Euler steps, 3 guidance branches) and fast mode (LCM 4 steps, 1 branch).
 
 Per configuration: per-stage times with CUDA events after warm-up (motion encoding of a 25-frame chunk,
@@ -287,13 +288,14 @@ def main():
         "torch+graphs": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=False,
                                              cuda_graph=True),
         "onnxruntime": lambda: onnx_models(onnx_folder, torch.device(DEVICE)),
+        "onnxruntime+graphs": lambda: onnx_models(onnx_folder, torch.device(DEVICE), cuda_graph=True),
     }
     for name, build in builders.items():
         wanted = [m for m in modes if not a.configs or f"{name}:{m}" in a.configs]
         if not wanted:
             continue
         try:
-            if name == "onnxruntime":  # the torch modules leave the GPU to onnxruntime
+            if name.startswith("onnxruntime"):  # the torch modules leave the GPU to onnxruntime
                 for module in nets.modules().values():
                     module.to("cpu")
                 empty_cache()
@@ -328,7 +330,7 @@ def main():
                         "seconds_with_preprocess_and_encode": gpu_s + inputs.num_frames * (
                             encode_ms + inputs.preprocess_ms_per_frame) / 1000,
                         "gpu_fps": out.shape[0] / gpu_s}
-                if name != "onnxruntime" and GPU:
+                if not name.startswith("onnxruntime") and GPU:
                     entry["torch_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 entry["device_used_gib"] = used_gib()
             except Exception as exc:  # noqa: BLE001

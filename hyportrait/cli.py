@@ -32,8 +32,8 @@ def _add_animate(sub) -> None:
     p.add_argument("--rewrites", action="store_true",
                    help="torch backend: run the engine rewrites (same up to rounding, faster) instead of the "
                    "faithful modules")
-    p.add_argument("--cuda-graph", action="store_true", help="torch backend: replay UNet and VAE decoder as "
-                   "CUDA graphs")
+    p.add_argument("--cuda-graph", action="store_true", help="torch and onnxruntime backends on a GPU: replay "
+                   "the UNet and VAE decoder as CUDA graphs")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
     p.add_argument("--steps", type=int, help="denoising steps (official: 25)")
     p.add_argument("--seed", type=int, help="random seed (official: 72580)")

@@ -142,8 +142,8 @@ class Animator:
     mode: "quality" (the official sampler) or "fast" (LCM, 4 steps, no guidance: for a UNet with an LCM LoRA
     merged, `lora=` on the torch backend or `hyportrait export --lora`).
     faithful (torch only): True runs the modules as the official code does (the reference, bit-identical);
-    False the engine rewrites (same up to rounding, faster). cuda_graph (torch only): replay the UNet and VAE
-    decoder as CUDA graphs. Any `AnimateConfig` field can be given as a keyword (num_steps, seed, ...).
+    False the engine rewrites (same up to rounding, faster). cuda_graph (torch and onnxruntime, GPU): replay
+    the UNet and VAE decoder as CUDA graphs. Any `AnimateConfig` field can be given as a keyword (num_steps, seed, ...).
     """
 
     def __init__(self, models: str | Path | None = None, *, backend: str = "torch", weights: str | Path | None = None,
@@ -182,7 +182,8 @@ class Animator:
                 raise InputError("a LoRA is merged at export time (`hyportrait export --lora`), not at run time")
             from .models import engine_models, onnx_models
 
-            loaded = (onnx_models if backend == "onnxruntime" else engine_models)(Path(models), self.device)
+            loaded = (onnx_models(Path(models), self.device, cuda_graph=cuda_graph) if backend == "onnxruntime"
+                      else engine_models(Path(models), self.device))
             size = loaded.pose_map.shape[-1] * 8  # the exported UNet's latent fixes the crop size
             for option, fixed in (("size", size), ("window", loaded.window)):
                 if options.get(option, fixed) != fixed:

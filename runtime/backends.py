@@ -124,7 +124,7 @@ _TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.i
                    torch.int64: np.int64, torch.float64: np.float64, torch.uint8: np.uint8, torch.bool: np.bool_}
 
 
-def onnxruntime_providers(device: torch.device) -> list:
+def onnxruntime_providers(device: torch.device, cuda_graph: bool = False) -> list:
     """CUDA (on the torch device's GPU) then CPU, or CPU alone."""
     import onnxruntime as ort
 
@@ -135,6 +135,8 @@ def onnxruntime_providers(device: torch.device) -> list:
                            "or use --device cpu)")
     # kSameAsRequested: the UNet's activations are GBs; the default arena doubles each extension
     options = {"device_id": str(device.index or 0), "arena_extend_strategy": "kSameAsRequested"}
+    if cuda_graph:
+        options["enable_cuda_graph"] = "1"
     return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
 
@@ -144,17 +146,23 @@ class OnnxRuntimeSession:
     On a GPU the inputs and the output stay in device memory: they are bound by pointer (I/O binding); the
     output is a torch tensor allocated once per input-shape key (its shape is learnt from the first run).
     On the CPU plain numpy in and out.
+
+    cuda_graph (GPU): onnxruntime captures one CUDA graph per input-shape key (`gpu_graph_id`) and replays it;
+    inputs are copied into static buffers bound once, the output is cloned out of its static buffer. The
+    model must run wholly on the CUDA provider (session creation fails otherwise).
     """
 
-    def __init__(self, name: str, path: Path, device: torch.device):
+    def __init__(self, name: str, path: Path, device: torch.device, cuda_graph: bool = False):
         import onnxruntime as ort
 
         self.name = name
         self.device = device
+        self.cuda_graph = cuda_graph and device.type == "cuda"
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=onnxruntime_providers(device))
+            self.session = ort.InferenceSession(str(path), options,
+                                                providers=onnxruntime_providers(device, self.cuda_graph))
         except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own types; the message is what matters
             message = str(exc)
             if "Failed to allocate" in message or "out of memory" in message.lower():
@@ -163,6 +171,7 @@ class OnnxRuntimeSession:
         self.input_dtypes = {i.name: _ORT_TO_TORCH[i.type] for i in self.session.get_inputs()}
         self.output = self.session.get_outputs()[0]
         self._shapes: dict[tuple, tuple[int, ...]] = {}
+        self._graphs: dict[tuple, tuple] = {}
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         inputs = {k: v.to(self.input_dtypes[k]).contiguous() for k, v in inputs.items() if k in self.input_dtypes}
@@ -170,31 +179,70 @@ class OnnxRuntimeSession:
             if self.device.type != "cuda":
                 feed = {k: v.numpy() for k, v in inputs.items()}
                 return torch.from_numpy(self.session.run([self.output.name], feed)[0])
-            return self._run_bound(inputs)
+            return self._replay(inputs) if self.cuda_graph else self._run_bound(inputs)
         except Exception as exc:
             message = str(exc)
             if "Failed to allocate" in message or "out of memory" in message.lower():
                 raise out_of_memory(self.name, exc) from None
             raise
 
-    def _run_bound(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _bind(self, inputs: dict[str, torch.Tensor], out: torch.Tensor | None):
+        """An I/O binding of torch tensors; without `out` onnxruntime allocates the output."""
         binding = self.session.io_binding()
         index = self.device.index or 0
         for k, v in inputs.items():
             binding.bind_input(k, "cuda", index, _TORCH_TO_NUMPY[v.dtype], list(v.shape), v.data_ptr())
+        if out is None:
+            binding.bind_output(self.output.name, "cuda", index)
+        else:
+            binding.bind_output(self.output.name, "cuda", index, _TORCH_TO_NUMPY[out.dtype], list(out.shape),
+                                out.data_ptr())
+        return binding
+
+    def _output_shape(self, key: tuple, inputs: dict[str, torch.Tensor], run_options=None) -> torch.Tensor | None:
+        """Learn the output shape of `key` with one run whose output onnxruntime allocates; returns that
+        run's output the first time, None when the shape was known."""
+        if key in self._shapes:
+            return None
+        binding = self._bind(inputs, None)
+        self.session.run_with_iobinding(binding, run_options)
+        value = binding.get_outputs()[0]
+        self._shapes[key] = tuple(value.shape())
+        return torch.from_numpy(value.numpy()).to(self.device)
+
+    def _empty_output(self, key: tuple) -> torch.Tensor:
+        return torch.empty(self._shapes[key], dtype=_ORT_TO_TORCH[self.output.type], device=self.device)
+
+    def _run_bound(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         key = tuple((k, tuple(v.shape)) for k, v in inputs.items())
         torch.cuda.current_stream(self.device).synchronize()  # onnxruntime runs on its own stream
-        if key not in self._shapes:
-            binding.bind_output(self.output.name, "cuda", index)
-            self.session.run_with_iobinding(binding)
-            value = binding.get_outputs()[0]
-            self._shapes[key] = tuple(value.shape())
-            return torch.from_numpy(value.numpy()).to(self.device)
-        out = torch.empty(self._shapes[key], dtype=_ORT_TO_TORCH[self.output.type], device=self.device)
-        binding.bind_output(self.output.name, "cuda", index, _TORCH_TO_NUMPY[out.dtype], list(out.shape),
-                            out.data_ptr())
-        self.session.run_with_iobinding(binding)  # synchronises its stream before returning
+        first = self._output_shape(key, inputs)
+        if first is not None:
+            return first
+        out = self._empty_output(key)
+        self.session.run_with_iobinding(self._bind(inputs, out))  # synchronises its stream before returning
         return out
+
+    def _replay(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        import onnxruntime as ort
+
+        key = tuple((k, tuple(v.shape)) for k, v in inputs.items())
+        torch.cuda.current_stream(self.device).synchronize()
+        if key not in self._graphs:
+            no_graph = ort.RunOptions()
+            no_graph.add_run_config_entry("gpu_graph_id", "-1")  # -1: run without capturing
+            self._output_shape(key, inputs, no_graph)
+            static = {k: v.clone() for k, v in inputs.items()}
+            out = self._empty_output(key)
+            options = ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(len(self._graphs)))
+            self._graphs[key] = (self._bind(static, out), options, static, out)
+        binding, options, static, out = self._graphs[key]
+        for k, v in inputs.items():
+            static[k].copy_(v)
+        torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(binding, options)
+        return out.clone()
 
 
 # --- TensorRT -----------------------------------------------------------------------------------------------

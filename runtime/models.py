@@ -140,15 +140,20 @@ def _unet_sample(unet_record: dict) -> tuple[torch.dtype, int]:
     return (torch.float16 if sample["dtype"] == "float16" else torch.float32), int(sample["shape"][1])
 
 
-def onnx_models(folder: Path, device) -> Models:
-    """The exported models of `folder` as onnxruntime sessions (CUDA provider on a GPU device)."""
+def onnx_models(folder: Path, device, cuda_graph: bool = False) -> Models:
+    """The exported models of `folder` as onnxruntime sessions (CUDA provider on a GPU device).
+
+    cuda_graph: the UNet and the VAE decoder replayed as CUDA graphs (GPU only)."""
     folder, device = Path(folder), torch.device(device)
     manifest = _read_export_manifest(folder)
     records = manifest["models"]
-    sessions = {name: OnnxRuntimeSession(name, folder / records[name]["file"], device) for name in MODEL_NAMES}
+    sessions = {name: OnnxRuntimeSession(name, folder / records[name]["file"], device,
+                                         cuda_graph=cuda_graph and name in ("unet", "vae_decoder"))
+                for name in MODEL_NAMES}
     dtype, window = _unet_sample(records["unet"])
     return Models(**sessions, pose_map=_pose_map(folder, device), backend="onnxruntime", device=device,
-                  dtype=dtype, window=window, description=f"onnxruntime {manifest.get('precision')} {folder}")
+                  dtype=dtype, window=window, description=f"onnxruntime {manifest.get('precision')} {folder}"
+                  + (" cuda-graphs" if cuda_graph and device.type == "cuda" else ""))
 
 
 def engine_models(folder: Path, device) -> Models:
