@@ -6,6 +6,7 @@ build.py             the TensorRT builder, one engine per model, and the folder-
 engine_manifest.py   the manifest beside each engine, its cache key, and check_engine
 engine.py            TensorRTEngine: a checked engine run on torch CUDA tensors, shared memory, CUDA graphs
 tensorrt_module.py   which TensorRT is installed (TensorRT or TensorRT-RTX), and the GPU
+calibration.py       the UNet's inputs recorded while the runtime animates a sample (calibration sets)
 quality.py           psnr
 TensorRT is imported only when an engine is built or loaded.
 """

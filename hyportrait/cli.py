@@ -101,6 +101,28 @@ def _add_build(sub) -> None:
     p.add_argument("--verbose", action="store_true", help="TensorRT's verbose messages in the build logs")
 
 
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="record the UNet's inputs on a sample video: the calibration set of "
+                       "int8/fp8 builds")
+    p.add_argument("--models", required=True, type=Path, help="the export folder that will be quantized")
+    p.add_argument("--image", required=True, type=Path)
+    p.add_argument("--video", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="calibration .npz (for `hyportrait build --calibration`)")
+    p.add_argument("--sets", type=int, default=8, help="input sets: steps spread over the schedule (default 8)")
+    p.add_argument("--max-frames", type=int, default=25, help="driving frames used (default 25)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+def _calibrate(args) -> int:
+    from hyportrait.engines.calibration import record_calibration
+    from hyportrait.runtime.api import Animator
+
+    animator = Animator(args.models, backend="onnxruntime", device=args.device, max_frames=args.max_frames)
+    path = record_calibration(animator, args.image, args.video, args.out, sets=args.sets)
+    print(f"wrote {path}")
+    return 0
+
+
 def _animate(args) -> int:
     from hyportrait.runtime.api import Animator
 
@@ -190,9 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_weights(sub)
     _add_export(sub)
     _add_build(sub)
+    _add_calibrate(sub)
     args = parser.parse_args(argv)
     try:
-        return {"animate": _animate, "weights": _weights, "export": _export, "build": _build}[args.command](args)
+        return {"animate": _animate, "weights": _weights, "export": _export, "build": _build,
+                "calibrate": _calibrate}[args.command](args)
     except HyportraitError as exc:
         print(f"hyportrait: error [{exc.code}]: {exc.message}", file=sys.stderr)
         return 2

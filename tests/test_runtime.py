@@ -3,6 +3,7 @@
 The expensive fixtures (a tiny export, two Animators) are module-scoped; the clip is 6 driving frames.
 """
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -243,3 +244,34 @@ def test_exported_models_run_without_diffusers(export_dir):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_calibration_set_recorded_from_a_sample(export_dir, tmp_path):
+    """`hyportrait calibrate`'s recorder: the UNet's inputs at steps spread over the schedule, first and last
+    included, in the --calibration format the engine builder reads."""
+    from hyportrait.engines.calibration import record_calibration
+    from hyportrait.engines.quantize import load_calibration_npz
+
+    animator = Animator(export_dir, backend="onnxruntime", device="cpu", max_frames=2, num_steps=5, overlap=1,
+                        pad_frames=0)
+    path = record_calibration(animator, SAMPLE_IMAGE, SAMPLE_VIDEO, tmp_path / "calibration.npz", sets=3)
+    sets = load_calibration_npz(path)
+    unet = json.loads((export_dir / "manifest.json").read_text())["models"]["unet"]
+    assert len(sets) == 3
+    for feed in sets:
+        assert set(feed) == {t["name"] for t in unet["inputs"]}
+        assert feed["sample"].shape == (3, 4, 8, 8, 8) and feed["sample"].dtype == np.float32
+    sigmas = sampler_sigmas(animator.config, "cpu")
+    expected = [c_noise(sigmas[i]).item() for i in (0, 2, 4)]
+    assert [float(f["timestep"][0]) for f in sets] == pytest.approx(expected)
+    assert animator.models.unet.name == "unet" and not hasattr(animator.models.unet, "feeds")  # restored
+
+
+def test_calibrate_command_needs_an_export(tmp_path, capsys):
+    from hyportrait.cli import main
+
+    code = main(["calibrate", "--models", str(tmp_path), "--image", str(SAMPLE_IMAGE), "--video", str(SAMPLE_VIDEO),
+                 "--out", str(tmp_path / "c.npz"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error [bad_input]" in err and "no manifest.json" in err
+    assert not (tmp_path / "c.npz").exists()
