@@ -1,6 +1,7 @@
 """Speed and accuracy of every runtime configuration on one GPU, in one run (so ratios are fair).
 
-    python -m hyportrait.benchmarks.bench --image IMG --video VID --report bench.json [--onnx DIR]
+    hyportrait bench --image IMG --video VID --report bench.json [--onnx DIR]
+    (or python -m hyportrait.benchmarks.bench ...)
 
 Networks are random at the official size (speed does not depend on the weights). Configurations:
     reference        torch, the faithful modules, eager fp16: the official code's way (quality mode)
@@ -220,8 +221,9 @@ def encode_ms_per_frame(fps, frames: int = 60) -> float:
         return (time.perf_counter() - tic) * 1000 / frames
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(prog="hyportrait bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", type=Path, required=True)
     p.add_argument("--video", type=Path, required=True)
     p.add_argument("--report", type=Path, required=True)
@@ -237,7 +239,7 @@ def main():
 
     p.add_argument("--size", choices=list(SIZES), default="official",
                    help="tiny: the small test networks (a dry run of this script, on the CPU without a GPU)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     report = {"device": torch.cuda.get_device_name() if GPU else "cpu", "size": a.size, "date": time.strftime("%Y-%m-%d"),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, check=False,
                                        text=True).stdout.strip() or "unknown",

@@ -213,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_export(sub)
     _add_build(sub)
     _add_calibrate(sub)
+    sub.add_parser("bench", help="speed and accuracy of every runtime configuration on this GPU "
+                   "(hyportrait bench --help)", add_help=False)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own options: benchmarks/bench.py parses them
+        from hyportrait.benchmarks.bench import main as bench
+
+        bench(argv[1:])
+        return 0
     args = parser.parse_args(argv)
     try:
         return {"animate": _animate, "weights": _weights, "export": _export, "build": _build,

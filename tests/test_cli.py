@@ -92,3 +92,16 @@ def test_weights_folder_with_a_wrong_key(tmp_path, capsys):
     assert "[bad_weights]" in err and "unexpected key conv_in.weight_typo" in err
     assert "MISSING  hyportrait/unet.pth" in err
     assert outputs(tmp_path / "out") == []
+
+
+def test_bench_command_refuses_the_official_size_without_a_gpu(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--image", str(SAMPLE_IMAGE), "--video", str(SAMPLE_VIDEO), "--report",
+              str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2
+    assert "only --size tiny runs on the CPU" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
