@@ -120,7 +120,8 @@ class Inputs:
         self.fps = probe_video(video).fps
 
     def conditioning(self, models: Models, config: AnimateConfig, frames: int | None = None):
-        chunks = self.chunks
+        frames = frames or self.num_frames
+        chunks = [c for c in self.chunks if c.start < frames]  # only the chunks the clip uses
         motion = torch.cat([motion_tokens(models, torch.from_numpy(c.expression_images),
                                           torch.from_numpy(c.pose_images), c.head_bucket, c.exp_bucket)
                             for c in chunks])[:frames]
@@ -159,12 +160,7 @@ def stage_times(models: Models, config: AnimateConfig, inputs: Inputs) -> dict:
     bucket = torch.tensor([1], dtype=torch.int32, device=DEVICE)
     image = torch.rand(1, 3, size, size, device=DEVICE) * 2 - 1
     dino = torch.randn(1, 3, 224, 224, device=DEVICE)
-    unet_in = {"sample": torch.randn(branches, config.window, 8, latent, latent, device=DEVICE, dtype=dtype),
-               "timestep": torch.tensor([0.5], device=DEVICE),
-               "appearance_tokens": torch.randn(branches, 64, 1024, device=DEVICE, dtype=dtype),
-               "motion_tokens": torch.randn(branches, config.window, 64, 1024, device=DEVICE, dtype=dtype),
-               "pose_map": models.pose_map.to(dtype),
-               "added_time_ids": torch.tensor([[12.5, 0.0, 0.0]] * branches, device=DEVICE)}
+    unet_in = unet_inputs(models, config, branches)
     latents8 = torch.randn(config.decode_chunk, 4, latent, latent, device=DEVICE, dtype=dtype)
     return {
         "motion_chunk_ms": cuda_ms(lambda: models.motion(face_images=face, pose_images=pose, head_bucket=bucket,
@@ -273,7 +269,7 @@ def main(argv: list[str] | None = None):
         if mode in references or (mode == "quality" and a.skip_quality_reference_fp32):
             continue
         tic = time.perf_counter()
-        references[mode], _ = clip(fp32, replace_precision(config, "fp32"), inputs, a.accuracy_frames)
+        references[mode], _ = clip(fp32, config, inputs, a.accuracy_frames)
         report[f"fp32_{mode}_seconds"] = time.perf_counter() - tic
         print(f"fp32 {mode} reference done in {report[f'fp32_{mode}_seconds']:.1f} s", flush=True)
         if cache:
@@ -348,22 +344,20 @@ def main(argv: list[str] | None = None):
     save()
 
 
-def replace_precision(config: AnimateConfig, precision: str) -> AnimateConfig:
-    from dataclasses import replace
-
-    return replace(config, precision=precision)
+def unet_inputs(models: Models, config: AnimateConfig, batch: int) -> dict[str, torch.Tensor]:
+    """Random inputs of one UNet call of `batch` guidance branches (speed does not depend on the values)."""
+    latent, dtype = config.size // 8, models.dtype
+    return {"sample": torch.randn(batch, config.window, 8, latent, latent, device=DEVICE, dtype=dtype),
+            "timestep": torch.tensor([0.5], device=DEVICE),
+            "appearance_tokens": torch.randn(batch, 64, 1024, device=DEVICE, dtype=dtype),
+            "motion_tokens": torch.randn(batch, config.window, 64, 1024, device=DEVICE, dtype=dtype),
+            "pose_map": models.pose_map.to(dtype),
+            "added_time_ids": torch.tensor([[12.5, 0.0, 0.0]] * batch, device=DEVICE)}
 
 
 def network_flops(models: Models, config: AnimateConfig) -> dict:
-    latent = config.size // 8
-    dtype = models.dtype
-    unet_in = {"sample": torch.randn(3, config.window, 8, latent, latent, device=DEVICE, dtype=dtype),
-               "timestep": torch.tensor([0.5], device=DEVICE),
-               "appearance_tokens": torch.randn(3, 64, 1024, device=DEVICE, dtype=dtype),
-               "motion_tokens": torch.randn(3, config.window, 64, 1024, device=DEVICE, dtype=dtype),
-               "pose_map": models.pose_map.to(dtype),
-               "added_time_ids": torch.tensor([[12.5, 0.0, 0.0]] * 3, device=DEVICE)}
-    latents = torch.randn(8, 4, latent, latent, device=DEVICE, dtype=dtype)
+    unet_in = unet_inputs(models, config, 3)
+    latents = torch.randn(8, 4, config.size // 8, config.size // 8, device=DEVICE, dtype=models.dtype)
     return {"unet_b3": count_flops(lambda: models.unet(**unet_in)),
             "vae_decode_8": count_flops(lambda: models.vae_decoder(latents=latents))}
 

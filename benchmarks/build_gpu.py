@@ -48,12 +48,9 @@ from hyportrait.engines.quantize import (
     save_calibration_npz,
 )
 from hyportrait.engines.tensorrt_module import TensorRTMissingError, import_tensorrt
-from hyportrait.export.export_appearance import appearance_spec
+from hyportrait.export.export_all import network_specs
 from hyportrait.export.export_face_detector import mtcnn_specs
-from hyportrait.export.export_motion import motion_spec
-from hyportrait.export.export_pose_guider import pose_guider_spec
 from hyportrait.export.export_unet import LATENT_SIZE, unet_spec
-from hyportrait.export.export_vae import vae_decoder_spec, vae_encoder_spec
 from hyportrait.export.manifest import MANIFEST_FILE, Manifest, read_manifest, write_manifest
 from hyportrait.export.onnx_io import export_onnx
 from hyportrait.export.weights import random_networks
@@ -104,9 +101,7 @@ def export_models(size: str, out: Path, device: str) -> dict:
     for module in nets.modules().values():
         module.to(device)
     pixels = 512 if size == "official" else 64
-    specs = [*mtcnn_specs(), pose_guider_spec(nets, image_size=pixels), vae_encoder_spec(nets, image_size=pixels),
-             vae_decoder_spec(nets, latent_size=pixels // 8), motion_spec(nets), appearance_spec(nets),
-             unet_spec(nets, batch=1)]
+    specs = [*mtcnn_specs(), *network_specs(nets, image_size=pixels, batch=1)]
     manifest = Manifest(precision="fp16", weights=f"random:{size}")
     for spec in specs:
         spec.module.to(device)

@@ -15,12 +15,8 @@ from pathlib import Path
 
 import torch
 
-from hyportrait.export.export_appearance import appearance_spec
+from hyportrait.export.export_all import network_specs
 from hyportrait.export.export_face_detector import mtcnn_specs
-from hyportrait.export.export_motion import motion_spec
-from hyportrait.export.export_pose_guider import pose_guider_spec
-from hyportrait.export.export_unet import unet_spec
-from hyportrait.export.export_vae import vae_decoder_spec, vae_encoder_spec
 from hyportrait.export.onnx_io import default_input_sets, export_onnx, module_references, validate_onnx
 from hyportrait.export.weights import random_networks
 
@@ -59,10 +55,8 @@ def main():
     torch.backends.cudnn.allow_tf32 = False
     pixels = 512 if a.size == "official" else 64
     # the UNet last: if a run is cut short, the others are already in the report
-    specs = [*mtcnn_specs(), pose_guider_spec(nets, image_size=pixels), vae_encoder_spec(nets, image_size=pixels),
-             vae_decoder_spec(nets, latent_size=pixels // 8), motion_spec(nets), appearance_spec(nets),
-             unet_spec(nets, batch=a.unet_batch, latent_size=a.unet_latent,
-                       onnxruntime_attention=a.onnxruntime_attention)]
+    specs = [*mtcnn_specs(), *network_specs(nets, image_size=pixels, batch=a.unet_batch, latent_size=a.unet_latent,
+                                            onnxruntime_attention=a.onnxruntime_attention)]
     for spec in specs:
         if a.only and spec.name not in a.only:
             continue

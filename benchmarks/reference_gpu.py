@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hyportrait.benchmarks.bench import cuda_ms
 from hyportrait.engines.quality import psnr
 from hyportrait.export.face_detector import MTCNNDetector
 from hyportrait.export.weights import random_networks
@@ -33,22 +34,6 @@ from hyportrait.runtime.pipeline import (
 )
 from hyportrait.runtime.preprocess import DrivingPreprocessor, preprocess_source
 from hyportrait.runtime.video import read_frames
-
-
-def cuda_time(fn, warmup=2, repeat=5) -> float:
-    """Median milliseconds of fn() timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times))
-
 
 
 @torch.no_grad()
@@ -91,9 +76,9 @@ def run(image: Path, video: Path, max_frames: int, out: Path) -> dict:
         lat8 = torch.randn(8, 4, 64, 64, device="cuda", dtype=dtype)
         # each lambda is timed before the loop moves on, so late binding of the loop variables is harmless
         report[precision] = {
-            "unet_b3_ms": cuda_time(lambda: nets.unet(x, t, tokens, tokens, pose, ids)),  # noqa: B023
-            "unet_b1_ms": cuda_time(lambda: nets.unet(x[:1], t, tokens[:1], tokens[:1], pose[:1], ids[:1])),  # noqa: B023
-            "vae_decode_8_frames_ms": cuda_time(lambda: nets.vae.decode(lat8, num_frames=8).sample),  # noqa: B023
+            "unet_b3_ms": cuda_ms(lambda: nets.unet(x, t, tokens, tokens, pose, ids)),  # noqa: B023
+            "unet_b1_ms": cuda_ms(lambda: nets.unet(x[:1], t, tokens[:1], tokens[:1], pose[:1], ids[:1])),  # noqa: B023
+            "vae_decode_8_frames_ms": cuda_ms(lambda: nets.vae.decode(lat8, num_frames=8).sample),  # noqa: B023
             "denoise_s": denoise_s, "decode_s": decode_s, "frames": int(frames.shape[0]),
             "unet_calls": int(config.num_steps * math.ceil(cond.motion.shape[0] / (config.window - config.overlap))),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30,

@@ -53,10 +53,13 @@ from .weights import (
 log = logging.getLogger(__name__)
 
 
-def network_specs(nets: Networks, onnxruntime_attention: bool = False) -> list[ExportSpec]:
-    """The specs of every network built from the checkpoints (the face detectors come separately)."""
-    return [unet_spec(nets, onnxruntime_attention=onnxruntime_attention), appearance_spec(nets), motion_spec(nets), vae_encoder_spec(nets),
-            vae_decoder_spec(nets), pose_guider_spec(nets)]
+def network_specs(nets: Networks, image_size: int = 64, **unet_options) -> list[ExportSpec]:
+    """The specs of every network built from the checkpoints (the face detectors come separately), the UNet
+    last. image_size: the pixels of the example inputs of the image models (their H and W are dynamic; small
+    keeps CPU validation cheap). unet_options: `unet_spec`'s."""
+    return [pose_guider_spec(nets, image_size=image_size), vae_encoder_spec(nets, image_size=image_size),
+            vae_decoder_spec(nets, latent_size=image_size // 8), motion_spec(nets), appearance_spec(nets),
+            unet_spec(nets, **unet_options)]
 
 
 def _remove_model(out: Path, record: ModelRecord) -> None:
@@ -136,7 +139,7 @@ def export_all(weights: Path | None, out: Path, precision: str = "fp32", lora: P
     # until the new one is written
     (out / MANIFEST_FILE).unlink(missing_ok=True)
     manifest.unet_attention = "onnxruntime" if onnxruntime_attention else "plain"
-    specs = network_specs(nets, onnxruntime_attention) + mtcnn_specs()
+    specs = network_specs(nets, onnxruntime_attention=onnxruntime_attention) + mtcnn_specs()
     detector = Path(weights) / DETECTOR_FILE if weights is not None else None
     if detector is not None and detector.is_file():
         specs.append(yoloface_spec(detector))

@@ -124,6 +124,12 @@ _TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.i
                    torch.int64: np.int64, torch.float64: np.float64, torch.uint8: np.uint8, torch.bool: np.bool_}
 
 
+def _is_out_of_memory(exc: Exception) -> bool:
+    """onnxruntime reports an allocation failure only in its message."""
+    message = str(exc)
+    return "Failed to allocate" in message or "out of memory" in message.lower()
+
+
 def onnxruntime_providers(device: torch.device, cuda_graph: bool = False) -> list:
     """CUDA (on the torch device's GPU) then CPU, or CPU alone."""
     import onnxruntime as ort
@@ -164,10 +170,9 @@ class OnnxRuntimeSession:
             self.session = ort.InferenceSession(str(path), options,
                                                 providers=onnxruntime_providers(device, self.cuda_graph))
         except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own types; the message is what matters
-            message = str(exc)
-            if "Failed to allocate" in message or "out of memory" in message.lower():
+            if _is_out_of_memory(exc):
                 raise out_of_memory(f"loading {path.name}", exc) from None
-            raise BackendError(f"onnxruntime cannot load {path}: {message[:500]}") from None
+            raise BackendError(f"onnxruntime cannot load {path}: {str(exc)[:500]}") from None
         self.input_dtypes = {i.name: _ORT_TO_TORCH[i.type] for i in self.session.get_inputs()}
         self.output = self.session.get_outputs()[0]
         self._shapes: dict[tuple, tuple[int, ...]] = {}
@@ -180,9 +185,8 @@ class OnnxRuntimeSession:
                 feed = {k: v.numpy() for k, v in inputs.items()}
                 return torch.from_numpy(self.session.run([self.output.name], feed)[0])
             return self._replay(inputs) if self.cuda_graph else self._run_bound(inputs)
-        except Exception as exc:
-            message = str(exc)
-            if "Failed to allocate" in message or "out of memory" in message.lower():
+        except Exception as exc:  # onnxruntime's exception types are not importable by name
+            if _is_out_of_memory(exc):
                 raise out_of_memory(self.name, exc) from None
             raise
 

@@ -12,7 +12,6 @@ and TensorRT backends run without diffusers installed.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,8 @@ import torch
 from torch import nn
 
 from hyportrait.errors import InputError
+from hyportrait.export.manifest import MANIFEST_FILE, Manifest, read_manifest
+from hyportrait.export.onnx_io import ModelRecord
 
 from .backends import (
     MODEL_NAMES,
@@ -30,7 +31,6 @@ from .backends import (
 )
 
 POSE_CONSTANT_FILE = "pose_constant.npy"
-EXPORT_MANIFEST = "manifest.json"
 
 
 class ReferenceUNet(nn.Module):
@@ -115,13 +115,12 @@ def torch_models(nets, *, device, dtype: torch.dtype, size: int, faithful: bool 
     )
 
 
-def _read_export_manifest(folder: Path) -> dict:
-    path = Path(folder) / EXPORT_MANIFEST
-    if not path.is_file():
-        raise InputError(f"{folder} is not a finished export: no {EXPORT_MANIFEST} "
+def _read_export_manifest(folder: Path) -> Manifest:
+    if not (Path(folder) / MANIFEST_FILE).is_file():
+        raise InputError(f"{folder} is not a finished export: no {MANIFEST_FILE} "
                          "(run `hyportrait export --weights DIR --out FOLDER`)")
-    manifest = json.loads(path.read_text())
-    missing = [name for name in MODEL_NAMES if name not in manifest.get("models", {})]
+    manifest = read_manifest(folder)
+    missing = [name for name in MODEL_NAMES if name not in manifest.models]
     if missing:
         raise InputError(f"export {folder} lacks the models {', '.join(missing)}")
     return manifest
@@ -134,10 +133,10 @@ def _pose_map(folder: Path, device) -> torch.Tensor:
     return torch.from_numpy(np.load(path)).to(device)
 
 
-def _unet_sample(unet_record: dict) -> tuple[torch.dtype, int]:
+def _unet_sample(unet: ModelRecord) -> tuple[torch.dtype, int]:
     """The latents' dtype and the frame window of an exported UNet (its `sample` input is (B, F, 8, h, w))."""
-    sample = next(t for t in unet_record["inputs"] if t["name"] == "sample")
-    return (torch.float16 if sample["dtype"] == "float16" else torch.float32), int(sample["shape"][1])
+    sample = next(t for t in unet.inputs if t.name == "sample")
+    return (torch.float16 if sample.dtype == "float16" else torch.float32), int(sample.shape[1])
 
 
 def onnx_models(folder: Path, device, cuda_graph: bool = False) -> Models:
@@ -146,13 +145,13 @@ def onnx_models(folder: Path, device, cuda_graph: bool = False) -> Models:
     cuda_graph: the UNet and the VAE decoder replayed as CUDA graphs (GPU only)."""
     folder, device = Path(folder), torch.device(device)
     manifest = _read_export_manifest(folder)
-    records = manifest["models"]
-    sessions = {name: OnnxRuntimeSession(name, folder / records[name]["file"], device,
+    records = manifest.models
+    sessions = {name: OnnxRuntimeSession(name, folder / records[name].file, device,
                                          cuda_graph=cuda_graph and name in ("unet", "vae_decoder"))
                 for name in MODEL_NAMES}
     dtype, window = _unet_sample(records["unet"])
     return Models(**sessions, pose_map=_pose_map(folder, device), backend="onnxruntime", device=device,
-                  dtype=dtype, window=window, description=f"onnxruntime {manifest.get('precision')} {folder}"
+                  dtype=dtype, window=window, description=f"onnxruntime {manifest.precision} {folder}"
                   + (" cuda-graphs" if cuda_graph and device.type == "cuda" else ""))
 
 
@@ -165,6 +164,6 @@ def engine_models(folder: Path, device) -> Models:
     engines = load_engines(folder, MODEL_NAMES, device=device)
     onnx_folder = Path(engines.onnx_folder) if engines.onnx_folder else folder
     sessions = {name: TensorRTSession(name, engine) for name, engine in engines.engines.items()}
-    dtype, window = _unet_sample(_read_export_manifest(onnx_folder)["models"]["unet"])
+    dtype, window = _unet_sample(_read_export_manifest(onnx_folder).models["unet"])
     return Models(**sessions, pose_map=_pose_map(onnx_folder, device), backend="tensorrt", device=device,
                   dtype=dtype, window=window, description=f"tensorrt {folder}")

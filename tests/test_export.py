@@ -239,7 +239,7 @@ def test_arcface_is_checked_and_copied(tiny_weights, tmp_path):
 
 def test_export_all_from_a_weights_folder(tiny_weights, tmp_path, monkeypatch, nets):
     # the expensive networks are covered by the CLI run below: here only the weights-folder path
-    monkeypatch.setattr(export_all_module, "network_specs", lambda n, *_: [pose_guider_spec(n), vae_encoder_spec(n)])
+    monkeypatch.setattr(export_all_module, "network_specs", lambda n, *_, **__: [pose_guider_spec(n), vae_encoder_spec(n)])
     monkeypatch.setattr(export_all_module, "mtcnn_specs", list)
     manifest = export_all(tiny_weights, tmp_path, "fp16", size="tiny")
     assert set(manifest.models) == {"pose_guider", "vae_encoder", "yoloface"}

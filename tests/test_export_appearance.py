@@ -1,14 +1,13 @@
 """The exported appearance model: the engine-friendly rewrite against the faithful modules, and its ONNX graph."""
 import types
 
-import onnx
 import pytest
 import torch
 
 from hyportrait.export.appearance import AppearanceConfig, DinoV2WithIDAdapters, ImageProjector
 from hyportrait.export.export_appearance import AppearanceEncoder, appearance_spec
 from hyportrait.export.init_weights import randomize_weights
-from hyportrait.export.onnx_io import export_onnx, validate_onnx
+from hyportrait.export.onnx_io import validate_onnx
 
 TINY = AppearanceConfig.tiny()
 
@@ -28,13 +27,6 @@ def nets():
 @pytest.fixture(scope="module")
 def spec(nets):
     return appearance_spec(nets)
-
-
-@pytest.fixture(scope="module")
-def exported(spec, tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("appearance")
-    record = export_onnx(spec, out_dir)
-    return out_dir / record.file, onnx.load(out_dir / record.file)
 
 
 @torch.no_grad()

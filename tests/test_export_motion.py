@@ -16,7 +16,7 @@ from hyportrait.export.motion_refiner import (
     MotionRefinerConfig,
     assemble_motion_tokens,
 )
-from hyportrait.export.onnx_io import export_onnx, validate_onnx
+from hyportrait.export.onnx_io import validate_onnx
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -38,13 +38,6 @@ def nets():
 @pytest.fixture(scope="module")
 def spec(nets):
     return motion_spec(nets)
-
-
-@pytest.fixture(scope="module")
-def exported(spec, tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("motion")
-    record = export_onnx(spec, out_dir)
-    return out_dir / record.file, onnx.load(out_dir / record.file)
 
 
 def frame_counts(spec) -> list[int]:
