@@ -7,11 +7,13 @@ Networks are random at the official size (speed does not depend on the weights).
     reference        torch, the faithful modules, eager fp16: the official code's way (quality mode)
     torch            torch, engine rewrites (K/V dedup, pruned DINO adapters), fp16
     torch+graphs     the same with the UNet and VAE decoder replayed as CUDA graphs
+    torch+compile    torch+graphs with the UNet and VAE decoder compiled by torch.compile (inductor)
     onnxruntime      the fp16 export (attention as onnxruntime's fused op) with the CUDA provider
     onnxruntime+graphs  the same with the UNet and VAE decoder captured as CUDA graphs by onnxruntime
 each in quality mode (25 Euler steps, 3 guidance branches) and fast mode (LCM 4 steps, 1 branch).
 
-Per configuration: per-stage times with CUDA events after warm-up (motion encoding of a 25-frame chunk,
+Per configuration: the wall time of the first UNet call and VAE decode (compilation, graph capture),
+per-stage times with CUDA events after warm-up (motion encoding of a 25-frame chunk,
 appearance, VAE encode, one UNet call, VAE decode of 8 frames); accuracy: the short clip (--accuracy-frames
 driving frames) sampled and decoded, PSNR against torch fp32 of the same mode; the long-video limit in
 output frames per second (per output frame: steps x UNet call / (window - overlap) + decode + motion);
@@ -150,6 +152,15 @@ def clip(models: Models, config: AnimateConfig, inputs: Inputs, frames: int | No
     return out, times
 
 
+def first_call_seconds(fn) -> float:
+    """Wall seconds of a first call: compilation, CUDA graph capture, kernel selection."""
+    synchronize()
+    tic = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - tic
+
+
 def stage_times(models: Models, config: AnimateConfig, inputs: Inputs) -> dict:
     dtype, size = models.dtype, config.size
     latent = size // 8
@@ -163,6 +174,8 @@ def stage_times(models: Models, config: AnimateConfig, inputs: Inputs) -> dict:
     unet_in = unet_inputs(models, config, branches)
     latents8 = torch.randn(config.decode_chunk, 4, latent, latent, device=DEVICE, dtype=dtype)
     return {
+        "first_unet_call_s": first_call_seconds(lambda: models.unet(**unet_in)),
+        "first_vae_decode_s": first_call_seconds(lambda: models.vae_decoder(latents=latents8)),
         "motion_chunk_ms": cuda_ms(lambda: models.motion(face_images=face, pose_images=pose, head_bucket=bucket,
                                                          exp_bucket=bucket)),
         "motion_frames": int(face.shape[0]),
@@ -285,6 +298,8 @@ def main(argv: list[str] | None = None):
         "torch": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=False),
         "torch+graphs": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=False,
                                              cuda_graph=True),
+        "torch+compile": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=False,
+                                              cuda_graph=True, compile=True),
         "onnxruntime": lambda: onnx_models(onnx_folder, torch.device(DEVICE)),
         "onnxruntime+graphs": lambda: onnx_models(onnx_folder, torch.device(DEVICE), cuda_graph=True),
     }

@@ -143,13 +143,15 @@ class Animator:
     merged, `lora=` on the torch backend or `hyportrait export --lora`).
     faithful (torch only): True runs the modules as the official code does (the reference, bit-identical);
     False the engine rewrites (same up to rounding, faster). cuda_graph (torch and onnxruntime, GPU): replay
-    the UNet and VAE decoder as CUDA graphs. Any `AnimateConfig` field can be given as a keyword (num_steps, seed, ...).
+    the UNet and VAE decoder as CUDA graphs. compile (torch only): compile the UNet and VAE decoder with
+    `torch.compile` (True: inductor, or a torch.compile backend's name; the first window and decode of each
+    shape wait for the compiler). Any `AnimateConfig` field can be given as a keyword (num_steps, seed, ...).
     """
 
     def __init__(self, models: str | Path | None = None, *, backend: str = "torch", weights: str | Path | None = None,
                  device: str | None = None, precision: str | None = None, mode: str = "quality",
                  lora: str | Path | None = None, faithful: bool = True, cuda_graph: bool = False,
-                 progress: bool = False, **options):
+                 compile: bool | str = False, progress: bool = False, **options):
         tic = time.perf_counter()
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}: choose quality or fast")
@@ -173,13 +175,17 @@ class Animator:
                       "not a face. Pass the official pretrained_weights/ folder for real results.", file=sys.stderr)
             settings.update(options)
             self.config = make_config(settings, precision=precision, device=str(self.device))
-            self.models = self._torch_models(weights, lora, faithful, cuda_graph)
+            self.models = self._torch_models(weights, lora, faithful=faithful, cuda_graph=cuda_graph,
+                                             compile=compile)
         else:
             if models is None:
                 raise InputError(f"the {backend} backend needs `models`: a folder made by "
                                  + ("`hyportrait export`" if backend == "onnxruntime" else "`hyportrait build`"))
             if lora is not None:
                 raise InputError("a LoRA is merged at export time (`hyportrait export --lora`), not at run time")
+            if compile:
+                raise InputError(f"compile applies to the torch backend; the {backend} backend runs its models "
+                                 "as exported or built")
             from .models import engine_models, onnx_models
 
             loaded = (onnx_models(Path(models), self.device, cuda_graph=cuda_graph) if backend == "onnxruntime"
@@ -200,7 +206,7 @@ class Animator:
         self.arcface = load_arcface(Path(weights) if weights else None)
         self.load_seconds = time.perf_counter() - tic
 
-    def _torch_models(self, weights, lora, faithful: bool, cuda_graph: bool) -> Models:
+    def _torch_models(self, weights, lora, **options) -> Models:
         from hyportrait.export.lora import merge_lora
         from hyportrait.export.weights import load_networks, random_networks
 
@@ -211,8 +217,7 @@ class Animator:
             if not Path(lora).exists():
                 raise InputError(f"LoRA {lora} does not exist")
             merge_lora(nets.unet, lora)
-        return torch_models(nets, device=self.device, dtype=self.config.dtype, size=self.config.size,
-                            faithful=faithful, cuda_graph=cuda_graph)
+        return torch_models(nets, device=self.device, dtype=self.config.dtype, size=self.config.size, **options)
 
     # -- the stages ----------------------------------------------------------------------------------------
 

@@ -76,11 +76,13 @@ def place_networks(nets, device, dtype: torch.dtype):
 
 
 def torch_models(nets, *, device, dtype: torch.dtype, size: int, faithful: bool = True,
-                 cuda_graph: bool = False) -> Models:
+                 cuda_graph: bool = False, compile: bool | str = False) -> Models:
     """The networks as torch Sessions (they are moved to `device` and `dtype` in place).
 
     size: the generated crop (px); the pose map is computed for it. cuda_graph: replay the UNet and the
-    VAE decoder as CUDA graphs (GPU only). nets: `hyportrait.export.weights.Networks`.
+    VAE decoder as CUDA graphs (GPU only). compile: compile the UNet and the VAE decoder with
+    `torch.compile`, True for inductor or the name of a torch.compile backend (one specialisation per input
+    shape: with inductor the first call of each shape takes minutes at full size). nets: `hyportrait.export.weights.Networks`.
     """
     from hyportrait.export.export_appearance import AppearanceEncoder
     from hyportrait.export.export_motion import MotionEncoder
@@ -97,6 +99,13 @@ def torch_models(nets, *, device, dtype: torch.dtype, size: int, faithful: bool 
         unet = UNetWithPoseMap(weight_sharing_copy(nets.unet).set_engine_rewrites(True))
         appearance = AppearanceEncoder(nets.dino, nets.image_proj)
     graphs = cuda_graph and device.type == "cuda"
+    vae_decoder = VAEClipDecoder(nets.vae).eval()
+    if compile:
+        # static shapes: the loop calls each network with a handful of shapes; our own CUDA graphs capture
+        # the compiled kernels, so inductor's cudagraph mode stays off
+        backend = "inductor" if compile is True else compile
+        unet, vae_decoder = (torch.compile(module.eval(), backend=backend, dynamic=False)
+                             for module in (unet, vae_decoder))
     unet_dtypes = {"sample": dtype, "timestep": f32, "appearance_tokens": dtype, "motion_tokens": dtype,
                    "pose_map": dtype, "added_time_ids": dtype}
     with torch.no_grad():
@@ -106,12 +115,11 @@ def torch_models(nets, *, device, dtype: torch.dtype, size: int, faithful: bool 
         motion=TorchSession("motion", MotionEncoder(nets.expression, nets.headpose, nets.motion_refiner).eval(),
                             {"face_images": f32, "pose_images": f32}),
         vae_encoder=TorchSession("vae_encoder", VAEImageEncoder(nets.vae).eval(), {"image": vae_dtype}),
-        vae_decoder=TorchSession("vae_decoder", VAEClipDecoder(nets.vae).eval(), {"latents": dtype},
-                                 cuda_graph=graphs),
+        vae_decoder=TorchSession("vae_decoder", vae_decoder, {"latents": dtype}, cuda_graph=graphs),
         unet=TorchSession("unet", unet.eval(), unet_dtypes, cuda_graph=graphs),
         pose_map=pose_map, backend="torch", device=device, dtype=dtype,
         description=f"torch {'faithful' if faithful else 'rewritten'} {str(dtype).removeprefix('torch.')}"
-                    + (" cuda-graphs" if graphs else ""),
+                    + (f" compiled ({backend})" if compile else "") + (" cuda-graphs" if graphs else ""),
     )
 
 

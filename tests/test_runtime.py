@@ -164,17 +164,30 @@ def test_fast_mode_config():
         AnimateConfig(guidance_branches=4)
 
 
+def small_run_frames(config_options: dict | None = None, **model_options) -> np.ndarray:
+    """Frames of a short clip through tiny random torch models (the same networks each call)."""
+    config = AnimateConfig(**{"precision": "fp32", "device": "cpu", "size": 64, "window": 4, "num_steps": 2,
+                              "pad_frames": 2, "decode_chunk": 3, **(config_options or {})})
+    models = torch_models(random_networks("tiny"), device="cpu", dtype=torch.float32, size=64, **model_options)
+    cond, generator = small_conditioning(models, config)
+    latents = sample_latents(models, cond, config, generator)
+    return np.stack(list(decode_frames(models, latents, config, cond.num_pad)))
+
+
 def test_rewritten_torch_models_follow_the_faithful_ones():
-    config = AnimateConfig(precision="fp32", device="cpu", size=64, window=4, num_steps=2, pad_frames=2,
-                           decode_chunk=3)
-    results = []
-    for faithful in (True, False):
-        models = torch_models(random_networks("tiny"), device="cpu", dtype=torch.float32, size=64, faithful=faithful)
-        cond, generator = small_conditioning(models, config)
-        latents = sample_latents(models, cond, config, generator)
-        results.append(np.stack(list(decode_frames(models, latents, config, cond.num_pad))))
+    results = [small_run_frames(faithful=faithful) for faithful in (True, False)]
     assert results[0].shape == (5, 64, 64, 3)
     assert psnr(*results, data_range=255) > 45
+
+
+def test_compiled_torch_models_follow_the_eager_ones():
+    # the graphs inductor would compile, decomposed as it does, run without its code generation (minutes on a
+    # CPU); one UNet and one decoder shape keep the tracing short
+    one_shape = {"guidance_branches": 1, "decode_chunk": 5}
+    eager, compiled = (small_run_frames(one_shape, faithful=False, compile=compile)
+                       for compile in (False, "aot_eager_decomp_partition"))
+    assert compiled.shape == eager.shape
+    assert psnr(compiled, eager, data_range=255) > 45
 
 
 def test_onnxruntime_backend_matches_the_torch_reference(tmp_path, torch_animator, ort_animator):
@@ -224,6 +237,8 @@ def test_errors_are_clear(tmp_path, export_dir):
             Animator(export_dir, backend="onnxruntime", device="cuda")
     with pytest.raises(InputError, match="size 64 .px crops., size=128"):
         Animator(export_dir, backend="onnxruntime", device="cpu", size=128)
+    with pytest.raises(InputError, match="compile applies to the torch backend"):
+        Animator(export_dir, backend="onnxruntime", device="cpu", compile=True)
     with pytest.raises(HyportraitError, match="no face") as info:
         Animator(backend="torch", device="cpu", **TINY).animate(np.zeros((64, 64, 3), np.uint8), SAMPLE_VIDEO,
                                                                 tmp_path)
