@@ -1,6 +1,7 @@
 """Face boxes and 5-point landmarks for preprocessing.
 
-Two detectors share one interface, `FaceDetector.detect(rgb_uint8_image) -> list[Face]`, largest face first:
+Two detectors share one interface, `FaceDetector.detect(rgb_uint8_image) -> list[Face]`, largest face first, and
+`detect_batch(images)` for many images at once (driving frames: one network call per stage for a whole chunk):
 - `YoloFaceDetector`: the official `yoloface_v5m.pt` TorchScript model, with the official wrapper's pre- and
   post-processing (short side 416, sides rounded up to a multiple of 32, conf 0.5, NMS IoU 0.45).
 - `MTCNNDetector`: the out-of-the-box fallback: our PyTorch P/R/O-Nets holding the weights that ship inside
@@ -16,8 +17,12 @@ import importlib.util
 import inspect
 import io
 import logging
+import os
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +37,7 @@ from hyportrait.errors import InputError, WeightsError
 log = logging.getLogger(__name__)
 
 YOLOFACE_FILENAME = "yoloface_v5m.pt"
+HOST_THREADS = min(8, os.cpu_count() or 1)  # per-image host work in parallel (cv2, PIL and numpy release the GIL)
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,26 @@ class FaceDetector(ABC):
     def detect(self, image: np.ndarray) -> list[Face]:
         """Faces in an HxWx3 uint8 RGB image, largest box first; empty when there is none."""
 
+    def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
+        """`detect` of each image. Detectors that can batch their networks override this."""
+        return [self.detect(image) for image in images]
+
+
+def detect_in_size_groups(images: Sequence[np.ndarray], size_of: Callable[[np.ndarray], Hashable],
+                          detect_group: Callable[[list[np.ndarray]], list[list[Face]]]) -> list[list[Face]]:
+    """`detect_group` on each group of images whose `size_of` is equal (a batch needs one tensor size); the
+    face lists come back in the order of `images`."""
+    for image in images:
+        check_rgb_image(image)
+    groups: dict[Hashable, list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(size_of(image), []).append(index)
+    faces: list[list[Face]] = [[] for _ in images]
+    for indices in groups.values():
+        for index, found in zip(indices, detect_group([images[i] for i in indices])):
+            faces[index] = found
+    return faces
+
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Greedy non-maximum suppression with `torchvision.ops.nms` semantics (x1, y1, x2, y2 boxes, a box is
@@ -90,9 +116,10 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
 
 
 class YoloFaceDetector(FaceDetector):
-    """The official `yoloface_v5m.pt` (yolov5-face, TorchScript). The model takes (1, 3, h1, w1) RGB in [0, 1]
-    plus one (1, 1, h1/s, w1/s, 2) cell grid per stride s, and returns (1, A, 16) rows of
-    (cx, cy, w, h, objectness, 5 landmark (x, y), face class score) in input pixels."""
+    """The official `yoloface_v5m.pt` (yolov5-face, TorchScript). The model takes (N, 3, h1, w1) RGB in [0, 1]
+    plus one (1, 1, h1/s, w1/s, 2) cell grid per stride s, and returns (N, A, 16) rows of
+    (cx, cy, w, h, objectness, 5 landmark (x, y), face class score) in input pixels. The official wrapper only
+    ever passes N = 1, so batches are tried once and given up when the model turns out not to take them."""
 
     input_short_side = 416
     strides = (8, 16, 32)
@@ -109,6 +136,7 @@ class YoloFaceDetector(FaceDetector):
         except (RuntimeError, ValueError) as e:
             raise WeightsError(f"cannot load the YoloFace TorchScript model {path}: {e}") from e
         self._grids: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.takes_batches = True  # until a batched call shows otherwise
 
     @classmethod
     def input_size(cls, height: int, width: int) -> tuple[int, int]:
@@ -126,15 +154,41 @@ class YoloFaceDetector(FaceDetector):
             self._grids[(h1, w1)] = grids
         return self._grids[(h1, w1)]
 
-    @torch.no_grad()
     def detect(self, image: np.ndarray) -> list[Face]:
-        check_rgb_image(image)
-        h0, w0 = image.shape[:2]
-        h1, w1 = self.input_size(h0, w0)
-        resized = cv2.resize(image, (w1, h1), interpolation=cv2.INTER_LINEAR)
-        x = torch.from_numpy(resized).to(self.device).permute(2, 0, 1).float().unsqueeze(0) / 255
-        pred = self.model(x, self._grids_for(h1, w1))
-        return self.decode(pred.float().cpu(), (h0, w0), (h1, w1))
+        return self.detect_batch([image])[0]
+
+    @torch.no_grad()
+    def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
+        return detect_in_size_groups(images, lambda image: self.input_size(*image.shape[:2]),
+                                     self._detect_same_input_size)
+
+    def _detect_same_input_size(self, images: list[np.ndarray]) -> list[list[Face]]:
+        h1, w1 = self.input_size(*images[0].shape[:2])
+        resized = np.stack([cv2.resize(image, (w1, h1), interpolation=cv2.INTER_LINEAR) for image in images])
+        x = torch.from_numpy(resized).to(self.device).permute(0, 3, 1, 2).float() / 255
+        pred = self._forward(x, self._grids_for(h1, w1)).float().cpu()
+        return [self.decode(pred[i:i + 1], image.shape[:2], (h1, w1)) for i, image in enumerate(images)]
+
+    def _forward(self, x: torch.Tensor, grids: list[torch.Tensor]) -> torch.Tensor:
+        if len(x) > 1 and self.takes_batches:
+            pred = self._batched_forward(x, grids)
+            if pred is not None:
+                return pred
+        return torch.cat([self.model(image[None], grids) for image in x])
+
+    def _batched_forward(self, x: torch.Tensor, grids: list[torch.Tensor]) -> torch.Tensor | None:
+        """One call for the batch; None, and no batches from then on, when the model cannot take them (a batch
+        size of 1 fixed at export fails a reshape or merges the images' rows into one set)."""
+        try:
+            pred = self.model(x, grids)
+            if pred.shape[0] == len(x):
+                return pred
+            reason = f"it returned {tuple(pred.shape)} for {len(x)} images"
+        except RuntimeError as e:
+            reason = str(e).strip().splitlines()[0]
+        log.warning("the YoloFace model does not take batches (%s); running it one image at a time", reason)
+        self.takes_batches = False
+        return None
 
     def decode(self, pred: torch.Tensor, image_size: tuple[int, int], input_size: tuple[int, int]) -> list[Face]:
         """Official `non_max_suppression_face` (single class) + rescaling to the image's pixels."""
@@ -362,6 +416,26 @@ def mtcnn_nms(boxes: np.ndarray, threshold: float, method: str = "union", block:
     return np.nonzero(keep)[0]
 
 
+@contextmanager
+def fp32_convolutions():
+    """cuDNN convolutions in full fp32 inside. PyTorch lets cuDNN round their inputs to TF32 by default, and
+    MTCNN's box regressions amplify that to pixels (up to ~8 px on the sample video against fp32, and
+    differently for a batch than for one image). Matrix products are left alone: TF32 is off for them by
+    default."""
+    cudnn = torch.backends.cudnn
+    allow_tf32 = cudnn.allow_tf32
+    cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32 = allow_tf32
+
+
+def _normalize(pixels):
+    """float32 pixel values (a numpy array or a tensor) to the nets' input range; exact in float32."""
+    return (pixels - 127.5) / 128
+
+
 def _sort_by_score(boxes: np.ndarray, score_column: int = 4) -> np.ndarray:
     return boxes[np.argsort(-boxes[:, score_column], kind="stable")]
 
@@ -385,32 +459,41 @@ def _apply_offsets(boxes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return boxes
 
 
-def crop_and_resize(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
-    """`tf.image.crop_and_resize` (bilinear, extrapolation value 0) of an HxWxC float image for boxes in pixel
-    x1, y1, x2, y2 (normalised by H and W, as the mtcnn package does). Returns (n, C, size, size) float32."""
-    height, width = image.shape[:2]
-    steps = np.arange(size) / (size - 1)
+def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, image_of_box: torch.Tensor,
+                    size: int) -> torch.Tensor:
+    """`tf.image.crop_and_resize` (bilinear, extrapolation value 0) of (N, H, W, C) float images, box k
+    (pixel x1, y1, x2, y2, normalised by H and W as the mtcnn package does) cut from image `image_of_box[k]`.
+    float64 arithmetic, as the package's numpy. Returns (n, C, size, size) float32 on the images' device."""
+    height, width = images.shape[1:3]
+    steps = torch.arange(size, dtype=torch.float64, device=images.device) / (size - 1)
     ys = (boxes[:, 1, None] / height + steps * (boxes[:, 3, None] - boxes[:, 1, None]) / height) * (height - 1)
     xs = (boxes[:, 0, None] / width + steps * (boxes[:, 2, None] - boxes[:, 0, None]) / width) * (width - 1)
     inside = ((ys >= 0) & (ys <= height - 1))[:, :, None] & ((xs >= 0) & (xs <= width - 1))[:, None, :]
-    y0, x0 = np.floor(ys), np.floor(xs)
+    y0, x0 = ys.floor(), xs.floor()
     wy, wx = (ys - y0)[:, :, None, None], (xs - x0)[:, None, :, None]
-    y0 = y0.clip(0, height - 1).astype(np.int64)
-    x0 = x0.clip(0, width - 1).astype(np.int64)
-    y1 = np.ceil(ys).clip(0, height - 1).astype(np.int64)
-    x1 = np.ceil(xs).clip(0, width - 1).astype(np.int64)
-    top_left, top_right = image[y0[:, :, None], x0[:, None, :]], image[y0[:, :, None], x1[:, None, :]]
-    bottom_left, bottom_right = image[y1[:, :, None], x0[:, None, :]], image[y1[:, :, None], x1[:, None, :]]
+    y0, y1 = y0.clamp(0, height - 1).long(), ys.ceil().clamp(0, height - 1).long()
+    x0, x1 = x0.clamp(0, width - 1).long(), xs.ceil().clamp(0, width - 1).long()
+    image = image_of_box[:, None, None]
+
+    def pixels(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return images[image, rows[:, :, None], cols[:, None, :]]
+
+    top_left, top_right = pixels(y0, x0), pixels(y0, x1)
+    bottom_left, bottom_right = pixels(y1, x0), pixels(y1, x1)
     top = top_left + (top_right - top_left) * wx
     bottom = bottom_left + (bottom_right - bottom_left) * wx
-    patches = np.where(inside[..., None], top + (bottom - top) * wy, 0.0)
-    return np.ascontiguousarray(patches.transpose(0, 3, 1, 2), dtype=np.float32)
+    patches = torch.where(inside[..., None], top + (bottom - top) * wy, 0.0)
+    return patches.permute(0, 3, 1, 2).float().contiguous()
 
 
 class MTCNNDetector(FaceDetector):
     """MTCNN with the `mtcnn==1.0.0` package's weights, stages and defaults: scale pyramid (min face 20 px,
     factor 0.709), P-Net threshold 0.6 with IoU NMS 0.5 per scale then 0.7, R-Net 0.7 / NMS 0.7, O-Net 0.8 /
-    NMS 0.7 over the smaller area; boxes clipped to the image, landmarks not."""
+    NMS 0.7 over the smaller area; boxes clipped to the image, landmarks not.
+
+    Images of one size are detected together: each net runs once per stage for all of them (their pyramid
+    levels stacked, their R-/O-Net crops concatenated), and thresholds and NMS run per image. A batch's
+    convolutions may round differently from one image's: boxes and landmarks move by ~1e-3 px at most."""
 
     cell_size = 12
     cell_stride = 2
@@ -421,6 +504,9 @@ class MTCNNDetector(FaceDetector):
         self.scale_factor = scale_factor
         self.thresholds = thresholds
         self.device = torch.device(device)
+        # input pixels per network call: a CPU is fastest on calls that stay in its caches, a GPU on few calls
+        # (its time goes to kernel launches); the bound also caps memory when a batch has many candidates
+        self.max_pixels_per_call = 2**17 if self.device.type == "cpu" else 2**23
         weights = mtcnn_weights_dir()
         self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
         for net, name in ((self.pnet, "pnet"), (self.rnet, "rnet"), (self.onet, "onet")):
@@ -434,40 +520,100 @@ class MTCNNDetector(FaceDetector):
         scales = self.cell_size / self.min_face_size * self.scale_factor ** np.arange(max(count, 0))
         return scales[np.minimum(height * scales, width * scales) >= self.cell_size]
 
-    def _run(self, net: nn.Module, x: np.ndarray):
-        outputs = net(torch.from_numpy(x).to(self.device))
-        return [o.float().cpu().numpy().astype(np.float64) for o in outputs]
+    def detect(self, image: np.ndarray) -> list[Face]:
+        return self.detect_batch([image])[0]
 
-    def _propose(self, normalized: np.ndarray) -> np.ndarray:
-        height, width = normalized.shape[:2]
-        per_scale = []
-        for scale in self.pyramid_scales(height, width):
-            resized = cv2.resize(normalized, (int(width * scale), int(height * scale)), interpolation=cv2.INTER_AREA)
-            offsets, prob = self._run(self.pnet, resized.transpose(2, 0, 1)[None].copy())
-            ys, xs = np.nonzero(prob[0] > self.thresholds[0])
-            if len(ys) == 0:
-                continue
-            span = self.cell_size - 1
-            left, top = xs * self.cell_stride + 1.0, ys * self.cell_stride + 1.0
-            dx1, dy1, dx2, dy2 = offsets[0][:, ys, xs]
-            boxes = np.stack([left + dx1 * span, top + dy1 * span, left + span + dx2 * span, top + span + dy2 * span],
-                             axis=1) / scale
-            boxes = _sort_by_score(np.concatenate([boxes, prob[0][ys, xs, None]], axis=1))
-            per_scale.append(boxes[mtcnn_nms(boxes, 0.5)])
-        if not per_scale:
+    @torch.no_grad()
+    def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
+        return detect_in_size_groups(images, lambda image: image.shape[:2], self._detect_same_size)
+
+    def _detect_same_size(self, images: list[np.ndarray]) -> list[list[Face]]:
+        """Each stage's net runs once for all images; the thresholds and NMS run per image."""
+        height, width = images[0].shape[:2]
+        boxes = self._propose(images)
+        normalized = _normalize(torch.from_numpy(np.stack(images)).to(self.device).float())
+        boxes = self._next_stage(self.rnet, 24, self._refine, normalized, boxes)
+        rows = self._next_stage(self.onet, 48, self._output, normalized, boxes)
+        return [self._faces(image_rows, height, width) for image_rows in rows]
+
+    def _run(self, net: nn.Module, count: int, inputs: Callable[[slice], torch.Tensor],
+             pixels_each: int) -> list[np.ndarray]:
+        """`net` on `inputs(rows)` for consecutive slices of `count` rows of `pixels_each` pixels, at most
+        `max_pixels_per_call` pixels a call; the outputs joined as float64 arrays."""
+        step = max(self.max_pixels_per_call // pixels_each, 1)
+        with fp32_convolutions():
+            calls = [[o.float().cpu().numpy() for o in net(inputs(slice(start, start + step)))]
+                     for start in range(0, count, step)]
+        return [np.concatenate(parts).astype(np.float64) for parts in zip(*calls)]
+
+    def _propose(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """P-Net on each pyramid level of all the (same-size) images -> per image, candidate squares
+        (x1, y1, x2, y2, score)."""
+        scales = self.pyramid_scales(*images[0].shape[:2])
+        # the images' pyramids in parallel: cv2 runs a resize this small on one core
+        with ThreadPoolExecutor(min(HOST_THREADS, len(images))) as pool:
+            pyramids = list(pool.map(lambda image: self._pyramid(image, scales), images))
+        levels = [self._pnet(np.stack(level)) for level in zip(*pyramids)]
+        return [self._candidates([(offsets[i], prob[i]) for offsets, prob in levels], scales)
+                for i in range(len(images))]
+
+    @staticmethod
+    def _pyramid(image: np.ndarray, scales: np.ndarray) -> list[np.ndarray]:
+        normalized = _normalize(image.astype(np.float32))
+        height, width = image.shape[:2]
+        return [cv2.resize(normalized, (int(width * scale), int(height * scale)), interpolation=cv2.INTER_AREA)
+                for scale in scales]
+
+    def _pnet(self, level: np.ndarray) -> list[np.ndarray]:
+        """P-Net on one pyramid level of all images, (N, h, w, 3) -> box offsets (N, 4, h', w'), face
+        probabilities (N, h', w')."""
+        x = torch.from_numpy(level).to(self.device).permute(0, 3, 1, 2).contiguous()
+        return self._run(self.pnet, len(x), lambda rows: x[rows], x.shape[2] * x.shape[3])
+
+    def _candidates(self, levels: list[tuple[np.ndarray, np.ndarray]], scales: np.ndarray) -> np.ndarray:
+        """One image's P-Net outputs at each level -> candidate squares after NMS per level, then over all."""
+        if not levels:  # an image too small for any level
             return np.empty((0, 5))
-        boxes = _sort_by_score(np.concatenate(per_scale))
+        boxes = np.concatenate([self._level_candidates(offsets, prob, scale)
+                                for (offsets, prob), scale in zip(levels, scales)])
+        boxes = _sort_by_score(boxes)
         return _to_square(boxes[mtcnn_nms(boxes, 0.7)])
 
-    def _refine(self, normalized: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        offsets, prob = self._run(self.rnet, crop_and_resize(normalized, boxes, 24))
+    def _level_candidates(self, offsets: np.ndarray, prob: np.ndarray, scale: float) -> np.ndarray:
+        """One image's P-Net cells over the threshold at one pyramid level, as image boxes after NMS."""
+        ys, xs = np.nonzero(prob > self.thresholds[0])
+        span = self.cell_size - 1
+        left, top = xs * self.cell_stride + 1.0, ys * self.cell_stride + 1.0
+        dx1, dy1, dx2, dy2 = offsets[:, ys, xs]
+        boxes = np.stack([left + dx1 * span, top + dy1 * span, left + span + dx2 * span, top + span + dy2 * span],
+                         axis=1) / scale
+        boxes = _sort_by_score(np.concatenate([boxes, prob[ys, xs, None]], axis=1))
+        return boxes[mtcnn_nms(boxes, 0.5)]
+
+    def _next_stage(self, net: nn.Module, size: int, finish: Callable[..., np.ndarray], images: torch.Tensor,
+                    boxes: list[np.ndarray]) -> list[np.ndarray]:
+        """`net` on the size x size crops of all images' boxes (in as few calls as `max_pixels_per_call`
+        allows), then `finish(image_boxes, *net_outputs)` thresholds and suppresses per image."""
+        counts = [len(image_boxes) for image_boxes in boxes]
+        if not sum(counts):
+            return boxes
+        all_boxes = torch.from_numpy(np.concatenate(boxes)[:, :4]).to(self.device)
+        image_of_box = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(self.device)
+        def crops(rows: slice) -> torch.Tensor:
+            return crop_and_resize(images, all_boxes[rows], image_of_box[rows], size)
+
+        outputs = self._run(net, len(all_boxes), crops, size * size)
+        per_image = [np.split(output, np.cumsum(counts)[:-1]) for output in outputs]
+        return [finish(image_boxes, *image_outputs) for image_boxes, *image_outputs in zip(boxes, *per_image)]
+
+    def _refine(self, boxes: np.ndarray, offsets: np.ndarray, prob: np.ndarray) -> np.ndarray:
         boxes = _apply_offsets(np.concatenate([boxes[:, :4], prob[:, None]], axis=1), offsets)
         boxes = _sort_by_score(boxes[prob > self.thresholds[1]])
         return _to_square(boxes[mtcnn_nms(boxes, 0.7)])
 
-    def _output(self, normalized: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    def _output(self, boxes: np.ndarray, offsets: np.ndarray, landmarks: np.ndarray,
+                prob: np.ndarray) -> np.ndarray:
         """Rows of x1, y1, x2, y2, score, 5 landmark x, 5 landmark y."""
-        offsets, landmarks, prob = self._run(self.onet, crop_and_resize(normalized, boxes, 48))
         w = boxes[:, 2:3] - boxes[:, 0:1] + 1
         h = boxes[:, 3:4] - boxes[:, 1:2] + 1
         landmark_x = w * landmarks[:, :5] + boxes[:, 0:1] - 1
@@ -477,16 +623,8 @@ class MTCNNDetector(FaceDetector):
         rows = _sort_by_score(rows[prob > self.thresholds[2]])
         return rows[mtcnn_nms(rows, 0.7, method="min")]
 
-    @torch.no_grad()
-    def detect(self, image: np.ndarray) -> list[Face]:
-        check_rgb_image(image)
-        height, width = image.shape[:2]
-        normalized = (image.astype(np.float32) - 127.5) / 128
-        rows = self._propose(normalized)
-        if len(rows):
-            rows = self._refine(normalized, rows)
-        if len(rows):
-            rows = self._output(normalized, rows)
+    @staticmethod
+    def _faces(rows: np.ndarray, height: int, width: int) -> list[Face]:
         faces = []
         for row in rows:
             box = np.clip(row[:4], 0, [width - 1, height - 1, width - 1, height - 1])

@@ -16,6 +16,7 @@ from hyportrait.export.arcface import ArcFace, load_arcface, zero_identity_embed
 from hyportrait.export.face_detector import (
     MTCNNDetector,
     YoloFaceDetector,
+    crop_and_resize,
     load_face_detector,
     load_keras_weight_list,
     mtcnn_nms,
@@ -30,6 +31,23 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def mtcnn():
     torch.set_num_threads(1)
     return MTCNNDetector()
+
+
+def driving_frames(indices):
+    import av
+
+    with av.open(str(DATA / "driving_video.mp4")) as container:
+        return [f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(video=0)) if i in indices]
+
+
+def assert_same_faces(batched, single, atol=0.0):
+    """Face lists agree: same count, boxes and landmarks to `atol` px, scores to float32 rounding."""
+    assert [len(faces) for faces in batched] == [len(faces) for faces in single]
+    for faces_a, faces_b in zip(batched, single):
+        for a, b in zip(faces_a, faces_b):
+            np.testing.assert_allclose(a.box, b.box, rtol=0, atol=atol)
+            np.testing.assert_allclose(a.landmarks, b.landmarks, rtol=0, atol=atol)
+            assert a.score == pytest.approx(b.score, abs=max(atol, 1e-6))
 
 
 def assert_plausible_face(face, image_shape):
@@ -73,8 +91,9 @@ def test_mtcnn_nms_suppressed_boxes_still_suppress():
 
 
 class KnownAnchors(torch.nn.Module):
-    """Emits fixed rows in network-input pixels; one row's position comes from the stride-32 grid (checks its
-    x, y order) and its objectness is the mean of the first (red) input channel (checks RGB and /255)."""
+    """Emits fixed rows in network-input pixels for each image of the batch; one row's position comes from the
+    stride-32 grid (checks its x, y order) and its objectness is the mean of the image's first (red) input
+    channel (checks RGB and /255, and that each image gets its own rows)."""
 
     def __init__(self):
         super().__init__()
@@ -92,19 +111,56 @@ class KnownAnchors(torch.nn.Module):
         for i in range(3):
             assert grids[i].shape[2] == img.shape[2] // strides[i]
             assert grids[i].shape[3] == img.shape[3] // strides[i]
-        rows = self.rows.clone()
-        rows[2, 0] = grids[2][0, 0, 0, 2, 0] * 32 + 16  # column 2 -> x 80
-        rows[2, 1] = grids[2][0, 0, 2, 0, 1] * 32 + 16  # row 2 -> y 80
-        rows[2, 4] = img[0, 0].mean()
-        return rows[None]
+        rows = self.rows.repeat(img.shape[0], 1, 1)
+        rows[:, 2, 0] = grids[2][0, 0, 0, 2, 0] * 32 + 16  # column 2 -> x 80
+        rows[:, 2, 1] = grids[2][0, 0, 2, 0, 1] * 32 + 16  # row 2 -> y 80
+        rows[:, 2, 4] = img[:, 0].mean(dim=(1, 2))
+        return rows
+
+
+class MergesBatch(torch.nn.Module):
+    """A model exported with batch size 1 fixed in its final reshape: a batch comes back as one row set."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = KnownAnchors()
+
+    def forward(self, img: torch.Tensor, grids: list[torch.Tensor]) -> torch.Tensor:
+        return self.model(img, grids).reshape(1, -1, 16)
+
+
+class FailsOnBatch(torch.nn.Module):
+    """A model exported with batch size 1 fixed in an inner reshape: a batch fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = KnownAnchors()
+
+    def forward(self, img: torch.Tensor, grids: list[torch.Tensor]) -> torch.Tensor:
+        return self.model(img.reshape(1, 3, img.shape[2], img.shape[3]), grids)
+
+
+def save_scripted(model: torch.nn.Module, path: Path) -> Path:
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13, but it is the official file's format
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(model).save(str(path))
+    return path
 
 
 @pytest.fixture
 def yolo_dir(tmp_path):
-    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13, but it is the official file's format
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.script(KnownAnchors()).save(str(tmp_path / "yoloface_v5m.pt"))
+    save_scripted(KnownAnchors(), tmp_path / "yoloface_v5m.pt")
     return tmp_path
+
+
+def colour_images(*shapes_and_reds):
+    """Images of the given (height, width) whose red channel is the given value (the stand-in's objectness)."""
+    images = []
+    for (height, width), red in shapes_and_reds:
+        image = np.full((height, width, 3), 10, np.uint8)
+        image[..., 0] = red
+        images.append(image)
+    return images
 
 
 def test_yoloface_input_size():
@@ -129,6 +185,28 @@ def test_yoloface_pre_and_post_processing(yolo_dir):
     np.testing.assert_allclose(c.box, [60 * sx, 60 * sy, 100 * sx, 100 * sy], rtol=1e-6)
     assert c.score == pytest.approx(204 / 255, rel=1e-6)
     assert c.landmarks[0] == pytest.approx([70 * sx, 75 * sy])
+
+
+def test_yoloface_detect_batch_matches_detect(yolo_dir):
+    detector = YoloFaceDetector(yolo_dir / "yoloface_v5m.pt")
+    # (300, 200) and (600, 400) share the network input 640 x 416 and run as one batch; (200, 300) runs alone.
+    # Red 100 puts row C under the threshold (a face fewer), so each image must get its own rows.
+    images = colour_images(((300, 200), 204), ((600, 400), 100), ((200, 300), 230), ((300, 200), 150))
+    batched = detector.detect_batch(images)
+    assert_same_faces(batched, [detector.detect(image) for image in images])
+    assert [len(faces) for faces in batched] == [2, 1, 2, 2]
+    assert detector.takes_batches
+
+
+@pytest.mark.parametrize("model", [MergesBatch, FailsOnBatch])
+def test_yoloface_without_batches_runs_one_image_at_a_time(tmp_path, model, caplog):
+    detector = YoloFaceDetector(save_scripted(model(), tmp_path / "yoloface_v5m.pt"))
+    images = colour_images(((300, 200), 204), ((300, 200), 100), ((300, 200), 230))
+    with caplog.at_level(logging.WARNING):
+        batched = detector.detect_batch(images)
+    assert not detector.takes_batches and "does not take batches" in caplog.text
+    assert [len(faces) for faces in batched] == [2, 1, 2]
+    assert_same_faces(batched, [detector.detect(image) for image in images])
 
 
 def test_yoloface_rejects_unexpected_output(yolo_dir):
@@ -177,6 +255,32 @@ def test_weight_unpickler_refuses_anything_but_arrays(tmp_path):
     assert load_keras_weight_list(path)[0].tolist() == [0, 1, 2, 3]
 
 
+def test_crop_and_resize_cuts_each_box_from_its_image():
+    images = torch.stack([torch.full((20, 30, 3), 1.0), torch.full((20, 30, 3), 2.0)])
+    images[1, :, 15:] = 3.0  # right half of image 1
+    boxes = torch.tensor([[0.0, 0.0, 29.0, 19.0], [-10.0, 0.0, 19.0, 19.0]], dtype=torch.float64)
+    patches = crop_and_resize(images, boxes, torch.tensor([1, 0]), 4)
+    assert patches.shape == (2, 3, 4, 4) and patches.dtype == torch.float32
+    # box 0 on image 1: sample columns x = 0, 9.33, 18.67, 28 -> 2, 2, 3, 3
+    np.testing.assert_array_equal(patches[0, :, 0].numpy(), np.tile([2.0, 2.0, 3.0, 3.0], (3, 1)))
+    # box 1 on image 0: columns x = -9.67, -0.33 lie outside and read 0
+    np.testing.assert_array_equal(patches[1, :, 0].numpy(), np.tile([0.0, 0.0, 1.0, 1.0], (3, 1)))
+
+
+def test_mtcnn_nets_convolve_in_full_fp32(mtcnn):
+    allowed = []
+    hook = mtcnn.pnet.register_forward_pre_hook(lambda net, args: allowed.append(torch.backends.cudnn.allow_tf32))
+    saved = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
+        mtcnn.detect(np.full((64, 64, 3), 128, np.uint8))
+        assert allowed and not any(allowed)
+        assert torch.backends.cudnn.allow_tf32  # restored
+    finally:
+        hook.remove()
+        torch.backends.cudnn.allow_tf32 = saved
+
+
 def test_mtcnn_finds_no_face_in_a_plain_image(mtcnn):
     assert mtcnn.detect(np.full((240, 320, 3), 128, np.uint8)) == []
     assert mtcnn.detect(np.full((8, 8, 3), 128, np.uint8)) == []  # smaller than one 12 px cell
@@ -196,15 +300,51 @@ def test_mtcnn_on_the_source_image(mtcnn):
 def test_mtcnn_on_driving_frames(mtcnn):
     if not DATA.is_dir():
         pytest.skip(f"shared data not found at {DATA}")
-    import av
-
-    with av.open(str(DATA / "driving_video.mp4")) as container:
-        frames = [f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(video=0)) if i in (0, 59, 119)]
+    frames = driving_frames({0, 59, 119})
     assert len(frames) == 3
     for frame in frames:
         faces = mtcnn.detect(frame)
         assert len(faces) == 1
         assert_plausible_face(faces[0], frame.shape)
+
+
+# Batched MTCNN: one call per net for all frames; the batched convolutions may round differently from
+# one-image calls, which moves boxes and landmarks by ~1e-3 px at most on the sample video
+BATCH_ATOL = 5e-3
+
+
+def test_mtcnn_detect_batch_matches_detect_on_driving_frames(mtcnn):
+    if not DATA.is_dir():
+        pytest.skip(f"shared data not found at {DATA}")
+    frames = driving_frames({0, 17, 40, 59, 83, 119})
+    frames.insert(2, np.full_like(frames[0], 128))  # no face, between frames with faces
+    batched = mtcnn.detect_batch(frames)
+    assert [len(faces) for faces in batched] == [1, 1, 0, 1, 1, 1, 1]
+    assert_same_faces(batched, [mtcnn.detect(frame) for frame in frames], atol=BATCH_ATOL)
+
+
+def test_mtcnn_detect_batch_groups_sizes(mtcnn):
+    rng = np.random.default_rng(0)
+    images = [np.full((240, 320, 3), 128, np.uint8), rng.integers(0, 256, (240, 320, 3), np.uint8),
+              np.full((8, 8, 3), 128, np.uint8), rng.integers(0, 256, (400, 400, 3), np.uint8)]
+    if DATA.is_dir():  # faces at two sizes, two of them in one batch
+        frame = driving_frames({0})[0]
+        images += [frame, np.ascontiguousarray(frame[40:440, 60:460]), frame[:, ::-1].copy()]
+    images = [images[i] for i in rng.permutation(len(images))]  # sizes interleaved
+    batched = mtcnn.detect_batch(images)
+    assert_same_faces(batched, [mtcnn.detect(image) for image in images], atol=BATCH_ATOL)
+    assert sum(map(len, batched)) == (3 if DATA.is_dir() else 0)
+    assert mtcnn.detect_batch([]) == []
+
+
+def test_mtcnn_splits_large_batches_over_calls(mtcnn, monkeypatch):
+    if not DATA.is_dir():
+        pytest.skip(f"shared data not found at {DATA}")
+    frames = driving_frames({0, 1, 2})
+    monkeypatch.setattr(mtcnn, "max_pixels_per_call", 2**30)
+    whole = mtcnn.detect_batch(frames)
+    monkeypatch.setattr(mtcnn, "max_pixels_per_call", 7 * 24 * 24)  # 1 image, 7 R-Net and 1 O-Net crop a call
+    assert_same_faces(mtcnn.detect_batch(frames), whole, atol=BATCH_ATOL)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -33,16 +33,31 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 class ScriptedDetector(FaceDetector):
-    """Returns the given face lists call after call (the last one repeats)."""
+    """Returns the given face lists image after image (the last one repeats); records the batch sizes."""
 
     def __init__(self, *answers):
         self.answers = list(answers)
         self.calls = 0
+        self.batches = []
 
     def detect(self, image):
         answer = self.answers[min(self.calls, len(self.answers) - 1)]
         self.calls += 1
         return list(answer)
+
+    def detect_batch(self, images):
+        self.batches.append(len(images))
+        return super().detect_batch(images)
+
+
+class OneFrameAtATime(FaceDetector):
+    """A detector's per-image `detect` behind the base class's looping `detect_batch` (the batches' reference)."""
+
+    def __init__(self, detector):
+        self.detector = detector
+
+    def detect(self, image):
+        return self.detector.detect(image)
 
 
 def make_face(box, landmarks=None, score=0.99):
@@ -251,10 +266,12 @@ def test_driving_frames_are_streamed():
             pulled.append(i)
             yield random_image(64, 64, seed=i)
 
-    chunks = DrivingPreprocessor(ScriptedDetector([make_face((10, 10, 50, 50))])).chunks(frames(), chunk_frames=3)
+    detector = ScriptedDetector([make_face((10, 10, 50, 50))])
+    chunks = DrivingPreprocessor(detector).chunks(frames(), chunk_frames=3)
     first = next(chunks)
     assert len(pulled) == 3 and first.expression_images.shape == (3, 3, 256, 256)
     assert [len(c.landmarks) for c in chunks] == [3, 1]
+    assert detector.batches == [3, 3, 1]  # one detection batch per chunk
 
 
 def test_driving_video_errors():
@@ -265,6 +282,14 @@ def test_driving_video_errors():
     driving.process(random_image(64, 64))
     with pytest.raises(VideoError, match="frame 1"):
         driving.process(random_image(64, 80))
+    # within a chunk: the size change is found before any detection
+    detector = ScriptedDetector([make_face((10, 10, 50, 50))])
+    frames = [random_image(64, 64), random_image(64, 64), random_image(80, 64), random_image(64, 64)]
+    with pytest.raises(VideoError, match="frame 2 is 64x80, frame 0 was 64x64"):
+        list(DrivingPreprocessor(detector).chunks(frames, chunk_frames=4))
+    assert detector.calls == 0
+    with pytest.raises(NoFaceError, match="frame 0"):
+        list(DrivingPreprocessor(ScriptedDetector([], [make_face((10, 10, 50, 50))])).chunks(frames[:2]))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -304,3 +329,28 @@ def test_real_driving_frames(mtcnn):
         assert chunk.expression_images.shape == chunk.pose_images.shape == (3, 3, 256, 256)
         assert 0 <= chunk.expression_images.min() and chunk.expression_images.max() <= 1
         assert 0 <= chunk.head_bucket <= 127 and 0 <= chunk.exp_bucket <= 127
+
+
+def test_batched_driving_chunks_equal_per_frame_detection(mtcnn):
+    if not DATA.is_dir():
+        pytest.skip(f"shared data not found at {DATA}")
+    import itertools
+
+    import av
+
+    with av.open(str(DATA / "driving_video.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in itertools.islice(container.decode(video=0), 0, 60, 6)]
+    frames[3] = np.full_like(frames[3], 128)  # a frame without a face inside a chunk
+    batched_driving, reference_driving = DrivingPreprocessor(mtcnn), DrivingPreprocessor(OneFrameAtATime(mtcnn))
+    batched = list(batched_driving.chunks(frames, chunk_frames=4))
+    reference = list(reference_driving.chunks(frames, chunk_frames=4))
+    assert batched_driving.missing_face_frames == reference_driving.missing_face_frames == [3]
+    assert batched_driving.crop_box == reference_driving.crop_box
+    assert len(batched) == len(reference) == 3
+    for chunk, expected in zip(batched, reference):
+        assert chunk.start == expected.start and chunk.missing_face_frames == expected.missing_face_frames
+        # batched convolutions round differently: landmarks move by ~1e-3 px, the integer crops stay the same
+        np.testing.assert_allclose(chunk.landmarks, expected.landmarks, rtol=0, atol=5e-3)
+        np.testing.assert_array_equal(chunk.expression_images, expected.expression_images)
+        np.testing.assert_array_equal(chunk.pose_images, expected.pose_images)
+        assert (chunk.head_bucket, chunk.exp_bucket) == (expected.head_bucket, expected.exp_bucket)
