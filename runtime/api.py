@@ -49,6 +49,7 @@ from .pipeline import (
     build_conditioning,
     decode_frames,
     motion_tokens,
+    prefetched,
     sample_latents,
 )
 from .preprocess import DrivingPreprocessor, SourceInputs, preprocess_source
@@ -148,16 +149,18 @@ class Animator:
     shape wait for the compiler). Any `AnimateConfig` field can be given as a keyword (num_steps, seed, ...).
     """
 
-    def __init__(self, models: str | Path | None = None, *, backend: str = "torch", weights: str | Path | None = None,
-                 device: str | None = None, precision: str | None = None, mode: str = "quality",
-                 lora: str | Path | None = None, faithful: bool = True, cuda_graph: bool = False,
-                 compile: bool | str = False, progress: bool = False, **options):
+    def __init__(self, models: str | Path | Models | None = None, *, backend: str = "torch",
+                 weights: str | Path | None = None, device: str | None = None, precision: str | None = None,
+                 mode: str = "quality", lora: str | Path | None = None, faithful: bool = True,
+                 cuda_graph: bool = False, compile: bool | str = False, progress: bool = False, **options):
         tic = time.perf_counter()
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}: choose quality or fast")
         unknown = set(options) - {f.name for f in fields(AnimateConfig)} - {"precision", "device"}
         if unknown:
             raise InputError(f"unknown option(s) {', '.join(sorted(unknown))}")
+        if isinstance(models, Models):  # networks the caller built (e.g. custom sessions, benchmarks)
+            backend, device = models.backend, str(models.device)
         self.device = resolve_device(device, backend)
         self.backend = backend
         self.progress = progress
@@ -166,7 +169,7 @@ class Animator:
         if precision not in DTYPES:
             raise InputError(f"unknown precision {precision!r}: choose fp16 or fp32")
         settings = dict(FAST_MODE) if mode == "fast" else {}
-        if backend == "torch":
+        if backend == "torch" and not isinstance(models, Models):
             if models is not None:
                 raise InputError("the torch backend loads `weights` (a weights folder), not `models`")
             if weights is None:
@@ -177,34 +180,45 @@ class Animator:
             self.config = make_config(settings, precision=precision, device=str(self.device))
             self.models = self._torch_models(weights, lora, faithful=faithful, cuda_graph=cuda_graph,
                                              compile=compile)
+            arcface_folder = weights
         else:
-            if models is None:
-                raise InputError(f"the {backend} backend needs `models`: a folder made by "
-                                 + ("`hyportrait export`" if backend == "onnxruntime" else "`hyportrait build`"))
             if lora is not None:
                 raise InputError("a LoRA is merged at export time (`hyportrait export --lora`), not at run time")
-            if compile:
+            if compile and not isinstance(models, Models):
                 raise InputError(f"compile applies to the torch backend; the {backend} backend runs its models "
                                  "as exported or built")
-            from .models import engine_models, onnx_models
-
-            loaded = (onnx_models(Path(models), self.device, cuda_graph=cuda_graph) if backend == "onnxruntime"
-                      else engine_models(Path(models), self.device))
-            size = loaded.pose_map.shape[-1] * 8  # the exported UNet's latent fixes the crop size
-            for option, fixed in (("size", size), ("window", loaded.window)):
-                if options.get(option, fixed) != fixed:
-                    raise InputError(f"the models in {models} are built for {option} {fixed} ({'px crops' if option == 'size' else 'frames per UNet call'}), "
-                                     f"{option}={options[option]} was asked for")
-            settings.update(options)
-            self.config = make_config({"size": size, "window": loaded.window, **settings},
-                                      precision="fp16" if loaded.dtype == torch.float16 else "fp32",
-                                      device=str(self.device))
-            self.models = loaded
-            weights = models  # ArcFace (arcface.onnx) is copied into the export folder
+            self.models = self._loaded_models(models, backend, cuda_graph)
+            self.config = self._fixed_size_config(settings, options)
+            # ArcFace (arcface.onnx) is copied into the export folder
+            arcface_folder = None if isinstance(models, Models) else models
         self.detector = load_face_detector(Path(weights) if backend == "torch" and weights else None,
                                            device=self.device)
-        self.arcface = load_arcface(Path(weights) if weights else None)
+        self.arcface = load_arcface(Path(arcface_folder) if arcface_folder else None)
         self.load_seconds = time.perf_counter() - tic
+
+    def _loaded_models(self, models, backend: str, cuda_graph: bool) -> Models:
+        if isinstance(models, Models):
+            return models
+        if models is None:
+            raise InputError(f"the {backend} backend needs `models`: a folder made by "
+                             + ("`hyportrait export`" if backend == "onnxruntime" else "`hyportrait build`"))
+        from .models import engine_models, onnx_models
+
+        return (onnx_models(Path(models), self.device, cuda_graph=cuda_graph) if backend == "onnxruntime"
+                else engine_models(Path(models), self.device))
+
+    def _fixed_size_config(self, settings: dict, options: dict) -> AnimateConfig:
+        """The config of models whose crop size and window are fixed (by an export, or by the caller)."""
+        models = self.models
+        size = models.pose_map.shape[-1] * 8  # the UNet's latent fixes the crop size
+        for option, fixed in (("size", size), ("window", models.window)):
+            if fixed is not None and options.get(option, fixed) != fixed:
+                raise InputError(f"the models are built for {option} {fixed} "
+                                 f"({'px crops' if option == 'size' else 'frames per UNet call'}), "
+                                 f"{option}={options[option]} was asked for")
+        settings = {"size": size, **({"window": models.window} if models.window else {}), **settings, **options}
+        return make_config(settings, precision="fp16" if models.dtype == torch.float16 else "fp32",
+                           device=str(self.device))
 
     def _torch_models(self, weights, lora, **options) -> Models:
         from hyportrait.export.lora import merge_lora
@@ -265,6 +279,11 @@ class Animator:
         prepared.timings["denoise"] = time.perf_counter() - tic
         return latents
 
+    def _decoded(self, prepared: Prepared, latents: torch.Tensor) -> Iterator[np.ndarray]:
+        """The output frames, decoded a chunk ahead of the caller (decoding overlaps encoding)."""
+        frames = decode_frames(self.models, latents, self.config, prepared.conditioning.num_pad)
+        return prefetched(frames, depth=2 * self.config.decode_chunk)
+
     # -- whole animations ----------------------------------------------------------------------------------
 
     def frames(self, image, video) -> Iterator[np.ndarray]:
@@ -273,7 +292,7 @@ class Animator:
         with self._lock, video_path(video) as path:
             prepared = self.prepare(image, path)
             latents = self.sample(prepared)
-            yield from decode_frames(self.models, latents, self.config, prepared.conditioning.num_pad)
+            yield from self._decoded(prepared, latents)
 
     def animate(self, image, video, out: str | Path) -> AnimateResult:
         """Animate `image` with `video`; write cropped.mp4 and full_resolution.mp4 under a new folder of `out`."""
@@ -297,7 +316,7 @@ class Animator:
                         VideoWriter(full, fps, audio_from=path) as full_out, \
                         tqdm(total=prepared.num_frames, desc="decode+encode", unit="frame",
                              disable=not self.progress) as bar:
-                    for frame in decode_frames(self.models, latents, self.config, prepared.conditioning.num_pad):
+                    for frame in self._decoded(prepared, latents):
                         crop_out.write(frame)
                         full_out.write(paste_back(source.original_image, frame, source.crop_box, mask))
                         bar.update(1)

@@ -10,6 +10,8 @@ with one, two or three guidance branches.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -234,3 +236,46 @@ def decode_frames(models: Models, latents: torch.Tensor, config: AnimateConfig,
         for index, frame in enumerate(frames, start):
             if num_pad <= index < total - num_pad:
                 yield frame
+
+
+_END = object()
+
+
+def prefetched(items: Iterator, depth: int) -> Iterator:
+    """`items` produced by a background thread, up to `depth` ahead: the GPU decodes the next chunk while the
+    caller encodes the frames of this one. The producer's exceptions are raised in the caller; when the
+    caller stops early, the producer stops at its next item."""
+    pending: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                pending.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as exc:  # noqa: BLE001 -- handed to the caller's thread, raised there
+            put((_END, exc))
+
+    thread = threading.Thread(target=produce, name="hyportrait-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = pending.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()

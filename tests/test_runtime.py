@@ -28,6 +28,7 @@ from hyportrait.runtime.pipeline import (
     decode_frames,
     guided_denoiser,
     motion_tokens,
+    prefetched,
     sample_latents,
     sampler_sigmas,
 )
@@ -211,6 +212,36 @@ def test_api_takes_bytes_and_arrays(torch_animator):
     from_paths = np.stack(list(torch_animator.frames(SAMPLE_IMAGE, SAMPLE_VIDEO)))
     from_plain = np.stack(list(torch_animator.frames(array, SAMPLE_VIDEO.read_bytes())))
     assert np.array_equal(from_paths, from_plain)
+
+
+def test_an_animator_over_models_built_by_the_caller(torch_animator):
+    """Models built outside the Animator (custom sessions, the benchmarks) run the same animation."""
+    animator = Animator(torch_animator.models, window=4, **CLIP)
+    assert (animator.backend, animator.config.size, animator.config.window) == ("torch", 64, 4)
+    frames = [np.stack(list(a.frames(SAMPLE_IMAGE, SAMPLE_VIDEO))) for a in (torch_animator, animator)]
+    assert np.array_equal(*frames)
+
+
+def test_prefetched_keeps_order_raises_and_stops_early():
+    assert list(prefetched(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("decoder failed")
+
+    with pytest.raises(ValueError, match="decoder failed"):
+        list(prefetched(failing(), depth=2))
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    stream = prefetched(endless(), depth=2)
+    assert next(stream) == 0
+    stream.close()  # stops and joins the producer
+    assert len(produced) <= 5
 
 
 def test_a_clip_shorter_than_one_window(tmp_path):
