@@ -39,7 +39,7 @@ def main():
     fps_ax.set_yticks(list(y), names)
     fps_ax.invert_yaxis()
     fps_ax.set_xlabel("output frames per second (long video)")
-    fps_ax.legend(loc="lower right", fontsize=8)
+    fps_ax.legend(loc="center right", fontsize=8)
     left = [0.0] * len(names)
     for stage in STAGES:
         ms = [configs[n]["long_video"]["per_frame_ms"][stage] for n in names]
