@@ -38,13 +38,11 @@ from hyportrait.engines.engine_manifest import BuildFlags
 from hyportrait.engines.quantize import (
     calibrate,
     calibration_record,
+    current_report,
     default_providers,
     feeds_sha256,
     quantize_model,
-    quantized_path,
     random_unet_feeds,
-    read_report,
-    report_path,
     save_calibration_npz,
 )
 from hyportrait.engines.tensorrt_module import TensorRTMissingError, import_tensorrt
@@ -93,6 +91,22 @@ class Run:
         self.report.setdefault(section, {})[name] = entry
         self.path.write_text(json.dumps(self.report, indent=1, default=str) + "\n")
         return None if entry.get("error") or "skipped" in entry else entry
+
+
+def environment() -> dict:
+    """The head of a device report: the machine, the date, the commit, the library versions."""
+    import onnxruntime as ort
+
+    try:
+        trt = import_tensorrt()
+        tensorrt = f"{trt.flavour} {trt.version}"
+    except TensorRTMissingError as exc:
+        tensorrt = f"not importable: {exc.message}"
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "date": time.strftime("%Y-%m-%d"),
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, check=False,
+                                     text=True).stdout.strip() or "unknown",
+            "torch": torch.__version__, "onnxruntime": ort.__version__, "tensorrt": tensorrt}
 
 
 def export_models(size: str, out: Path, device: str) -> dict:
@@ -153,9 +167,9 @@ def quantize(run: Run, export: Path, precision: str, providers: list[str], range
     def work() -> dict:
         feeds = random_unet_feeds(proxy, CALIBRATION_SETS, batch=1, seed=0)
         save_calibration_npz(export / CALIBRATION_FILE, feeds)
-        existing = read_report(report_path(quantized_path(source, precision)))
-        if existing and existing.source_sha256 == unet.sha256 and \
-                existing.calibration.get("sha256") == feeds_sha256(feeds):
+        existing = current_report(source, precision, source_sha256=unet.sha256,
+                                  calibration_sha256=feeds_sha256(feeds))
+        if existing:
             return {"reused": asdict(existing)}
         if "tensors" not in ranges:
             ranges["tensors"] = calibrate(calibration_model, feeds, providers=providers)
@@ -177,23 +191,11 @@ def main():
     p.add_argument("--opt-level", type=int, default=3)
     a = p.parse_args()
 
-    import onnxruntime as ort
-
-    gpu = torch.cuda.is_available()
-    device = "cuda" if gpu else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     providers = default_providers()
-    try:
-        trt = import_tensorrt()
-        tensorrt = f"{trt.flavour} {trt.version}"
-    except TensorRTMissingError as exc:
-        tensorrt = f"not importable: {exc.message}"
     a.out.mkdir(parents=True, exist_ok=True)
     export = a.out / "export"
-    report = {"device": torch.cuda.get_device_name() if gpu else "cpu", "date": time.strftime("%Y-%m-%d"),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, check=False,
-                                       text=True).stdout.strip() or "unknown",
-              "torch": torch.__version__, "onnxruntime": ort.__version__, "calibration_providers": providers,
-              "tensorrt": tensorrt, "size": a.size, "budget_seconds": a.budget_seconds}
+    report = {**environment(), "calibration_providers": providers, "size": a.size, "budget_seconds": a.budget_seconds}
     run = Run(a.out / "report.json", a.budget_seconds, report)
 
     if (export / MANIFEST_FILE).is_file():

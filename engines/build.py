@@ -37,15 +37,7 @@ from .engine_manifest import (
     write_engine_manifest,
 )
 from .profiles import PROFILES, ShapeRange, manifest_profiles
-from .quantize import (
-    SCHEME,
-    feeds_sha256,
-    load_calibration_npz,
-    quantize_unet,
-    quantized_path,
-    read_report,
-    report_path,
-)
+from .quantize import SCHEME, current_report, quantize_unet, quantized_path, read_calibration
 from .tensorrt_module import TensorRT, current_gpu, import_tensorrt
 
 PRECISIONS = ("fp16", "fp32", "int8", "fp8")
@@ -70,7 +62,7 @@ class BuildRequest:
     precision: str = "fp16"  # fp16 / fp32: the export as is; int8 / fp8: the UNet quantized, the rest as is
     profile: str = "quality"
     flags: BuildFlags = field(default_factory=BuildFlags)
-    calibration: Path | None = None  # .npz of UNet input sets (quantize.save_calibration_npz)
+    calibration: Path | None = None  # .npz of UNet input sets or .json of activation ranges (quantize.read_calibration)
     timing_cache: Path | None = None  # default: out_dir/timing.cache
     models: tuple[str, ...] | None = None  # None: every model of the export
     verbose: bool = False  # TensorRT's VERBOSE messages in the build logs
@@ -280,23 +272,22 @@ def _quantized_source(request: BuildRequest, record, notes: list[str]) -> _Sourc
     source = Path(request.onnx_dir) / record.file
     if request.calibration is None:
         notes.append(f"{record.name} built from the {record.precision} export: {request.precision} quantization "
-                     "needs calibration data (--calibration FILE.npz)")
+                     "needs calibration data (--calibration FILE.npz or FILE.json)")
         return _Source(source, record.precision)
     if record.precision == "fp32":
         notes.append(f"an fp32 export: the layers of {record.name} left unquantized compute in fp32")
-    feeds = load_calibration_npz(Path(request.calibration))
-    calibration_sha = feeds_sha256(feeds)
-    target = quantized_path(source, request.precision)
-    report = read_report(report_path(target))
-    if not (report and target.is_file() and report.source_sha256 == record.sha256 and report.scheme == SCHEME
-            and report.calibration.get("sha256") == calibration_sha):
-        report = quantize_unet(source, request.precision, feeds, calibration_origin=str(request.calibration),
-                               source_sha256=record.sha256)
-        notes.append(f"quantized {record.name} to {request.precision}: max relative error "
-                     f"{report.evaluation.get('max_relative_error')} on the calibration inputs")
+    calibration = read_calibration(Path(request.calibration))
+    calibration_sha = calibration.record["sha256"]
+    report = current_report(source, request.precision, source_sha256=record.sha256,
+                            calibration_sha256=calibration_sha)
+    if report is None:
+        report = quantize_unet(source, request.precision, calibration, source_sha256=record.sha256)
+        error = report.evaluation.get("max_relative_error")
+        notes.append(f"quantized {record.name} to {request.precision} ({calibration.record['method']})"
+                     + (f": max relative error {error} on the calibration inputs" if error is not None else ""))
     quantization = {"precision": request.precision, "scheme": SCHEME, "calibration_sha256": calibration_sha,
                     "quantized_sha256": report.output_sha256}
-    return _Source(target, request.precision, quantization)
+    return _Source(quantized_path(source, request.precision), request.precision, quantization)
 
 
 def build_all(request: BuildRequest, *, trt_info: TensorRT | None = None, keep_going: bool = False) -> list[ModelBuild]:

@@ -3,19 +3,22 @@
 Scheme (what TensorRT's explicit quantization expects):
 - Only MatMul, Conv and Gemm are quantized, at their inputs: weights per output channel, activations per
   tensor, both symmetric (zero point 0); outputs and biases stay in the model's float type, so each Q/DQ
-  pair sits where TensorRT fuses it into the quantized kernel.
-- Scales come from a min/max calibration (onnxruntime's MinMax calibrator over `CalibrationDataReader`
-  inputs): int8 maps amax to 127; fp8 (e4m3fn) maps amax to 448, as TensorRT does. onnxruntime itself
-  would derive fp8 scales from a Gaussian fit of each tensor, which on the test UNet gives a larger error,
-  so the fp8 scales are passed to it as overrides.
+  pair sits where TensorRT fuses it into the quantized kernel. Other consumers of a quantized activation
+  (skip connections, the norm beside a shortcut convolution) read it unquantized.
+- Scales come from a min/max calibration: onnxruntime's MinMax calibrator over recorded input sets, or the
+  same amax recorded in PyTorch (`torch_quant.py`, where onnxruntime cannot run the model). int8 maps amax
+  to 127; fp8 (e4m3fn) maps amax to 448, as TensorRT does. onnxruntime itself would derive fp8 scales from
+  a Gaussian fit of each tensor, which on the test UNet gives a larger error, so the fp8 scales are passed
+  to it as overrides.
 - Kept in the source precision: every other op (normalisations, softmax, activations, the sinusoidal
   embeddings) and the sensitive MatMul/Conv/Gemm nodes of `select_nodes` (first and last convolution, the
   time-embedding MLPs, the attention matmuls of two activations). The list, with reasons, goes into the
   quantized model's metadata and its JSON report.
 - Opset 19 (QuantizeLinear-19 takes float16 inputs and float8 types); the source is converted first.
 Output `<model>.<precision>.onnx` (+ `.onnx.data` past 2 GB) next to the source, with
-`<model>.<precision>.quantization.json`: the settings, the excluded nodes and the quality report (relative
-error of the output against the unquantized model, per evaluation input set, run with onnxruntime).
+`<model>.<precision>.quantization.json`: the settings, the calibration, the excluded nodes and, for input-set
+calibrations, the quality report (relative error of the output against the unquantized model, per input set,
+run with onnxruntime; at the official size benchmarks/quantize_gpu.py reports it with `torch_quant`).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,7 +51,8 @@ PRECISIONS = ("int8", "fp8")
 QUANTIZED_OP_TYPES = ("MatMul", "Conv", "Gemm")
 QDQ_OPSET = 19
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
-SCHEME = "qdq-v1: MatMul/Conv/Gemm inputs, weights per channel, activations per tensor, symmetric, amax scales"
+SCHEME = ("qdq-v2: MatMul/Conv/Gemm inputs (only they read the dequantized activations), weights per channel, "
+          "activations per tensor, symmetric, amax scales")
 # (graph scope segment, why nodes under it stay unquantized)
 SENSITIVE_SCOPES = (
     ("conv_in", "first convolution: reads the noisy latent and the conditioning latent at full precision"),
@@ -62,6 +67,9 @@ ACTIVATION_MATMUL = ("attention matmul of two activations (Q.K^T, probabilities.
 OTHER_OPS = ("op type not quantized: normalisations, softmax, activations, element-wise ops and the sinusoidal "
              "embeddings keep the source precision")
 _METADATA_KEY = "hyportrait.quantization"
+RANGES_FORMAT = "hyportrait.activation-ranges/1"
+ONNXRUNTIME_METHOD = "onnxruntime MinMax, symmetric"
+TORCH_METHOD = "PyTorch forward pre-hooks: amax of the quantized modules' inputs, symmetric"
 
 
 @dataclass
@@ -104,11 +112,14 @@ def _weight_input(node: onnx.NodeProto, constants: set[str]) -> str | None:
     return next((name for name in node.input[:2] if name in constants), None)
 
 
+def _constants(graph: onnx.GraphProto) -> set[str]:
+    return {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+
+
 def select_nodes(model: onnx.ModelProto) -> NodeSelection:
     """Which MatMul/Conv/Gemm nodes to quantize, and why the others are kept (see SENSITIVE_SCOPES)."""
     graph = model.graph
-    constants = {t.name for t in graph.initializer}
-    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constants = _constants(graph)
     quantized, excluded = [], {}
     for node in graph.node:
         if node.op_type not in QUANTIZED_OP_TYPES:
@@ -302,16 +313,69 @@ def fp8_overrides(model: onnx.ModelProto, selection: NodeSelection, ranges) -> d
     return overrides
 
 
+def activation_inputs(model: onnx.ModelProto, selection: NodeSelection) -> dict[str, list[str]]:
+    """The activation (non-constant) inputs of the nodes to quantize: tensor name -> the nodes reading it."""
+    constants = _constants(model.graph)
+    chosen = set(selection.quantized)
+    readers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.name in chosen:
+            for name in node.input[:2]:
+                if name and name not in constants:
+                    readers.setdefault(name, []).append(node.name)
+    return readers
+
+
 def _check_coverage(model: onnx.ModelProto, selection: NodeSelection, ranges) -> None:
     """Ranges taken on another export of the network must still name every tensor to be quantized."""
-    constants = {t.name for t in model.graph.initializer}
-    chosen = set(selection.quantized)
-    needed = {name for node in model.graph.node if node.name in chosen
-              for name in node.input[:2] if name and name not in constants}
-    missing = sorted(needed - set(ranges.keys()))
+    missing = sorted(set(activation_inputs(model, selection)) - set(ranges.keys()))
     if missing:
         raise InputError(f"the calibration ranges lack {len(missing)} tensors to quantize (e.g. {missing[0]}): "
                          "calibrate on an export of the same network")
+
+
+def ranges_from_amax(model: onnx.ModelProto, amax: dict[str, float]):
+    """Symmetric ranges (-amax, amax) per tensor as `calibrate` returns them: (1,) arrays in the tensor's type."""
+    from onnxruntime.quantization import CalibrationMethod, TensorData, TensorsData
+
+    dtypes = tensor_dtypes(model)
+    return TensorsData(CalibrationMethod.MinMax, {
+        name: TensorData(lowest=np.array([-value], dtypes.get(name, np.float32)),
+                         highest=np.array([value], dtypes.get(name, np.float32)))
+        for name, value in amax.items()})
+
+
+@contextmanager
+def _vectorized_float8() -> Iterator[None]:
+    """onnxruntime quantizes a float8 weight one output channel at a time, each through a freshly built onnx
+    ReferenceEvaluator, and checks every float8 byte for NaN in a Python loop: at the official size (1.5 B
+    weights in 710k channels) 834 s on a 2-core CPU where int8 takes 132 s (136 s with this). Here both do
+    the same arithmetic vectorized (bit-identical: what the reference QuantizeLinear computes, x / scale in
+    the operands' type saturated to +-448; what the NaN check tests)."""
+    from unittest import mock
+
+    from onnxruntime.quantization import onnx_model, quant_utils
+
+    reference = quant_utils.quantize_nparray
+    float8 = onnx.TensorProto.FLOAT8E4M3FN
+
+    def quantize_nparray(qType, arr, scale, zero_point, low=None, high=None):
+        if qType != float8:
+            return reference(qType, arr, scale, zero_point, low, high)
+        if zero_point != 0 or arr.dtype not in (np.float32, np.float16):
+            raise ValueError(f"float8 quantization takes a zero point of 0 and float inputs, got {zero_point!r}, "
+                             f"{arr.dtype}")
+        return numpy_helper.saturate_cast(np.asarray(arr / scale), ml_dtypes.float8_e4m3fn)
+
+    def check_init(self, init, test=None):
+        if init.data_type == float8 and init.HasField("raw_data") and \
+                np.any(np.frombuffer(init.raw_data, np.uint8) & 127 == 127):
+            raise ValueError(f"Initializer {init.name!r} has nan.")
+        return init
+
+    with mock.patch.object(quant_utils, "quantize_nparray", quantize_nparray), \
+            mock.patch.object(onnx_model.ONNXModel, "_check_init", check_init):
+        yield
 
 
 def _quantize_static(source: Path, output: Path, precision: str, selection: NodeSelection, ranges,
@@ -340,11 +404,12 @@ def _quantize_static(source: Path, output: Path, precision: str, selection: Node
                                       for name, d in ranges.items()})
     cache = output.parent / "calibration.json"  # onnxruntime reads precomputed ranges from its cache file
     save_tensors_data(ranges, cache)
-    quantize_static(str(source), str(output), None, quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(QUANTIZED_OP_TYPES), nodes_to_quantize=selection.quantized,
-                    per_channel=True, activation_type=qtype, weight_type=qtype, calibrate_method=method,
-                    use_external_data_format=large, calibration_cache_path=str(cache),
-                    extra_options=extra)
+    with _vectorized_float8():
+        quantize_static(str(source), str(output), None, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(QUANTIZED_OP_TYPES), nodes_to_quantize=selection.quantized,
+                        per_channel=True, activation_type=qtype, weight_type=qtype, calibrate_method=method,
+                        use_external_data_format=large, calibration_cache_path=str(cache),
+                        extra_options=extra)
 
 
 def _session(model_path: Path, providers: Sequence | None):
@@ -398,10 +463,11 @@ def quantize_model(source: Path, precision: str, ranges, *, calibration: dict, s
         output = tmp / final.name
         _quantize_static(upgraded, output, precision, selection, ranges, model, large=_is_large(source))
         del model
-        _record_metadata(output, precision, selection)
+        _finish_model(output, precision, selection)
         data = Path(f"{output}.data")
         external = data.is_file()
         if external:  # data first, model last: a model file is never seen without its weights
+            os.chmod(data, output.stat().st_mode)  # onnx creates it owner-only
             os.replace(data, final.with_name(data.name))
         os.replace(output, final)
         if not external:
@@ -425,8 +491,24 @@ def quantize_model(source: Path, precision: str, ranges, *, calibration: dict, s
     return report
 
 
-def _record_metadata(model_path: Path, precision: str, selection: NodeSelection) -> None:
+def _confine_dequantized(graph: onnx.GraphProto, quantized: set[str]) -> None:
+    """onnxruntime hands every consumer of a quantized activation its Q/DQ output: the skip connections,
+    the resnets' main path beside a quantized shortcut convolution, shape ops. Only the quantized nodes are
+    to read it; the others get the original tensor back (else they would compute on rounded values)."""
+    producers = {out: node for node in graph.node for out in node.output}
+    originals = {dq.output[0]: producers[dq.input[0]].input[0] for dq in graph.node
+                 if dq.op_type == "DequantizeLinear" and dq.input[0] in producers
+                 and producers[dq.input[0]].op_type == "QuantizeLinear"}
+    for node in graph.node:
+        if node.name not in quantized:
+            for i, name in enumerate(node.input):
+                node.input[i] = originals.get(name, name)
+
+
+def _finish_model(model_path: Path, precision: str, selection: NodeSelection) -> None:
+    """Dequantized activations confined to the quantized nodes, and the quantization recorded in the metadata."""
     model = onnx.load(str(model_path), load_external_data=False)  # weights stay where they are
+    _confine_dequantized(model.graph, set(selection.quantized))
     props = {p.key: p.value for p in model.metadata_props}
     props["hyportrait.precision"] = precision
     props[_METADATA_KEY] = json.dumps({"scheme": SCHEME, "quantized_nodes": len(selection.quantized),
@@ -448,13 +530,62 @@ def read_report(path: Path) -> QuantizationReport | None:
 
 def calibration_record(feeds: Sequence[dict[str, np.ndarray]], origin: str) -> dict:
     """What a quantization report says about its calibration (its sha256 decides whether a model is current)."""
-    return {"method": "onnxruntime MinMax, symmetric", "input_sets": len(feeds), "origin": origin,
-            "sha256": feeds_sha256(feeds)}
+    return {"method": ONNXRUNTIME_METHOD, "input_sets": len(feeds), "origin": origin, "sha256": feeds_sha256(feeds)}
 
 
-def quantize_unet(source: Path, precision: str, feeds: Sequence[dict[str, np.ndarray]], *, calibration_origin: str,
-                  source_sha256: str | None = None, providers: Sequence | None = None) -> QuantizationReport:
-    """Calibrate on `feeds` and quantize `source`; the quality report runs on the same feeds."""
-    ranges = calibrate(source, feeds, providers=providers)
-    return quantize_model(source, precision, ranges, calibration=calibration_record(feeds, calibration_origin),
-                          source_sha256=source_sha256, eval_feeds=feeds, providers=providers)
+def save_ranges_json(path: Path, amax: dict[str, float], *, origin: str) -> Path:
+    """Write activation ranges recorded in PyTorch (amax per ONNX tensor name) as a `--calibration` file."""
+    path = Path(path)
+    document = {"format": RANGES_FORMAT, "method": TORCH_METHOD, "origin": origin, "amax": dict(sorted(amax.items()))}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(document, indent=1) + "\n")
+    return path
+
+
+@dataclass
+class Calibration:
+    """A `--calibration` file: UNet input sets (.npz; ranges taken with onnxruntime on the model quantized,
+    which also evaluates the quantized model on them) or activation ranges recorded in PyTorch (.json; for
+    the official size, where onnxruntime cannot run the UNet)."""
+    record: dict  # what the quantization report keeps: method, origin, sha256 (which decides currency)
+    feeds: list[dict[str, np.ndarray]] | None = None
+    amax: dict[str, float] | None = None
+
+
+def read_calibration(path: Path) -> Calibration:
+    path = Path(path)
+    if path.suffix != ".json":
+        feeds = load_calibration_npz(path)
+        return Calibration(calibration_record(feeds, str(path)), feeds=feeds)
+    if not path.is_file():
+        raise InputError(f"calibration file {path} does not exist")
+    document = json.loads(path.read_text())
+    if document.get("format") != RANGES_FORMAT:
+        raise InputError(f"{path} is not an activation-ranges file (format {RANGES_FORMAT}): record one with "
+                         "`hyportrait calibrate --weights DIR ... --out FILE.json`")
+    amax = document["amax"]
+    return Calibration({"method": document["method"], "tensors": len(amax), "origin": document["origin"],
+                        "sha256": sha256_file(path)}, amax=amax)
+
+
+def current_report(source: Path, precision: str, *, source_sha256: str,
+                   calibration_sha256: str) -> QuantizationReport | None:
+    """The report of the quantized model of `source` when that model is current: made from this source, with
+    this calibration and the present scheme."""
+    target = quantized_path(source, precision)
+    report = read_report(report_path(target))
+    current = (report and target.is_file() and report.source_sha256 == source_sha256 and report.scheme == SCHEME
+               and report.calibration.get("sha256") == calibration_sha256)
+    return report if current else None
+
+
+def quantize_unet(source: Path, precision: str, calibration: Calibration, *, source_sha256: str | None = None,
+                  providers: Sequence | None = None) -> QuantizationReport:
+    """Quantize `source` with the ranges of `calibration`: its input sets calibrated with onnxruntime (the
+    quality report then runs on the same sets), or its recorded ranges."""
+    if calibration.feeds is not None:
+        ranges = calibrate(source, calibration.feeds, providers=providers)
+    else:
+        ranges = ranges_from_amax(onnx.load(str(source), load_external_data=False), calibration.amax)
+    return quantize_model(source, precision, ranges, calibration=calibration.record, source_sha256=source_sha256,
+                          eval_feeds=calibration.feeds, providers=providers)

@@ -84,9 +84,10 @@ def _add_build(sub) -> None:
     p.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int8", "fp8"],
                    help="fp16/fp32: the export's models as exported (engines are strongly typed); int8/fp8: the "
                    "UNet quantized with --calibration data, the other models as exported (default fp16)")
-    p.add_argument("--calibration", type=Path, metavar="FILE.npz",
-                   help="UNet input sets for int8/fp8 calibration (arrays named '<set>/<input>'); without it "
-                   "the UNet is built from the export's model")
+    p.add_argument("--calibration", type=Path, metavar="FILE",
+                   help="int8/fp8 calibration of the UNet (`hyportrait calibrate`): FILE.npz, UNet input sets "
+                   "(arrays named '<set>/<input>') calibrated with onnxruntime, or FILE.json, activation ranges "
+                   "recorded in PyTorch; without it the UNet is built from the export's model")
     p.add_argument("--profile", default="quality", choices=["quality", "fast", "all"],
                    help="input shapes to optimise for: quality (UNet guidance batch 1..3), fast (batch 1), "
                    "all (both; default quality)")
@@ -104,23 +105,39 @@ def _add_build(sub) -> None:
 
 
 def _add_calibrate(sub) -> None:
-    p = sub.add_parser("calibrate", help="record the UNet's inputs on a sample video: the calibration set of "
-                       "int8/fp8 builds")
+    p = sub.add_parser("calibrate", help="record the calibration of int8/fp8 builds while animating a sample: the "
+                       "UNet's inputs (.npz) or, with the PyTorch networks, its activation ranges (.json)")
     p.add_argument("--models", required=True, type=Path, help="the export folder that will be quantized")
     p.add_argument("--image", required=True, type=Path)
     p.add_argument("--video", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path, help="calibration .npz (for `hyportrait build --calibration`)")
-    p.add_argument("--sets", type=int, default=8, help="input sets: steps spread over the schedule (default 8)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="FILE.npz: UNet input sets, recorded with onnxruntime on the export; FILE.json: activation "
+                   "ranges, recorded on the PyTorch networks of --weights (needed at the official size, where "
+                   "onnxruntime cannot run the UNet to calibrate); either goes to `hyportrait build --calibration`")
+    p.add_argument("--weights", type=Path, help="official weights folder the export was made from (for .json)")
+    p.add_argument("--sets", type=int, default=8, help="steps spread over the schedule (default 8)")
     p.add_argument("--max-frames", type=int, default=25, help="driving frames used (default 25)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
 def _calibrate(args) -> int:
     from hyportrait.engines.calibration import record_calibration
+    from hyportrait.errors import InputError
+    from hyportrait.export.manifest import MANIFEST_FILE, read_manifest
     from hyportrait.runtime.api import Animator
 
-    animator = Animator(args.models, backend="onnxruntime", device=args.device, max_frames=args.max_frames)
-    path = record_calibration(animator, args.image, args.video, args.out, sets=args.sets)
+    if args.out.suffix == ".json":  # activation ranges, on the PyTorch networks the export traces
+        if args.weights is None:
+            raise InputError("activation ranges (.json) are recorded on the PyTorch networks: pass --weights DIR")
+        if not (args.models / MANIFEST_FILE).is_file():
+            raise InputError(f"{args.models} is not a finished export: no {MANIFEST_FILE}")
+        unet = args.models / read_manifest(args.models).models["unet"].file
+        animator = Animator(backend="torch", weights=args.weights, faithful=False, device=args.device,
+                            max_frames=args.max_frames)
+    else:
+        unet = None
+        animator = Animator(args.models, backend="onnxruntime", device=args.device, max_frames=args.max_frames)
+    path = record_calibration(animator, args.image, args.video, args.out, sets=args.sets, unet_onnx=unet)
     print(f"wrote {path}")
     return 0
 

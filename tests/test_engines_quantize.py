@@ -8,42 +8,56 @@ numbers with margin; real conditioning and trained weights are the device script
 """
 import json
 import re
+import shutil
 from collections import Counter
+from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from hyportrait.engines import quantize
 from hyportrait.engines.quantize import (
     ACTIVATION_MATMUL,
+    PRECISIONS,
     QDQ_OPSET,
     SENSITIVE_SCOPES,
+    TORCH_METHOD,
+    activation_inputs,
     calibrate,
+    current_report,
     feeds_sha256,
     load_calibration_npz,
     quantize_model,
+    quantize_unet,
     random_unet_feeds,
+    read_calibration,
     read_report,
     report_path,
     save_calibration_npz,
     select_nodes,
 )
+from hyportrait.engines.torch_quant import fake_quantization, node_modules, qdq_nodes, torch_ranges
 from hyportrait.errors import InputError
 from hyportrait.export.export_unet import unet_spec
-from hyportrait.export.onnx_io import export_onnx
+from hyportrait.export.onnx_io import export_onnx, relative_error
 from hyportrait.export.weights import random_networks
 
+ASSETS = Path(__file__).resolve().parents[1] / "hyportrait" / "assets"
+SAMPLE_IMAGE, SAMPLE_VIDEO = ASSETS / "sample_portrait.jpg", ASSETS / "sample_driving.mp4"
 MAX_ERROR = {"int8": 0.2, "fp8": 0.4}
 WEIGHT_TYPE = {"int8": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3FN}
 
 
 @pytest.fixture(scope="module")
 def unet(tmp_path_factory):
-    """(model path, manifest record) of the tiny UNet exported in fp32."""
+    """(model path, manifest record, the module exported) of the tiny UNet exported in fp32."""
     out = tmp_path_factory.mktemp("unet")
-    record = export_onnx(unet_spec(random_networks("tiny")), out, "fp32")
-    return out / record.file, record
+    spec = unet_spec(random_networks("tiny"))
+    record = export_onnx(spec, out, "fp32")
+    return out / record.file, record, spec.module
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +68,15 @@ def feeds(unet):
 @pytest.fixture(scope="module")
 def ranges(unet, feeds):
     return calibrate(unet[0], feeds)
+
+
+@pytest.fixture(scope="module")
+def qdq(unet, feeds, ranges):
+    """The report of each precision's Q/DQ model, evaluated on the calibration sets."""
+    source, record, _ = unet
+    return {precision: quantize_model(source, precision, ranges, calibration={"origin": "random", "input_sets": 2},
+                                      source_sha256=record.sha256, eval_feeds=feeds)
+            for precision in PRECISIONS}
 
 
 def test_sensitive_layers_are_selected_out(unet):
@@ -77,10 +100,9 @@ def _producers(graph) -> dict[str, onnx.NodeProto]:
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_qdq_model_runs_and_stays_close(unet, feeds, ranges, precision):
-    source, record = unet
-    report = quantize_model(source, precision, ranges, calibration={"origin": "random", "input_sets": 2},
-                            source_sha256=record.sha256, eval_feeds=feeds)
+def test_qdq_model_runs_and_stays_close(unet, qdq, precision):
+    source = unet[0]
+    report = qdq[precision]
     path = source.with_name(f"unet.{precision}.onnx")
     assert report.output == path.name and path.is_file() and report.data_file is None
     assert read_report(report_path(path)) == report
@@ -106,6 +128,10 @@ def test_qdq_model_runs_and_stays_close(unet, feeds, ranges, precision):
     # one QuantizeLinear per distinct activation input: none on the quantized nodes' outputs
     activations = {producers[producers[nodes[name].input[0]].input[0]].input[0] for name in quantized}
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) == len(activations)
+    # ...whose dequantized output only the quantized nodes read (skip connections keep the original)
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    readers = {n.name for n in graph.node if set(n.input) & dequantized}
+    assert readers == set(quantized)
     metadata = {p.key: p.value for p in model.metadata_props}
     assert metadata["hyportrait.precision"] == precision
     assert json.loads(metadata["hyportrait.quantization"])["excluded"] == report.excluded
@@ -150,3 +176,133 @@ def test_large_models_keep_their_weights_in_one_data_file(unet, feeds, ranges, t
     # the int8 weights are in the data file; scales, zero points and biases under 1 KB stay inline
     assert (tmp_path / "unet.int8.onnx.data").stat().st_size > 2 * (tmp_path / "unet.int8.onnx").stat().st_size
     assert 0 < report.evaluation["max_relative_error"] < MAX_ERROR["int8"]
+
+
+def test_torch_ranges_are_the_onnxruntime_ranges(unet, feeds, ranges):
+    source, _, module = unet
+    model = onnx.load(str(source), load_external_data=False)
+    recorded = torch_ranges(module, model, feeds)
+    needed = activation_inputs(model, select_nodes(model))
+    assert set(recorded.keys()) == set(needed)
+    for name in needed:
+        np.testing.assert_allclose(recorded[name].range_value, ranges[name].range_value, rtol=1e-4, err_msg=name)
+        assert recorded[name].range_value[1].dtype == np.float32
+
+
+def test_nodes_of_no_module_are_named(unet):
+    with pytest.raises(InputError, match=r"/unet/nowhere/to_q/MatMul \(0 candidate modules\)"):
+        node_modules(unet[2], ["/unet/down_blocks.0/attentions.0/proj_in/MatMul", "/unet/nowhere/to_q/MatMul"])
+
+
+def _qdq_node_tensors(path, feed) -> tuple[dict, dict[str, np.ndarray]]:
+    """The quantized nodes of a Q/DQ model ({name: (node, its unquantized activation input)}) and every
+    intermediate tensor of a run on `feed`."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    producers = _producers(graph)
+    weights = {t.name for t in graph.initializer}
+    nodes = {}
+    for name in qdq_nodes(model):
+        node = next(n for n in graph.node if n.name == name)
+        dq = next(producers[i] for i in node.input[:2] if producers[i].input[0] not in weights)
+        nodes[name] = (node, producers[dq.input[0]].input[0])
+    inputs = {i.name for i in graph.input}
+    wanted = {t for node, activation in nodes.values() for t in (node.output[0], activation)} - inputs
+    graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in sorted(wanted))
+    path = path.with_name(f"{path.stem}.probed.onnx")
+    onnx.save_model(model, str(path))
+    session = quantize._session(path, None)
+    return nodes, {**feed, **dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))}
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_fake_quantization_computes_what_each_qdq_node_does(unet, feeds, qdq, precision):
+    """Each fake-quantized module, given the activation the Q/DQ model's node reads, returns that node's
+    output (plus the bias a MatMul leaves to the next Add) to float rounding."""
+    source, _, module = unet
+    nodes, tensors = _qdq_node_tensors(source.with_name(qdq[precision].output), feeds[0])
+    modules = dict(module.named_modules())
+    names = node_modules(module, list(nodes))
+    errors = {}
+    with torch.no_grad(), fake_quantization(module, source.with_name(qdq[precision].output)) as count:
+        for name, (node, activation) in nodes.items():
+            torch_module = modules[names[name]]
+            expected = tensors[node.output[0]]
+            if node.op_type == "MatMul" and torch_module.bias is not None:
+                expected = expected + torch_module.bias.numpy()
+            errors[name] = relative_error(torch_module(torch.from_numpy(tensors[activation])).numpy(), expected)
+    assert count == len(nodes) == qdq[precision].quantized_nodes
+    assert max(errors.values()) < 1e-5, max(errors.items(), key=lambda item: item[1])
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_fake_quantization_errs_as_the_qdq_model(unet, feeds, qdq, precision):
+    """Over the whole UNet the two differ by rounding decisions (a 1e-7 difference upstream flips a value
+    to the neighbouring quantization step, and the flips spread), so they agree statistically: the same
+    error against the unquantized module."""
+    source, _, module = unet
+    feed = feeds[0]
+    qdq_out = quantize._session(source.with_name(qdq[precision].output), None).run(None, feed)[0]
+    inputs = {name: torch.from_numpy(value) for name, value in feed.items()}
+    with torch.no_grad():
+        reference = module(**inputs).numpy()
+        with fake_quantization(module, source.with_name(qdq[precision].output)):
+            fake = module(**inputs).numpy()
+        assert np.array_equal(module(**inputs).numpy(), reference)  # the weights are restored
+    qdq_error, fake_error = relative_error(qdq_out, reference), relative_error(fake, reference)
+    assert 0.02 < qdq_error and abs(fake_error - qdq_error) < 0.15 * qdq_error, (fake_error, qdq_error)
+
+
+def test_vectorized_float8_quantization_is_onnxruntimes_bit_for_bit():
+    from onnxruntime.quantization import onnx_model, quant_utils
+
+    rng = np.random.default_rng(0)
+    zero = np.array(0, dtype=ml_dtypes.float8_e4m3fn)
+    cases = [(rng.standard_normal(4096).astype(dtype) * spread, scale)
+             for dtype in (np.float32, np.float16) for spread in (0.01, 1.0, 50.0)
+             for scale in (np.array(0.01, dtype)[()], np.array(0.002, dtype)[()])]
+    with np.errstate(over="ignore"):  # fp16 x / scale past 65504: inf, saturated to 448
+        expected = [quant_utils.quantize_nparray(onnx.TensorProto.FLOAT8E4M3FN, x, s, zero) for x, s in cases]
+    nan = onnx.helper.make_tensor("w", onnx.TensorProto.FLOAT8E4M3FN, [2], bytes([0x7F, 1]), raw=True)
+    with quantize._vectorized_float8(), np.errstate(over="ignore"):
+        for (x, s), reference in zip(cases, expected):
+            assert quant_utils.quantize_nparray(onnx.TensorProto.FLOAT8E4M3FN, x, s, zero).tobytes() == \
+                reference.tobytes()
+        with pytest.raises(ValueError, match="has nan"):
+            onnx_model.ONNXModel._check_init(None, nan)
+
+
+def test_ranges_recorded_while_animating_quantize_the_export(unet, tmp_path):
+    """`hyportrait calibrate --weights ... --out ranges.json`: the torch UNet with the engine rewrites, hooked
+    over every call of the chosen steps; the ranges file names every tensor the export quantizes."""
+    from hyportrait.engines.calibration import record_calibration
+    from hyportrait.runtime.api import Animator
+
+    source = tmp_path / "unet.onnx"
+    shutil.copy(unet[0], source)
+    animator = Animator(backend="torch", device="cpu", faithful=False, size=64, window=4, overlap=1,
+                        max_frames=2, num_steps=3, pad_frames=0)
+    path = record_calibration(animator, SAMPLE_IMAGE, SAMPLE_VIDEO, tmp_path / "ranges.json", sets=2,
+                              unet_onnx=source)
+    calibration = read_calibration(path)
+    model = onnx.load(str(source), load_external_data=False)
+    assert set(calibration.amax) == set(activation_inputs(model, select_nodes(model)))
+    assert calibration.feeds is None and calibration.record["method"] == TORCH_METHOD
+    assert "2 UNet calls at steps [0, 2] of 3" in calibration.record["origin"]  # one window per step
+    report = quantize_unet(source, "int8", calibration)
+    assert report.calibration == calibration.record and report.evaluation == {}
+    assert current_report(source, "int8", source_sha256=report.source_sha256,
+                          calibration_sha256=calibration.record["sha256"]) == report
+    with pytest.raises(InputError, match="need the export's UNet"):
+        record_calibration(animator, SAMPLE_IMAGE, SAMPLE_VIDEO, tmp_path / "ranges.json", sets=2)
+
+
+def test_calibrate_command_records_ranges_only_with_the_torch_networks(tmp_path, capsys):
+    from hyportrait.cli import main
+
+    args = ["calibrate", "--models", str(tmp_path), "--image", str(SAMPLE_IMAGE), "--video", str(SAMPLE_VIDEO),
+            "--out", str(tmp_path / "ranges.json"), "--device", "cpu"]
+    assert main(args) == 2
+    assert "pass --weights DIR" in capsys.readouterr().err
+    assert main([*args, "--weights", str(tmp_path)]) == 2
+    assert "is not a finished export" in capsys.readouterr().err
