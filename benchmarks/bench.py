@@ -62,6 +62,16 @@ def empty_cache():
         torch.cuda.empty_cache()
 
 
+def report_header() -> dict:
+    """What every device report starts with: the GPU, the date, the commit (the device has no git:
+    "unknown", recorded by hand in RESULTS.md) and torch's version."""
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "date": time.strftime("%Y-%m-%d"),
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, check=False,
+                                     text=True).stdout.strip() or "unknown",
+            "torch": torch.__version__}
+
+
 def synchronize():
     if GPU:
         torch.cuda.synchronize()
@@ -265,10 +275,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--size", choices=list(SIZES), default="official",
                    help="tiny: the small test networks (a dry run of this script, on the CPU without a GPU)")
     a = p.parse_args(argv)
-    report = {"device": torch.cuda.get_device_name() if GPU else "cpu", "size": a.size, "date": time.strftime("%Y-%m-%d"),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, check=False,
-                                       text=True).stdout.strip() or "unknown",
-              "torch": torch.__version__, "configs": {}}
+    report = {**report_header(), "size": a.size, "configs": {}}
 
     def save():
         a.report.write_text(json.dumps(report, indent=2, default=str))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
 import time
 import traceback
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from hyportrait.benchmarks.bench import report_header
 from hyportrait.engines.build import BuildRequest, build_all
 from hyportrait.engines.engine_manifest import BuildFlags
 from hyportrait.engines.quantize import (
@@ -102,11 +102,7 @@ def environment() -> dict:
         tensorrt = f"{trt.flavour} {trt.version}"
     except TensorRTMissingError as exc:
         tensorrt = f"not importable: {exc.message}"
-    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "date": time.strftime("%Y-%m-%d"),
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, check=False,
-                                     text=True).stdout.strip() or "unknown",
-            "torch": torch.__version__, "onnxruntime": ort.__version__, "tensorrt": tensorrt}
+    return {**report_header(), "onnxruntime": ort.__version__, "tensorrt": tensorrt}
 
 
 def export_models(size: str, out: Path, device: str) -> dict:

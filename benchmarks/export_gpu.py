@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from hyportrait.benchmarks.bench import report_header
 from hyportrait.export.export_all import network_specs
 from hyportrait.export.export_face_detector import mtcnn_specs
 from hyportrait.export.onnx_io import default_input_sets, export_onnx, module_references, validate_onnx
@@ -42,10 +42,7 @@ def main():
     device, provider = ("cuda", "CUDAExecutionProvider") if gpu else ("cpu", "CPUExecutionProvider")
     # onnxruntime's CUDA provider computes fp32 matmuls and convolutions in TF32 unless told not to
     provider_options = {"use_tf32": "0", "arena_extend_strategy": "kSameAsRequested"} if gpu else {}
-    report = {"device": torch.cuda.get_device_name() if gpu else "cpu", "date": time.strftime("%Y-%m-%d"),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, check=False,
-                                       text=True).stdout.strip() or "unknown",
-              "torch": torch.__version__, "onnxruntime": ort.__version__, "precision": a.precision,
+    report = {**report_header(), "onnxruntime": ort.__version__, "precision": a.precision,
               "reference": f"PyTorch module, fp32, on {device}", "provider": provider, "provider_options": provider_options, "size": a.size,
               "models": {}}
     nets = random_networks(a.size, seed=0)

@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import subprocess
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from hyportrait.benchmarks.bench import cuda_ms, first_call_seconds, unet_inputs
+from hyportrait.benchmarks.bench import cuda_ms, first_call_seconds, report_header, unet_inputs
 from hyportrait.export.export_unet import UNetWithPoseMap, weight_sharing_copy
 from hyportrait.export.export_vae import VAEClipDecoder
 from hyportrait.export.onnx_io import relative_error
@@ -67,10 +65,7 @@ def main(argv: list[str] | None = None):
     a = p.parse_args(argv)
     gpu = torch.cuda.is_available()
     device, dtype = ("cuda", torch.float16) if gpu else ("cpu", torch.float32)
-    report = {"device": torch.cuda.get_device_name() if gpu else "cpu", "date": time.strftime("%Y-%m-%d"),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, check=False,
-                                       text=True).stdout.strip() or "unknown",
-              "torch": torch.__version__, "size": a.size, "networks": {}}
+    report = {**report_header(), "size": a.size, "networks": {}}
 
     def save():
         a.report.write_text(json.dumps(report, indent=1) + "\n")

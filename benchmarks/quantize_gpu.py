@@ -42,9 +42,8 @@ from hyportrait.engines.engine_manifest import BuildFlags
 from hyportrait.engines.quality import psnr
 from hyportrait.engines.quantize import (
     PRECISIONS,
-    current_report,
+    ensure_quantized,
     load_calibration_npz,
-    quantize_unet,
     quantized_path,
     read_calibration,
     save_calibration_npz,
@@ -100,11 +99,8 @@ def animate(a, unet: Path, folder: Path) -> dict:
 
 
 def quantize(source: Path, source_sha256: str, precision: str, ranges: Path) -> dict:
-    calibration = read_calibration(ranges)
-    existing = current_report(source, precision, source_sha256=source_sha256,
-                              calibration_sha256=calibration.record["sha256"])
-    report = existing or quantize_unet(source, precision, calibration, source_sha256=source_sha256)
-    return {"reused": existing is not None, **asdict(report)}
+    report, reused = ensure_quantized(source, precision, read_calibration(ranges), source_sha256=source_sha256)
+    return {"reused": reused, **asdict(report)}
 
 
 def unet_inputs(feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -12,14 +12,13 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hyportrait.benchmarks.bench import cuda_ms
+from hyportrait.benchmarks.bench import cuda_ms, report_header
 from hyportrait.engines.quality import psnr
 from hyportrait.export.face_detector import MTCNNDetector
 from hyportrait.export.weights import random_networks
@@ -38,10 +37,7 @@ from hyportrait.runtime.video import read_frames
 
 @torch.no_grad()
 def run(image: Path, video: Path, max_frames: int, out: Path) -> dict:
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-              "date": time.strftime("%Y-%m-%d"),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, check=False,
-                                       text=True).stdout.strip() or "unknown"}
+    report = {**report_header(), "python": platform.python_version()}
     nets32 = random_networks("official", seed=0)
     detector = MTCNNDetector(device="cuda")
     source = preprocess_source(load_image(image), detector)

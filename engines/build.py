@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hyportrait.errors import HyportraitError, InputError
-from hyportrait.export.manifest import MANIFEST_FILE, read_manifest
+from hyportrait.export.manifest import read_manifest
 from hyportrait.export.onnx_io import atomic_path, ensure_writable
 
 from .engine_manifest import (
@@ -37,7 +37,7 @@ from .engine_manifest import (
     write_engine_manifest,
 )
 from .profiles import PROFILES, ShapeRange, manifest_profiles
-from .quantize import SCHEME, current_report, quantize_unet, quantized_path, read_calibration
+from .quantize import SCHEME, ensure_quantized, quantized_path, read_calibration
 from .tensorrt_module import TensorRT, current_gpu, import_tensorrt
 
 PRECISIONS = ("fp16", "fp32", "int8", "fp8")
@@ -278,10 +278,8 @@ def _quantized_source(request: BuildRequest, record, notes: list[str]) -> _Sourc
         notes.append(f"an fp32 export: the layers of {record.name} left unquantized compute in fp32")
     calibration = read_calibration(Path(request.calibration))
     calibration_sha = calibration.record["sha256"]
-    report = current_report(source, request.precision, source_sha256=record.sha256,
-                            calibration_sha256=calibration_sha)
-    if report is None:
-        report = quantize_unet(source, request.precision, calibration, source_sha256=record.sha256)
+    report, reused = ensure_quantized(source, request.precision, calibration, source_sha256=record.sha256)
+    if not reused:
         error = report.evaluation.get("max_relative_error")
         notes.append(f"quantized {record.name} to {request.precision} ({calibration.record['method']})"
                      + (f": max relative error {error} on the calibration inputs" if error is not None else ""))
@@ -294,11 +292,9 @@ def build_all(request: BuildRequest, *, trt_info: TensorRT | None = None, keep_g
     """Build (or reuse) the engine of every requested model of the export. keep_going: record a model's
     failure and go on (else the first failure raises)."""
     onnx_dir, out_dir = Path(request.onnx_dir), Path(request.out_dir)
-    if not (onnx_dir / MANIFEST_FILE).is_file():
-        raise InputError(f"{onnx_dir} is not a finished export: no {MANIFEST_FILE} (run `hyportrait export`)")
+    manifest = read_manifest(onnx_dir)
     if request.profile not in PROFILES:
         raise InputError(f"unknown profile {request.profile!r}: choose one of {', '.join(PROFILES)}")
-    manifest = read_manifest(onnx_dir)
     _check_precision(request, manifest.precision)
     if request.calibration is not None and not Path(request.calibration).is_file():
         raise InputError(f"calibration file {request.calibration} does not exist")

@@ -579,6 +579,16 @@ def current_report(source: Path, precision: str, *, source_sha256: str,
     return report if current else None
 
 
+def ensure_quantized(source: Path, precision: str, calibration: Calibration, *,
+                     source_sha256: str) -> tuple[QuantizationReport, bool]:
+    """The quantized model of `source` with `calibration`: (its report, whether it was current and reused)."""
+    existing = current_report(source, precision, source_sha256=source_sha256,
+                              calibration_sha256=calibration.record["sha256"])
+    if existing:
+        return existing, True
+    return quantize_unet(source, precision, calibration, source_sha256=source_sha256), False
+
+
 def quantize_unet(source: Path, precision: str, calibration: Calibration, *, source_sha256: str | None = None,
                   providers: Sequence | None = None) -> QuantizationReport:
     """Quantize `source` with the ranges of `calibration`: its input sets calibrated with onnxruntime (the

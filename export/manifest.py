@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import hyportrait
+from hyportrait.errors import InputError
 
 from .onnx_io import OPSET, ModelRecord, TensorRecord, atomic_path
 
@@ -65,4 +66,9 @@ def write_manifest(manifest: Manifest, out_dir: Path) -> Path:
 
 
 def read_manifest(out_dir: Path) -> Manifest:
-    return Manifest.from_json(json.loads((Path(out_dir) / MANIFEST_FILE).read_text()))
+    """The manifest of the export folder `out_dir`; an input error when it is not a finished export."""
+    path = Path(out_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise InputError(f"{out_dir} is not a finished export: no {MANIFEST_FILE} "
+                         "(run `hyportrait export --weights DIR --out FOLDER`)")
+    return Manifest.from_json(json.loads(path.read_text()))

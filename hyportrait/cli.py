@@ -123,14 +123,12 @@ def _add_calibrate(sub) -> None:
 def _calibrate(args) -> int:
     from hyportrait.engines.calibration import record_calibration
     from hyportrait.errors import InputError
-    from hyportrait.export.manifest import MANIFEST_FILE, read_manifest
+    from hyportrait.export.manifest import read_manifest
     from hyportrait.runtime.api import Animator
 
     if args.out.suffix == ".json":  # activation ranges, on the PyTorch networks the export traces
         if args.weights is None:
             raise InputError("activation ranges (.json) are recorded on the PyTorch networks: pass --weights DIR")
-        if not (args.models / MANIFEST_FILE).is_file():
-            raise InputError(f"{args.models} is not a finished export: no {MANIFEST_FILE}")
         unet = args.models / read_manifest(args.models).models["unet"].file
         animator = Animator(backend="torch", weights=args.weights, faithful=False, device=args.device,
                             max_frames=args.max_frames)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from hyportrait.errors import InputError
-from hyportrait.export.manifest import MANIFEST_FILE, Manifest, read_manifest
+from hyportrait.export.manifest import Manifest, read_manifest
 from hyportrait.export.onnx_io import ModelRecord
 
 from .backends import (
@@ -124,9 +124,6 @@ def torch_models(nets, *, device, dtype: torch.dtype, size: int, faithful: bool 
 
 
 def _read_export_manifest(folder: Path) -> Manifest:
-    if not (Path(folder) / MANIFEST_FILE).is_file():
-        raise InputError(f"{folder} is not a finished export: no {MANIFEST_FILE} "
-                         "(run `hyportrait export --weights DIR --out FOLDER`)")
     manifest = read_manifest(folder)
     missing = [name for name in MODEL_NAMES if name not in manifest.models]
     if missing:
