@@ -8,6 +8,7 @@ Networks are random at the official size (speed does not depend on the weights).
     torch            torch, engine rewrites (K/V dedup, pruned DINO adapters), fp16
     torch+graphs     the same with the UNet and VAE decoder replayed as CUDA graphs
     torch+compile    torch+graphs with the UNet and VAE decoder compiled by torch.compile (inductor)
+    torch+compile+fp8  torch+compile with the UNet's transformer linears as fp8 GEMMs (runtime/float8.py)
     onnxruntime      the fp16 export (attention as onnxruntime's fused op) with the CUDA provider
     onnxruntime+graphs  the same with the UNet and VAE decoder captured as CUDA graphs by onnxruntime
 each in quality mode (25 Euler steps, 3 guidance branches) and fast mode (LCM 4 steps, 1 branch).
@@ -15,7 +16,8 @@ each in quality mode (25 Euler steps, 3 guidance branches) and fast mode (LCM 4 
 Per configuration: the wall time of the first UNet call and VAE decode (compilation, graph capture),
 per-stage times with CUDA events after warm-up (motion encoding of a 25-frame chunk,
 appearance, VAE encode, one UNet call, VAE decode of 8 frames); accuracy: the short clip (--accuracy-frames
-driving frames) sampled and decoded, PSNR against torch fp32 of the same mode; the long-video limit in
+driving frames) sampled and decoded, PSNR against torch fp32 of the same mode and against the --baseline
+configuration's frames (configurations run in the order above); the long-video limit in
 output frames per second (per output frame: steps x UNet call / (window - overlap) + decode + motion);
 the demo clip (--demo-frames of the driving video) run end to end by `Animator.animate` (preprocessing,
 sampling, decoding overlapped with writing both videos) for fast mode, and for quality mode with
@@ -269,8 +271,10 @@ def main(argv: list[str] | None = None):
                    help="an .npz keeping the fp32 reference frames between runs (the quality one takes minutes)")
     p.add_argument("--quality-demo", action="store_true",
                    help="also run the demo clip end to end in quality mode (about a minute per configuration)")
+    p.add_argument("--baseline", default="reference",
+                   help="the configuration whose frames the later ones are compared with (psnr_vs_<name>_db)")
     p.add_argument("--skip-quality-reference-fp32", action="store_true",
-                   help="no fp32 quality run (2 s per UNet call): quality-mode PSNR is then against reference fp16")
+                   help="no fp32 quality run (2 s per UNet call): quality-mode PSNR is then against --baseline only")
 
     p.add_argument("--size", choices=list(SIZES), default="official",
                    help="tiny: the small test networks (a dry run of this script, on the CPU without a GPU)")
@@ -323,6 +327,8 @@ def main(argv: list[str] | None = None):
                                              cuda_graph=True),
         "torch+compile": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=False,
                                               cuda_graph=True, compile=True),
+        "torch+compile+fp8": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop,
+                                                  faithful=False, cuda_graph=True, compile=True, float8=True),
         "onnxruntime": lambda: onnx_models(onnx_folder, torch.device(DEVICE)),
         "onnxruntime+graphs": lambda: onnx_models(onnx_folder, torch.device(DEVICE), cuda_graph=True),
     }
@@ -351,10 +357,10 @@ def main(argv: list[str] | None = None):
                 frames, entry["accuracy_clip_times"] = clip(models, config, inputs, a.accuracy_frames)
                 if mode in references:
                     entry["psnr_vs_fp32_db"] = psnr(frames, references[mode], data_range=255)
-                if name == "reference":
-                    references[f"{mode}_fp16"] = frames
-                elif f"{mode}_fp16" in references:
-                    entry["psnr_vs_reference_fp16_db"] = psnr(frames, references[f"{mode}_fp16"], data_range=255)
+                if name == a.baseline:
+                    references[f"{mode}_baseline"] = frames
+                elif f"{mode}_baseline" in references:
+                    entry[f"psnr_vs_{a.baseline}_db"] = psnr(frames, references[f"{mode}_baseline"], data_range=255)
                 entry["long_video"] = long_video_fps(stages, config, encode_ms, inputs.preprocess_ms_per_frame)
                 entry["demo_seconds_estimate"] = demo_seconds_estimate(stages, config, inputs.num_frames, encode_ms,
                                                                        inputs.preprocess_ms_per_frame)

@@ -36,6 +36,8 @@ def _add_animate(sub) -> None:
                    "the UNet and VAE decoder as CUDA graphs")
     p.add_argument("--compile", action="store_true", help="torch backend: compile the UNet and VAE decoder with "
                    "torch.compile (faster after minutes of compiling at the first window)")
+    p.add_argument("--float8", action="store_true", help="torch backend, GPUs of compute capability 8.9+: the "
+                   "UNet's transformer linears as fp8 GEMMs (use with --compile)")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
     p.add_argument("--steps", type=int, help="denoising steps (official: 25)")
     p.add_argument("--seed", type=int, help="random seed (official: 72580)")
@@ -158,7 +160,8 @@ def _animate(args) -> int:
         overrides.update(min_motion_guidance=args.motion_guidance[0], max_motion_guidance=args.motion_guidance[1])
     animator = Animator(args.models, backend=args.backend, weights=args.weights, device=args.device,
                         precision=args.precision, mode=args.mode, lora=args.lora, faithful=not args.rewrites,
-                        cuda_graph=args.cuda_graph, compile=args.compile, progress=not args.quiet, **overrides)
+                        cuda_graph=args.cuda_graph, compile=args.compile, float8=args.float8,
+                        progress=not args.quiet, **overrides)
     result = animator.animate(args.image, args.video, args.out)
     print(f"wrote {result.cropped}")
     print(f"wrote {result.full_resolution}")

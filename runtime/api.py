@@ -47,6 +47,7 @@ from .pipeline import (
     AnimateConfig,
     Conditioning,
     build_conditioning,
+    consumed_in_background,
     decode_frames,
     motion_tokens,
     prefetched,
@@ -146,13 +147,15 @@ class Animator:
     False the engine rewrites (same up to rounding, faster). cuda_graph (torch and onnxruntime, GPU): replay
     the UNet and VAE decoder as CUDA graphs. compile (torch only): compile the UNet and VAE decoder with
     `torch.compile` (True: inductor, or a torch.compile backend's name; the first window and decode of each
-    shape wait for the compiler). Any `AnimateConfig` field can be given as a keyword (num_steps, seed, ...).
+    shape wait for the compiler). float8 (torch only, GPUs of compute capability 8.9+): the UNet's transformer
+    linears as fp8 GEMMs (runtime/float8.py; faster with compile, not the reference's numbers). Any `AnimateConfig` field can be given as a keyword (num_steps, seed, ...).
     """
 
     def __init__(self, models: str | Path | Models | None = None, *, backend: str = "torch",
                  weights: str | Path | None = None, device: str | None = None, precision: str | None = None,
                  mode: str = "quality", lora: str | Path | None = None, faithful: bool = True,
-                 cuda_graph: bool = False, compile: bool | str = False, progress: bool = False, **options):
+                 cuda_graph: bool = False, compile: bool | str = False, float8: bool = False,
+                 progress: bool = False, **options):
         tic = time.perf_counter()
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}: choose quality or fast")
@@ -178,15 +181,19 @@ class Animator:
                       "not a face. Pass the official pretrained_weights/ folder for real results.", file=sys.stderr)
             settings.update(options)
             self.config = make_config(settings, precision=precision, device=str(self.device))
-            self.models = self._torch_models(weights, lora, faithful=faithful, cuda_graph=cuda_graph,
-                                             compile=compile)
+            try:
+                self.models = self._torch_models(weights, lora, faithful=faithful, cuda_graph=cuda_graph,
+                                                 compile=compile, float8=float8)
+            except ValueError as exc:  # float8 on a GPU without fp8 GEMMs
+                raise InputError(str(exc)) from None
             arcface_folder = weights
         else:
             if lora is not None:
                 raise InputError("a LoRA is merged at export time (`hyportrait export --lora`), not at run time")
-            if compile and not isinstance(models, Models):
-                raise InputError(f"compile applies to the torch backend; the {backend} backend runs its models "
-                                 "as exported or built")
+            for option, asked in (("compile", compile), ("float8", float8)):
+                if asked and not isinstance(models, Models):
+                    raise InputError(f"{option} applies to the torch backend; the {backend} backend runs its "
+                                     "models as exported or built")
             self.models = self._loaded_models(models, backend, cuda_graph)
             self.config = self._fixed_size_config(settings, options)
             # ArcFace (arcface.onnx) is copied into the export folder
@@ -310,15 +317,23 @@ class Animator:
             x1, y1, x2, y2 = source.crop_box
             mask = soft_mask(x2 - x1, y2 - y1)
             fps = prepared.video.fps
+
+            def write_full(frame):
+                full_out.write(paste_back(source.original_image, frame, source.crop_box, mask))
+
+            depth = 2 * self.config.decode_chunk
             try:
                 folder.mkdir(parents=True, exist_ok=True)
+                # each video is pasted and encoded on its own thread (the encoder releases the GIL)
                 with VideoWriter(cropped, fps, audio_from=path) as crop_out, \
                         VideoWriter(full, fps, audio_from=path) as full_out, \
+                        consumed_in_background(crop_out.write, depth, "hyportrait-crop-video") as to_crop, \
+                        consumed_in_background(write_full, depth, "hyportrait-full-video") as to_full, \
                         tqdm(total=prepared.num_frames, desc="decode+encode", unit="frame",
                              disable=not self.progress) as bar:
                     for frame in self._decoded(prepared, latents):
-                        crop_out.write(frame)
-                        full_out.write(paste_back(source.original_image, frame, source.crop_box, mask))
+                        to_crop(frame)
+                        to_full(frame)
                         bar.update(1)
             except OSError as exc:
                 raise InputError(f"cannot write the output videos under {folder}: {exc.strerror or exc}") from None

@@ -29,6 +29,7 @@ from .backends import (
     TensorRTSession,
     TorchSession,
 )
+from .float8 import check_float8_device, float8_linears
 
 POSE_CONSTANT_FILE = "pose_constant.npy"
 
@@ -76,13 +77,15 @@ def place_networks(nets, device, dtype: torch.dtype):
 
 
 def torch_models(nets, *, device, dtype: torch.dtype, size: int, faithful: bool = True,
-                 cuda_graph: bool = False, compile: bool | str = False) -> Models:
+                 cuda_graph: bool = False, compile: bool | str = False, float8: bool = False) -> Models:
     """The networks as torch Sessions (they are moved to `device` and `dtype` in place).
 
     size: the generated crop (px); the pose map is computed for it. cuda_graph: replay the UNet and the
     VAE decoder as CUDA graphs (GPU only). compile: compile the UNet and the VAE decoder with
     `torch.compile`, True for inductor or the name of a torch.compile backend (one specialisation per input
-    shape: with inductor the first call of each shape takes minutes at full size). nets: `hyportrait.export.weights.Networks`.
+    shape: with inductor the first call of each shape takes minutes at full size). float8: the UNet's transformer
+    linears as fp8 GEMMs (runtime/float8.py; GPUs of compute capability 8.9+, best compiled), on a copy of
+    the UNet that shares the fp16 weights. nets: `hyportrait.export.weights.Networks`.
     """
     from hyportrait.export.export_appearance import AppearanceEncoder
     from hyportrait.export.export_motion import MotionEncoder
@@ -90,6 +93,8 @@ def torch_models(nets, *, device, dtype: torch.dtype, size: int, faithful: bool 
     from hyportrait.export.export_vae import VAEClipDecoder, VAEImageEncoder
 
     device = torch.device(device)
+    if float8:
+        check_float8_device(device)
     place_networks(nets, device, dtype)
     f32 = torch.float32
     vae_dtype = next(nets.vae.encoder.parameters()).dtype
@@ -98,6 +103,9 @@ def torch_models(nets, *, device, dtype: torch.dtype, size: int, faithful: bool 
     else:
         unet = UNetWithPoseMap(weight_sharing_copy(nets.unet).set_engine_rewrites(True))
         appearance = AppearanceEncoder(nets.dino, nets.image_proj)
+    if float8:
+        unet = weight_sharing_copy(unet)
+        float8_linears(unet)
     graphs = cuda_graph and device.type == "cuda"
     vae_decoder = VAEClipDecoder(nets.vae).eval()
     if compile:
@@ -119,7 +127,8 @@ def torch_models(nets, *, device, dtype: torch.dtype, size: int, faithful: bool 
         unet=TorchSession("unet", unet.eval(), unet_dtypes, cuda_graph=graphs),
         pose_map=pose_map, backend="torch", device=device, dtype=dtype,
         description=f"torch {'faithful' if faithful else 'rewritten'} {str(dtype).removeprefix('torch.')}"
-                    + (f" compiled ({backend})" if compile else "") + (" cuda-graphs" if graphs else ""),
+                    + (" float8-linears" if float8 else "") + (f" compiled ({backend})" if compile else "")
+                    + (" cuda-graphs" if graphs else ""),
     )
 
 

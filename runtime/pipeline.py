@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -279,3 +280,36 @@ def prefetched(items: Iterator, depth: int) -> Iterator:
     finally:
         stop.set()
         thread.join()
+
+
+@contextmanager
+def consumed_in_background(consume: Callable, depth: int, name: str) -> Iterator[Callable]:
+    """A function that hands items to `consume`, called on a thread of its own in order, up to `depth` queued:
+    each output video is pasted and encoded on its own thread while the GPU decodes. A failure of `consume`
+    is raised in the caller at its next hand-over or when the block ends; later items are dropped."""
+    pending: queue.Queue = queue.Queue(maxsize=depth)
+    errors: list[BaseException] = []
+
+    def run():
+        while (item := pending.get()) is not _END:
+            if errors:
+                continue  # drained, so that the caller never blocks on a full queue
+            try:
+                consume(item)
+            except BaseException as exc:  # noqa: BLE001 -- handed to the caller's thread, raised there
+                errors.append(exc)
+
+    def hand_over(item) -> None:
+        if errors:
+            raise errors[0]
+        pending.put(item)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        yield hand_over
+    finally:
+        pending.put(_END)
+        thread.join()
+    if errors:
+        raise errors[0]

@@ -19,12 +19,14 @@ from hyportrait.export.export_all import export_all
 from hyportrait.export.weights import random_networks
 from hyportrait.runtime.api import Animator
 from hyportrait.runtime.backends import BackendError, resolve_device
+from hyportrait.runtime.float8 import Float8Linear, check_float8_device, to_float8
 from hyportrait.runtime.models import torch_models
 from hyportrait.runtime.pipeline import (
     GUIDANCE_BRANCHES,
     AnimateConfig,
     Conditioning,
     build_conditioning,
+    consumed_in_background,
     decode_frames,
     guided_denoiser,
     motion_tokens,
@@ -191,6 +193,43 @@ def test_compiled_torch_models_follow_the_eager_ones():
     assert psnr(compiled, eager, data_range=255) > 45
 
 
+def test_a_float8_linear_is_the_gemm_of_its_quantized_operands():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(2, 7, 64) * 3
+    fp8 = Float8Linear(linear)
+    # the same values through an fp32 matmul: e4m3 operands times their per-tensor scales, plus the bias
+    (xq, xs), (wq, ws) = to_float8(x), to_float8(linear.weight.detach())
+    expected = (xq.float() * xs) @ (wq.float() * ws).T + linear.bias
+    with torch.no_grad():
+        out, exact = fp8(x), linear(x)
+    assert out.shape == (2, 7, 48) and fp8.bias is linear.bias
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert 0.005 < ((out - exact).norm() / exact.norm()).item() < 0.05  # e4m3 keeps 3 mantissa bits
+
+
+def test_float8_models_convert_the_transformer_linears_of_a_copy():
+    nets = random_networks("tiny")
+    models = torch_models(nets, device="cpu", dtype=torch.float32, size=64, faithful=False, float8=True)
+    converted = [name for name, m in models.unet.module.named_modules() if isinstance(m, Float8Linear)]
+    assert converted and all(".attentions." in name and "time_pos_embed" not in name for name in converted)
+    assert any(name.endswith("attn2.to_q") for name in converted)
+    assert any(name.endswith("ff.net.2") for name in converted)
+    assert not any(isinstance(m, Float8Linear) for m in nets.unet.modules())  # the fp32 UNet is untouched
+    assert "float8-linears" in models.description
+    frames, exact = small_run_frames(faithful=False, float8=True), small_run_frames(faithful=False)
+    assert frames.shape == exact.shape and 24 < psnr(frames, exact, data_range=255) < 45
+
+
+def test_float8_is_refused_where_it_cannot_run(export_dir, monkeypatch):
+    with pytest.raises(InputError, match="float8 applies to the torch backend"):
+        Animator(export_dir, backend="onnxruntime", device="cpu", float8=True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ValueError, match="compute capability 8.9 or newer.*A100 is 8.0"):
+        check_float8_device(torch.device("cuda"))
+
+
 def test_onnxruntime_backend_matches_the_torch_reference(tmp_path, torch_animator, ort_animator):
     """CI's end-to-end check: the same tiny networks through the exported models (onnxruntime CPU, fp32)
     and through PyTorch, same seed: same frame count, fps and audio, PSNR >= 40 dB."""
@@ -242,6 +281,50 @@ def test_prefetched_keeps_order_raises_and_stops_early():
     assert next(stream) == 0
     stream.close()  # stops and joins the producer
     assert len(produced) <= 5
+
+
+def test_consumed_in_background_keeps_order_and_raises_a_failure_in_the_caller():
+    seen = []
+    with consumed_in_background(seen.append, depth=2, name="test") as hand_over:
+        for i in range(50):
+            hand_over(i)
+    assert seen == list(range(50))
+
+    def failing(item):
+        if item == 3:
+            raise OSError(28, "No space left on device")
+        seen.append(item)
+
+    seen.clear()
+    # a full queue never blocks the caller once the consumer failed
+    with pytest.raises(OSError, match="No space"), consumed_in_background(failing, depth=1, name="t") as hand_over:
+        for i in range(1000):
+            hand_over(i)
+    assert seen == [0, 1, 2]
+    # a failure on the last items surfaces when the block ends
+    with pytest.raises(OSError, match="No space"), consumed_in_background(failing, depth=8, name="t") as hand_over:
+        for i in range(4):
+            hand_over(i)
+
+
+def test_a_failing_output_write_is_a_clear_error_and_leaves_nothing(tmp_path, torch_animator, monkeypatch):
+    """The full-resolution video is pasted and encoded on its own thread: its failure still reaches the
+    caller as an input error, and neither video nor the result folder is left behind."""
+    from hyportrait.runtime import api
+
+    calls = []
+
+    def paste_back_until_the_disk_fills(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return paste_back(*args)
+
+    paste_back = api.paste_back
+    monkeypatch.setattr(api, "paste_back", paste_back_until_the_disk_fills)
+    with pytest.raises(InputError, match="cannot write the output videos.*No space left"):
+        torch_animator.animate(SAMPLE_IMAGE, SAMPLE_VIDEO, tmp_path)
+    assert not list(tmp_path.rglob("*"))
 
 
 def test_a_clip_shorter_than_one_window(tmp_path):
