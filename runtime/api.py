@@ -45,6 +45,7 @@ from .pipeline import (
     DTYPES,
     FAST_MODE,
     AnimateConfig,
+    BusyTimes,
     Conditioning,
     build_conditioning,
     consumed_in_background,
@@ -286,10 +287,11 @@ class Animator:
         prepared.timings["denoise"] = time.perf_counter() - tic
         return latents
 
-    def _decoded(self, prepared: Prepared, latents: torch.Tensor) -> Iterator[np.ndarray]:
+    def _decoded(self, prepared: Prepared, latents: torch.Tensor, busy: BusyTimes | None = None
+                 ) -> Iterator[np.ndarray]:
         """The output frames, decoded a chunk ahead of the caller (decoding overlaps encoding)."""
         frames = decode_frames(self.models, latents, self.config, prepared.conditioning.num_pad)
-        return prefetched(frames, depth=2 * self.config.decode_chunk)
+        return prefetched(busy.items("busy_decode", frames) if busy else frames, depth=2 * self.config.decode_chunk)
 
     # -- whole animations ----------------------------------------------------------------------------------
 
@@ -321,17 +323,19 @@ class Animator:
             def write_full(frame):
                 full_out.write(paste_back(source.original_image, frame, source.crop_box, mask))
 
-            depth = 2 * self.config.decode_chunk
+            depth, busy = 2 * self.config.decode_chunk, BusyTimes()
             try:
                 folder.mkdir(parents=True, exist_ok=True)
                 # each video is pasted and encoded on its own thread (the encoder releases the GIL)
                 with VideoWriter(cropped, fps, audio_from=path) as crop_out, \
                         VideoWriter(full, fps, audio_from=path) as full_out, \
-                        consumed_in_background(crop_out.write, depth, "hyportrait-crop-video") as to_crop, \
-                        consumed_in_background(write_full, depth, "hyportrait-full-video") as to_full, \
+                        consumed_in_background(busy.calls("busy_write_cropped", crop_out.write), depth,
+                                               "hyportrait-crop-video") as to_crop, \
+                        consumed_in_background(busy.calls("busy_write_full", write_full), depth,
+                                               "hyportrait-full-video") as to_full, \
                         tqdm(total=prepared.num_frames, desc="decode+encode", unit="frame",
                              disable=not self.progress) as bar:
-                    for frame in self._decoded(prepared, latents):
+                    for frame in self._decoded(prepared, latents, busy):
                         to_crop(frame)
                         to_full(frame)
                         bar.update(1)
@@ -341,6 +345,7 @@ class Animator:
                 # the writers removed their partial files; leave no empty result folder behind either
                 if folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()
-            timings = dict(prepared.timings, decode_encode=time.perf_counter() - tic)
+            # decode_encode is wall time; busy_* the seconds each of its threads worked
+            timings = dict(prepared.timings, decode_encode=time.perf_counter() - tic, **busy.seconds)
             timings["total"] = time.perf_counter() - start
         return AnimateResult(cropped, full, prepared.num_frames, fps, prepared.missing_face_frames, timings)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -313,3 +314,33 @@ def consumed_in_background(consume: Callable, depth: int, name: str) -> Iterator
         thread.join()
     if errors:
         raise errors[0]
+
+
+class BusyTimes:
+    """Seconds each overlapped part of the writing spent working, keyed by part: with decoding and both encoders
+    on threads of their own, the wall time alone does not say which of them bounds the rest."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def _add(self, key: str, tic: float) -> None:
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - tic
+
+    def calls(self, key: str, fn: Callable) -> Callable:
+        def timed(*args):
+            tic = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self._add(key, tic)
+        return timed
+
+    def items(self, key: str, items: Iterator) -> Iterator:
+        items = iter(items)
+        while True:
+            tic = time.perf_counter()
+            item = next(items, _END)
+            self._add(key, tic)
+            if item is _END:
+                return
+            yield item

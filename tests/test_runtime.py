@@ -242,7 +242,9 @@ def test_onnxruntime_backend_matches_the_torch_reference(tmp_path, torch_animato
     frames = [np.stack(list(a.frames(SAMPLE_IMAGE, SAMPLE_VIDEO))) for a in (torch_animator, ort_animator)]
     assert frames[0].shape == frames[1].shape == (FRAMES, 64, 64, 3)
     assert psnr(*frames, data_range=255) >= 40
-    assert set(results[1].timings) >= {"preprocess", "conditioning", "denoise", "decode_encode", "total"}
+    assert set(results[1].timings) >= {"preprocess", "conditioning", "denoise", "decode_encode", "total",
+                                       "busy_decode", "busy_write_cropped", "busy_write_full"}
+    assert 0 < results[1].timings["busy_write_full"] < results[1].timings["decode_encode"]
 
 
 def test_api_takes_bytes_and_arrays(torch_animator):
