@@ -49,6 +49,8 @@ def _add_animate(sub) -> None:
     p.add_argument("--max-frames", type=int, help="use at most this many driving frames")
     p.add_argument("--decode-chunk", type=int, help="frames per VAE decode call (official: 8)")
     p.add_argument("--overlap", type=int, help="frames shared by neighbouring windows (official: 3)")
+    p.add_argument("--video-preset", metavar="PRESET", help="libx264 preset of the output videos, ultrafast ... "
+                   "veryslow (CRF 17; default medium as the official, veryfast in fast mode)")
     p.add_argument("--precision", choices=["fp16", "fp32"], help="network precision (default fp16 on GPU, "
                    "fp32 on CPU)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -148,7 +150,7 @@ def _animate(args) -> int:
     overrides = {k: v for k, v in {
         "num_steps": args.steps, "seed": args.seed, "decode_chunk": args.decode_chunk,
         "max_frames": args.max_frames, "overlap": args.overlap, "sampler": args.sampler,
-        "guidance_branches": args.guidance_branches,
+        "guidance_branches": args.guidance_branches, "video_preset": args.video_preset,
     }.items() if v is not None}
     if args.guidance is not None:
         overrides.update(min_appearance_guidance=args.guidance, max_appearance_guidance=args.guidance,

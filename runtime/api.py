@@ -40,7 +40,7 @@ from hyportrait.export.arcface import load_arcface, zero_identity_embedding
 from hyportrait.export.face_detector import load_face_detector
 
 from .backends import Models, resolve_device
-from .paste_back import paste_back, soft_mask
+from .paste_back import PasteBack
 from .pipeline import (
     DTYPES,
     FAST_MODE,
@@ -315,20 +315,19 @@ class Animator:
             folder = Path(out) / (f"{datetime.now():%Y%m%d_%H%M%S}_{_stem(image, 'image')}_"
                                   f"{_stem(video, 'video')}")
             cropped, full = folder / "cropped.mp4", folder / "full_resolution.mp4"
-            source = prepared.source
-            x1, y1, x2, y2 = source.crop_box
-            mask = soft_mask(x2 - x1, y2 - y1)
+            paste_back = PasteBack(prepared.source.original_image, prepared.source.crop_box)
             fps = prepared.video.fps
 
             def write_full(frame):
-                full_out.write(paste_back(source.original_image, frame, source.crop_box, mask))
+                full_out.write(paste_back(frame))
 
             depth, busy = 2 * self.config.decode_chunk, BusyTimes()
             try:
                 folder.mkdir(parents=True, exist_ok=True)
                 # each video is pasted and encoded on its own thread (the encoder releases the GIL)
-                with VideoWriter(cropped, fps, audio_from=path) as crop_out, \
-                        VideoWriter(full, fps, audio_from=path) as full_out, \
+                preset = self.config.video_preset
+                with VideoWriter(cropped, fps, audio_from=path, preset=preset) as crop_out, \
+                        VideoWriter(full, fps, audio_from=path, preset=preset) as full_out, \
                         consumed_in_background(busy.calls("busy_write_cropped", crop_out.write), depth,
                                                "hyportrait-crop-video") as to_crop, \
                         consumed_in_background(busy.calls("busy_write_full", write_full), depth,

@@ -38,7 +38,10 @@ Precision = Literal["fp16", "fp32"]
 Sampler = Literal["euler", "lcm"]
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 VAE_SCALE = 0.18215
-FAST_MODE = {"sampler": "lcm", "num_steps": 4, "guidance_branches": 1}
+# fast mode also encodes faster: libx264 "medium" costs about 22 ms of CPU per 512 px frame and stream, "veryfast"
+# about 9 (H100 host, benchmarks/RESULTS.md), at the same CRF (a larger file of the same quality)
+FAST_MODE = {"sampler": "lcm", "num_steps": 4, "guidance_branches": 1, "video_preset": "veryfast"}
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 # The UNet batch of each guidance setting: branch 0 has no image latent, appearance or motion; branch 1 the
 # image latent and appearance; branch 2 everything.
 GUIDANCE_BRANCHES = {3: (0, 1, 2), 2: (1, 2), 1: (2,)}
@@ -70,6 +73,7 @@ class AnimateConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     sampler: Sampler = "euler"  # "lcm": the few-step sampler of fast mode
     guidance_branches: int = 3  # 3: uncond/appearance/full (official); 2: motion guidance only; 1: none
+    video_preset: str = "medium"  # libx264 preset of the output videos (official: its default, at CRF 17)
 
     def __post_init__(self):
         if self.precision not in DTYPES:
@@ -86,6 +90,8 @@ class AnimateConfig:
             raise ValueError(f"sampler must be euler or lcm, got {self.sampler!r}")
         if self.guidance_branches not in GUIDANCE_BRANCHES:
             raise ValueError(f"guidance_branches must be 1, 2 or 3, got {self.guidance_branches}")
+        if self.video_preset not in X264_PRESETS:
+            raise ValueError(f"video_preset must be one of {', '.join(X264_PRESETS)}, got {self.video_preset!r}")
         if self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
 
@@ -96,7 +102,8 @@ class AnimateConfig:
 
     @classmethod
     def fast(cls, **overrides) -> AnimateConfig:
-        """Fast mode: LCM, 4 steps, one UNet batch per window (no guidance); any field can be overridden."""
+        """Fast mode: LCM, 4 steps, one UNet batch per window (no guidance), veryfast encoding; any field can be
+        overridden."""
         return replace(cls(), **{**FAST_MODE, **overrides})
 
 

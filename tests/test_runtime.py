@@ -163,8 +163,18 @@ def test_lcm_sampler_reaches_a_perfect_models_target_and_reuses_windows():
 def test_fast_mode_config():
     fast = AnimateConfig.fast(seed=3)
     assert (fast.sampler, fast.num_steps, fast.guidance_branches, fast.seed) == ("lcm", 4, 1, 3)
+    assert (fast.video_preset, AnimateConfig().video_preset) == ("veryfast", "medium")
     with pytest.raises(ValueError, match="guidance_branches"):
         AnimateConfig(guidance_branches=4)
+    with pytest.raises(ValueError, match="video_preset must be one of ultrafast"):
+        AnimateConfig(video_preset="quick")
+
+
+def test_the_video_preset_reaches_the_encoder(tmp_path, torch_animator):
+    fast = Animator(torch_animator.models, mode="fast", window=4, **CLIP)
+    for animator, subme in ((torch_animator, b"subme=7"), (fast, b"subme=2")):  # x264 writes its settings
+        result = animator.animate(SAMPLE_IMAGE, SAMPLE_VIDEO, tmp_path / animator.config.video_preset)
+        assert subme in result.cropped.read_bytes() and subme in result.full_resolution.read_bytes()
 
 
 def small_run_frames(config_options: dict | None = None, **model_options) -> np.ndarray:
@@ -316,14 +326,14 @@ def test_a_failing_output_write_is_a_clear_error_and_leaves_nothing(tmp_path, to
 
     calls = []
 
-    def paste_back_until_the_disk_fills(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise OSError(28, "No space left on device")
-        return paste_back(*args)
+    class PasteBackUntilTheDiskFills(api.PasteBack):
+        def __call__(self, frame):
+            calls.append(1)
+            if len(calls) == 3:
+                raise OSError(28, "No space left on device")
+            return super().__call__(frame)
 
-    paste_back = api.paste_back
-    monkeypatch.setattr(api, "paste_back", paste_back_until_the_disk_fills)
+    monkeypatch.setattr(api, "PasteBack", PasteBackUntilTheDiskFills)
     with pytest.raises(InputError, match="cannot write the output videos.*No space left"):
         torch_animator.animate(SAMPLE_IMAGE, SAMPLE_VIDEO, tmp_path)
     assert not list(tmp_path.rglob("*"))

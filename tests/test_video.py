@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hyportrait.errors import VideoError
-from hyportrait.runtime.paste_back import paste_back, soft_mask
+from hyportrait.runtime.paste_back import PasteBack, paste_back, soft_mask
 from hyportrait.runtime.video import VideoWriter, probe_video, read_frames
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -284,3 +284,19 @@ def test_paste_back_blends_inside_box_and_keeps_outside():
         paste_back(original, white, (250, 40, 350, 140))
     with pytest.raises(ValueError, match="mask shape"):
         paste_back(original, white, box, soft_mask(90, 100))
+
+
+def test_paste_back_is_the_official_float32_blend_bit_for_bit():
+    rng = np.random.default_rng(0)
+    original = rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)
+    box = (30, 41, 230, 251)  # 200 x 210: the crops are resized
+    paste = PasteBack(original, box)
+    mask = soft_mask(200, 210)
+    for _ in range(3):
+        crop = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        # the official paste_back_frame, written out
+        foreground = cv2.resize(crop, (200, 210)).astype(np.float32) / 255.0
+        background = original[41:251, 30:230].astype(np.float32) / 255.0
+        expected = original.copy()
+        expected[41:251, 30:230] = ((foreground * mask + background * (1 - mask)) * 255).astype(np.uint8)
+        np.testing.assert_array_equal(paste(crop), expected)
