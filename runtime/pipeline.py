@@ -38,8 +38,8 @@ Precision = Literal["fp16", "fp32"]
 Sampler = Literal["euler", "lcm"]
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 VAE_SCALE = 0.18215
-# fast mode also encodes faster: libx264 "medium" costs about 22 ms of CPU per 512 px frame and stream, "veryfast"
-# about 9 (H100 host, benchmarks/RESULTS.md), at the same CRF (a larger file of the same quality)
+# fast mode also encodes faster: libx264 "medium" takes about 10.5 ms per 512 px frame for the two output videos
+# on the H100 host, "veryfast" 4.4-6.3 ms (benchmarks/RESULTS.md, session 4), at the same CRF (larger files)
 FAST_MODE = {"sampler": "lcm", "num_steps": 4, "guidance_branches": 1, "video_preset": "veryfast"}
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 # The UNet batch of each guidance setting: branch 0 has no image latent, appearance or motion; branch 1 the
