@@ -128,7 +128,12 @@ def variant_module(make, options: set[str]) -> nn.Module:
     set_conv_layout(module, "channels_last" in options)
     if "temporal_conv2d" in options:
         temporal_convs_as_2d(module)
-    return torch.compile(module, dynamic=False) if "compiled" in options else module
+    if "compiled" not in options:
+        return module
+    # dynamo would reuse an earlier variant's code for this copy (modules of one class share it), whatever
+    # inductor options that code was built with
+    torch._dynamo.reset()
+    return torch.compile(module, dynamic=False)
 
 
 def main(argv: list[str] | None = None):
