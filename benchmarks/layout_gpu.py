@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None):
                     if variant in a.profile:
                         entry[f"top_kernels_{variant}"] = top_kernels(functools.partial(module, **inputs), rows=30)
                 except Exception as exc:  # noqa: BLE001 -- record and go on with the other variants
-                    entry[variant] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+                    # a failed profile keeps the variant's times beside the error
+                    entry.setdefault(variant, {})["error"] = f"{type(exc).__name__}: {exc}"[:1000]
                     print(name, variant, entry[variant], flush=True)
             save()
     print(json.dumps(report, indent=1))
