@@ -109,15 +109,12 @@ def top_kernels(fn, rows: int = 15) -> str:
 @contextlib.contextmanager
 def variant_settings(options: set[str]):
     """The process-wide switches of a variant, for its compilation, timing and profile."""
+    import torch._inductor.config as inductor_config
+
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = "cudnn_benchmark" in options
     try:
-        if "forced_layout_opt" in options:
-            import torch._inductor.config as inductor_config
-
-            with inductor_config.patch(force_layout_optimization=True):
-                yield
-        else:
+        with inductor_config.patch(force_layout_optimization="forced_layout_opt" in options):
             yield
     finally:
         torch.backends.cudnn.benchmark = benchmark
@@ -146,11 +143,10 @@ def main(argv: list[str] | None = None):
     p.add_argument("--size", choices=list(SIZES), default="official")
     a = p.parse_args(argv)
     variants = a.variants or ["eager", "channels_last"] + (["compiled", "compiled+channels_last"] if a.compile else [])
-    for name in variants + a.profile:
-        try:
-            variant_options(name)
-        except argparse.ArgumentTypeError as exc:
-            p.error(str(exc))
+    try:  # every variant's options, in run order (a profiled-only variant last)
+        options_of = {name: variant_options(name) for name in variants + a.profile}
+    except argparse.ArgumentTypeError as exc:
+        p.error(str(exc))
     gpu = torch.cuda.is_available()
     device, dtype = ("cuda", torch.float16) if gpu else ("cpu", torch.float32)
     report = {**report_header(), "size": a.size, "networks": {}}
@@ -162,20 +158,21 @@ def main(argv: list[str] | None = None):
     nets = place_networks(random_networks(a.size, seed=0), torch.device(device), dtype)
     models = torch_models(nets, device=device, dtype=dtype, size=config.size)  # for the UNet's inputs
     latent = config.size // 8
+
+    def make_unet():
+        return UNetWithPoseMap(weight_sharing_copy(nets.unet).set_engine_rewrites(True)).eval()
+
     calls = {
         "vae_decoder": (lambda: VAEClipDecoder(weight_sharing_copy(nets.vae)).eval(),
                         {"latents": torch.randn(config.decode_chunk, 4, latent, latent, device=device, dtype=dtype)}),
-        "unet_b3": (lambda: UNetWithPoseMap(weight_sharing_copy(nets.unet).set_engine_rewrites(True)).eval(),
-                    unet_inputs(models, config, 3)),
-        "unet_b1": (lambda: UNetWithPoseMap(weight_sharing_copy(nets.unet).set_engine_rewrites(True)).eval(),
-                    unet_inputs(models, config, 1)),
+        "unet_b3": (make_unet, unet_inputs(models, config, 3)),
+        "unet_b1": (make_unet, unet_inputs(models, config, 1)),
     }
     for name in a.networks:
         make, inputs = calls[name]
         entry = report["networks"][name] = {}
         reference = None
-        for variant in list(dict.fromkeys(variants + a.profile)):
-            options = variant_options(variant)
+        for variant, options in options_of.items():
             with variant_settings(options):
                 try:
                     module = variant_module(make, options)
