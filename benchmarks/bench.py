@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from hyportrait.engines.quality import psnr
-from hyportrait.export.face_detector import MTCNNDetector
-from hyportrait.export.weights import random_networks
+from hyportrait.networks.face_detector import MTCNNDetector
+from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.api import Animator, load_image
 from hyportrait.runtime.backends import Models
 from hyportrait.runtime.models import onnx_models, torch_models

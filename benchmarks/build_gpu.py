@@ -51,7 +51,7 @@ from hyportrait.export.export_face_detector import mtcnn_specs
 from hyportrait.export.export_unet import LATENT_SIZE, unet_spec
 from hyportrait.export.manifest import MANIFEST_FILE, Manifest, read_manifest, write_manifest
 from hyportrait.export.onnx_io import export_onnx
-from hyportrait.export.weights import random_networks
+from hyportrait.networks.weights import random_networks
 
 SMALL_FIRST = ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "pose_guider", "vae_encoder", "vae_decoder", "motion",
                "appearance")

@@ -18,7 +18,7 @@ from hyportrait.benchmarks.bench import report_header
 from hyportrait.export.export_all import network_specs
 from hyportrait.export.export_face_detector import mtcnn_specs
 from hyportrait.export.onnx_io import default_input_sets, export_onnx, module_references, validate_onnx
-from hyportrait.export.weights import random_networks
+from hyportrait.networks.weights import random_networks
 
 
 def main():

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hyportrait.benchmarks.bench import cuda_ms, first_call_seconds, report_header, unet_inputs
-from hyportrait.export.export_unet import UNetWithPoseMap, weight_sharing_copy
-from hyportrait.export.export_vae import VAEClipDecoder
 from hyportrait.export.onnx_io import relative_error
-from hyportrait.export.weights import random_networks
+from hyportrait.networks.unet import UNetWithPoseMap, weight_sharing_copy
+from hyportrait.networks.vae import VAEClipDecoder
+from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.backends import TorchSession
 from hyportrait.runtime.models import place_networks, torch_models
 from hyportrait.runtime.pipeline import AnimateConfig

@@ -53,7 +53,7 @@ from hyportrait.engines.torch_quant import fake_quantization
 from hyportrait.export.export_unet import unet_spec
 from hyportrait.export.manifest import Manifest, read_manifest, write_manifest
 from hyportrait.export.onnx_io import export_onnx, relative_error
-from hyportrait.export.weights import random_networks
+from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.api import Animator
 from hyportrait.runtime.models import torch_models
 

@@ -30,11 +30,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from hyportrait.errors import HyportraitError
-from hyportrait.export.export_motion import MAX_FRAMES as MOTION_CHUNK
 from hyportrait.export.export_vae import MAX_DECODE_FRAMES
-from hyportrait.export.face_detector import MTCNNDetector, YoloFaceDetector
 from hyportrait.export.manifest import Manifest
 from hyportrait.export.onnx_io import ModelRecord
+from hyportrait.networks.face_detector import MTCNNDetector, YoloFaceDetector
+from hyportrait.networks.motion import MAX_FRAMES as MOTION_CHUNK
 
 PROFILES = ("quality", "fast", "all")
 UNET_BATCH = {"quality": (1, 3, 3), "fast": (1, 1, 1)}  # (min, opt, max) guidance branches per UNet call

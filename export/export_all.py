@@ -16,6 +16,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hyportrait.errors import InputError
+from hyportrait.networks.lora import merge_lora
+from hyportrait.networks.weights import (
+    ARCFACE_FILE,
+    CHECKPOINTS,
+    CONFIG_FILES,
+    DETECTOR_FILE,
+    Networks,
+    Size,
+    load_networks,
+    random_networks,
+)
 
 from .export_appearance import appearance_spec
 from .export_arcface import copy_arcface
@@ -24,7 +35,6 @@ from .export_motion import motion_spec
 from .export_pose_guider import pose_guider_spec, write_pose_constant
 from .export_unet import LATENT_SIZE, unet_spec
 from .export_vae import vae_decoder_spec, vae_encoder_spec
-from .lora import merge_lora
 from .manifest import MANIFEST_FILE, Manifest, write_manifest
 from .onnx_io import (
     EXTERNAL_DATA_THRESHOLD,
@@ -38,16 +48,6 @@ from .onnx_io import (
     export_onnx,
     sha256_file,
     validate_onnx,
-)
-from .weights import (
-    ARCFACE_FILE,
-    CHECKPOINTS,
-    CONFIG_FILES,
-    DETECTOR_FILE,
-    Networks,
-    Size,
-    load_networks,
-    random_networks,
 )
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .arcface import ARCFACE_FILENAME, ArcFace
+from hyportrait.networks.arcface import ARCFACE_FILENAME, ArcFace
+
 from .onnx_io import atomic_path, sha256_file
 
 

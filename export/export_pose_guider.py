@@ -12,25 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from hyportrait.runtime.pipeline import AnimateConfig
+from hyportrait.networks.contract import CROP_SIZE
+from hyportrait.networks.pose_guider import PoseFrameEncoder
+from hyportrait.networks.weights import CHECKPOINTS, Networks
 
 from .onnx_io import ExportSpec, atomic_path, sha256_file
-from .pose_guider import PoseGuider
-from .weights import CHECKPOINTS, Networks
 
 POSE_SOURCE = next(spec.path for spec in CHECKPOINTS if spec.name == "pose_guider")
 POSE_CONSTANT_FILE = "pose_constant.npy"
-
-
-class PoseFrameEncoder(nn.Module):
-    def __init__(self, pose_guider: PoseGuider):
-        super().__init__()
-        self.pose_guider = pose_guider
-
-    def forward(self, pose_images: torch.Tensor) -> torch.Tensor:
-        return self.pose_guider.encode_frames(pose_images)
 
 
 def pose_guider_spec(nets: Networks, image_size: int = 64, seed: int = 0) -> ExportSpec:
@@ -52,7 +42,7 @@ def pose_guider_spec(nets: Networks, image_size: int = 64, seed: int = 0) -> Exp
     )
 
 
-def write_pose_constant(nets: Networks, out_dir: Path, size: int = AnimateConfig.size) -> dict:
+def write_pose_constant(nets: Networks, out_dir: Path, size: int = CROP_SIZE) -> dict:
     """Write the all-black map at `size` x `size` (fp32, written atomically); returns its manifest entry."""
     constant = nets.pose_guider.constant_features(size, size).float().cpu().numpy()
     path = Path(out_dir) / POSE_CONSTANT_FILE

@@ -16,37 +16,16 @@ and pose_features (B, F, C0, h, w), for callers whose conditioning varies over f
 """
 from __future__ import annotations
 
-import copy
-import itertools
-
 import torch
-from torch import nn
+
+from hyportrait.networks.unet import UNetWithAdapters, UNetWithPoseMap, weight_sharing_copy
+from hyportrait.networks.weights import CHECKPOINTS, Networks
 
 from .onnx_io import ExportSpec
-from .unet import UNetWithAdapters
-from .weights import CHECKPOINTS, Networks
 
 # latent size of the 512x512 crops; the tiny UNet's smallest (three downsamplings)
 LATENT_SIZE = {"official": 64, "tiny": 8}
 TOKENS = 64  # appearance and motion tokens per frame
-
-
-class UNetWithPoseMap(nn.Module):
-    """UNetWithAdapters taking the pose guider's constant (C0, h, w) map, broadcast inside the graph."""
-
-    def __init__(self, unet: UNetWithAdapters):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, appearance_tokens: torch.Tensor,
-                motion_tokens: torch.Tensor, pose_map: torch.Tensor, added_time_ids: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, appearance_tokens, motion_tokens, pose_map, added_time_ids)
-
-
-def weight_sharing_copy(module: nn.Module) -> nn.Module:
-    """A copy of the module objects that shares every parameter and buffer with the original."""
-    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
-    return copy.deepcopy(module, memo)
 
 
 def unet_spec(nets: Networks, dedup: bool = True, batch: int = 3, frames: int | None = None,

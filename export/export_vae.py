@@ -12,39 +12,14 @@ H and W are dynamic on both (multiples of 8); validation runs at small sizes to 
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKLTemporalDecoder
-from torch import nn
+
+from hyportrait.networks.vae import VAEClipDecoder, VAEImageEncoder
+from hyportrait.networks.weights import CHECKPOINTS, Networks
 
 from .onnx_io import ExportSpec
-from .weights import CHECKPOINTS, Networks
 
 VAE_SOURCE = next(spec.path for spec in CHECKPOINTS if spec.name == "vae")
 MAX_DECODE_FRAMES = 8  # the official decode chunk
-
-
-class VAEImageEncoder(nn.Module):
-    def __init__(self, vae: AutoencoderKLTemporalDecoder):
-        super().__init__()
-        self.encoder = vae.encoder
-        self.quant_conv = vae.quant_conv
-        self.latent_channels = vae.config.latent_channels
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        # the posterior's mean is the first half of the moments; its std is never used at inference
-        return self.quant_conv(self.encoder(image))[:, :self.latent_channels]
-
-
-class VAEClipDecoder(nn.Module):
-    def __init__(self, vae: AutoencoderKLTemporalDecoder):
-        super().__init__()
-        self.decoder = vae.decoder
-        self.inverse_scale = 1 / vae.config.scaling_factor
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        num_frames = latents.shape[0]  # traced as the input's size, so the frame count stays dynamic
-        image_only_indicator = torch.zeros(1, num_frames, dtype=latents.dtype, device=latents.device)
-        return self.decoder(latents * self.inverse_scale, image_only_indicator=image_only_indicator,
-                            num_frames=num_frames)
 
 
 def _generator(seed: int) -> torch.Generator:

@@ -171,7 +171,7 @@ def _animate(args) -> int:
 
 
 def _weights(args) -> int:
-    from hyportrait.export.weights import check_weights, expected_manifest
+    from hyportrait.networks.weights import check_weights, expected_manifest
 
     if args.weights_command == "expected":
         json.dump(expected_manifest(), sys.stdout, indent=1)

@@ -36,8 +36,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from hyportrait.errors import InputError
-from hyportrait.export.arcface import load_arcface, zero_identity_embedding
-from hyportrait.export.face_detector import load_face_detector
+from hyportrait.networks.arcface import load_arcface, zero_identity_embedding
+from hyportrait.networks.face_detector import load_face_detector
 
 from .backends import Models, resolve_device
 from .paste_back import PasteBack
@@ -229,8 +229,8 @@ class Animator:
                            device=str(self.device))
 
     def _torch_models(self, weights, lora, **options) -> Models:
-        from hyportrait.export.lora import merge_lora
-        from hyportrait.export.weights import load_networks, random_networks
+        from hyportrait.networks.lora import merge_lora
+        from hyportrait.networks.weights import load_networks, random_networks
 
         from .models import torch_models
 

@@ -61,7 +61,7 @@ class ReferenceAppearance(nn.Module):
 
 def place_networks(nets, device, dtype: torch.dtype):
     """Device, dtypes and grad flags as in the reference; motion networks and VAE encoder stay fp32."""
-    from hyportrait.export.vae import place_vae
+    from hyportrait.networks.vae import place_vae
 
     for name, module in nets.modules().items():
         if name == "vae":
@@ -85,12 +85,12 @@ def torch_models(nets, *, device, dtype: torch.dtype, size: int, faithful: bool 
     `torch.compile`, True for inductor or the name of a torch.compile backend (one specialisation per input
     shape: with inductor the first call of each shape takes minutes at full size). float8: the UNet's transformer
     linears as fp8 GEMMs (runtime/float8.py; GPUs of compute capability 8.9+, best compiled), on a copy of
-    the UNet that shares the fp16 weights. nets: `hyportrait.export.weights.Networks`.
+    the UNet that shares the fp16 weights. nets: `hyportrait.networks.weights.Networks`.
     """
-    from hyportrait.export.export_appearance import AppearanceEncoder
-    from hyportrait.export.export_motion import MotionEncoder
-    from hyportrait.export.export_unet import UNetWithPoseMap, weight_sharing_copy
-    from hyportrait.export.export_vae import VAEClipDecoder, VAEImageEncoder
+    from hyportrait.networks.appearance import AppearanceEncoder
+    from hyportrait.networks.motion import MotionEncoder
+    from hyportrait.networks.unet import UNetWithPoseMap, weight_sharing_copy
+    from hyportrait.networks.vae import VAEClipDecoder, VAEImageEncoder
 
     device = torch.device(device)
     if float8:

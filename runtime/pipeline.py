@@ -21,6 +21,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from hyportrait.networks.contract import CROP_SIZE, WINDOW
+
 from .backends import Models
 from .sampling import (
     c_noise,
@@ -56,7 +58,7 @@ class AnimateConfig:
     max_appearance_guidance: float = 2.0
     min_motion_guidance: float = 2.0
     max_motion_guidance: float = 2.0
-    window: int = 25  # n_sample_frames: also the chunk of the motion encoders and bucket ids
+    window: int = WINDOW  # n_sample_frames: also the chunk of the motion encoders and bucket ids
     overlap: int = 3
     shift_offset: int = 3
     pad_frames: int = 15
@@ -67,7 +69,7 @@ class AnimateConfig:
     i2i_strength: float = 1.0
     sigma_min: float = 0.002
     sigma_max: float = 700.0
-    size: int = 512  # width and height of the generated crop
+    size: int = CROP_SIZE  # width and height of the generated crop
     max_frames: int = 10000  # driving frames used at most (the official frame_num)
     precision: Precision = "fp16"
     device: str = "cuda" if torch.cuda.is_available() else "cpu"

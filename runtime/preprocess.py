@@ -24,13 +24,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hyportrait.errors import InputError, NoFaceError, VideoError
-from hyportrait.export.face_detector import HOST_THREADS, Face, FaceDetector, check_rgb_image, sort_by_area
+from hyportrait.networks.contract import CROP_SIZE, MOTION_SIZE, WINDOW
+from hyportrait.networks.face_detector import HOST_THREADS, Face, FaceDetector, check_rgb_image, sort_by_area
 
-CROP_SIZE = 512  # source and driving crops (the official `image_size`, configured as `arcface_img_size`)
 DINO_SIZE = 224
-MOTION_SIZE = 256
 ARCFACE_SIZE = 112
-CHUNK_FRAMES = 25  # official `n_sample_frames`: motion features and bucket ids are computed per chunk
+CHUNK_FRAMES = WINDOW  # official `n_sample_frames`: motion features and bucket ids are computed per chunk
 CROP_EXPAND = 1.0  # the face box grows by 100 % of its size on each side before squaring
 EXPRESSION_EXPAND = 0.45  # the landmark extent grows 45 % of the way toward the frame-0 face box
 

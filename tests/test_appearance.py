@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hyportrait.export.appearance import AppearanceConfig, DinoV2WithIDAdapters, ImageProjector
-from hyportrait.export.init_weights import randomize_weights
+from hyportrait.networks.appearance import AppearanceConfig, DinoV2WithIDAdapters, ImageProjector
+from hyportrait.networks.init_weights import randomize_weights
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY = AppearanceConfig.tiny()

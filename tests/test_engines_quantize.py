@@ -43,7 +43,7 @@ from hyportrait.engines.torch_quant import fake_quantization, node_modules, qdq_
 from hyportrait.errors import InputError
 from hyportrait.export.export_unet import unet_spec
 from hyportrait.export.onnx_io import export_onnx, relative_error
-from hyportrait.export.weights import random_networks
+from hyportrait.networks.weights import random_networks
 
 ASSETS = Path(__file__).resolve().parents[1] / "hyportrait" / "assets"
 SAMPLE_IMAGE, SAMPLE_VIDEO = ASSETS / "sample_portrait.jpg", ASSETS / "sample_driving.mp4"

@@ -16,11 +16,9 @@ from hyportrait.errors import InputError, WeightsError
 from hyportrait.export import export_all as export_all_module
 from hyportrait.export.export_all import export_all
 from hyportrait.export.export_arcface import copy_arcface
-from hyportrait.export.export_face_detector import PNetAnySize, yoloface_spec
+from hyportrait.export.export_face_detector import yoloface_spec
 from hyportrait.export.export_pose_guider import POSE_CONSTANT_FILE, pose_guider_spec
 from hyportrait.export.export_vae import vae_decoder_spec, vae_encoder_spec
-from hyportrait.export.face_detector import PNet
-from hyportrait.export.init_weights import randomize_weights
 from hyportrait.export.manifest import MANIFEST_FILE, read_manifest
 from hyportrait.export.onnx_io import (
     FP32_TOLERANCE,
@@ -31,8 +29,10 @@ from hyportrait.export.onnx_io import (
     relative_error,
     validate_onnx,
 )
-from hyportrait.export.vae import decode_latents, encode_image
-from hyportrait.export.weights import CHECKPOINTS, random_networks, save_networks
+from hyportrait.networks.face_detector import PNet, PNetAnySize
+from hyportrait.networks.init_weights import randomize_weights
+from hyportrait.networks.vae import decode_latents, encode_image
+from hyportrait.networks.weights import CHECKPOINTS, random_networks, save_networks
 
 MY_MODELS = ("vae_encoder", "vae_decoder", "pose_guider", "mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet")
 

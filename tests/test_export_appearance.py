@@ -4,10 +4,15 @@ import types
 import pytest
 import torch
 
-from hyportrait.export.appearance import AppearanceConfig, DinoV2WithIDAdapters, ImageProjector
-from hyportrait.export.export_appearance import AppearanceEncoder, appearance_spec
-from hyportrait.export.init_weights import randomize_weights
+from hyportrait.export.export_appearance import appearance_spec
 from hyportrait.export.onnx_io import validate_onnx
+from hyportrait.networks.appearance import (
+    AppearanceConfig,
+    AppearanceEncoder,
+    DinoV2WithIDAdapters,
+    ImageProjector,
+)
+from hyportrait.networks.init_weights import randomize_weights
 
 TINY = AppearanceConfig.tiny()
 

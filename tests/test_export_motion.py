@@ -7,16 +7,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from hyportrait.export.export_motion import MAX_FRAMES, MotionEncoder, motion_spec
-from hyportrait.export.expression_encoder import ExpressionEncoder, ExpressionEncoderConfig
-from hyportrait.export.headpose_encoder import HeadPoseEncoder, HeadPoseEncoderConfig
-from hyportrait.export.init_weights import randomize_weights
-from hyportrait.export.motion_refiner import (
+from hyportrait.export.export_motion import motion_spec
+from hyportrait.export.onnx_io import validate_onnx
+from hyportrait.networks.expression_encoder import ExpressionEncoder, ExpressionEncoderConfig
+from hyportrait.networks.headpose_encoder import HeadPoseEncoder, HeadPoseEncoderConfig
+from hyportrait.networks.init_weights import randomize_weights
+from hyportrait.networks.motion import MAX_FRAMES, MotionEncoder
+from hyportrait.networks.motion_refiner import (
     IntensityAwareMotionRefiner,
     MotionRefinerConfig,
     assemble_motion_tokens,
 )
-from hyportrait.export.onnx_io import validate_onnx
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

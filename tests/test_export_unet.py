@@ -10,8 +10,8 @@ from onnx import numpy_helper
 
 from hyportrait.export.export_unet import unet_spec
 from hyportrait.export.onnx_io import EXTERNAL_DATA_THRESHOLD, export_onnx, validate_onnx
-from hyportrait.export.unet import SharedContextIPAttnProcessor, UNetConfig
-from hyportrait.export.weights import CHECKPOINTS, Networks, random_networks
+from hyportrait.networks.unet import SharedContextIPAttnProcessor, UNetConfig
+from hyportrait.networks.weights import CHECKPOINTS, Networks, random_networks
 
 CONFIG = UNetConfig.tiny()
 FRAMES, SIZE, BATCH = CONFIG.num_frames, 8, 3
@@ -189,7 +189,7 @@ def test_onnxruntime_fused_attention_export(tmp_path):
     import onnx
 
     from hyportrait.export.onnx_io import export_onnx, validate_onnx
-    from hyportrait.export.weights import random_networks
+    from hyportrait.networks.weights import random_networks
 
     spec = unet_spec(random_networks("tiny", seed=1), onnxruntime_attention=True)
     record = export_onnx(spec, tmp_path)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from hyportrait.errors import InputError, WeightsError
-from hyportrait.export.arcface import ArcFace, load_arcface, zero_identity_embedding
-from hyportrait.export.face_detector import (
+from hyportrait.networks.arcface import ArcFace, load_arcface, zero_identity_embedding
+from hyportrait.networks.face_detector import (
     MTCNNDetector,
     YoloFaceDetector,
     crop_and_resize,

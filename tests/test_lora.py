@@ -8,9 +8,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hyportrait.errors import WeightsError
-from hyportrait.export.init_weights import randomize_weights
-from hyportrait.export.lora import merge_lora
-from hyportrait.export.unet import UNetConfig, UNetWithAdapters
+from hyportrait.networks.init_weights import randomize_weights
+from hyportrait.networks.lora import merge_lora
+from hyportrait.networks.unet import UNetConfig, UNetWithAdapters
 
 RANK, ALPHA, SCALE = 4, 8.0, 0.7
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the LCM fork's LoraConfig target_modules

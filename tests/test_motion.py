@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hyportrait.export.expression_encoder import ExpressionEncoder, ExpressionEncoderConfig
-from hyportrait.export.headpose_encoder import HeadPoseEncoder, HeadPoseEncoderConfig
-from hyportrait.export.init_weights import randomize_weights
-from hyportrait.export.motion_refiner import (
+from hyportrait.networks.expression_encoder import ExpressionEncoder, ExpressionEncoderConfig
+from hyportrait.networks.headpose_encoder import HeadPoseEncoder, HeadPoseEncoderConfig
+from hyportrait.networks.init_weights import randomize_weights
+from hyportrait.networks.motion_refiner import (
     IntensityAwareMotionRefiner,
     MotionRefinerConfig,
     assemble_motion_tokens,

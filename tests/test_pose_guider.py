@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hyportrait.export.init_weights import randomize_weights
-from hyportrait.export.pose_guider import PoseGuider, PoseGuiderConfig
+from hyportrait.networks.init_weights import randomize_weights
+from hyportrait.networks.pose_guider import PoseGuider, PoseGuiderConfig
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from hyportrait.errors import NoFaceError, VideoError
-from hyportrait.export.face_detector import Face, FaceDetector, MTCNNDetector
+from hyportrait.networks.face_detector import Face, FaceDetector, MTCNNDetector
 from hyportrait.runtime.preprocess import (
     ARCFACE_TEMPLATE,
     IMAGENET_MEAN,

@@ -16,7 +16,7 @@ from PIL import Image
 from hyportrait.engines.quality import psnr
 from hyportrait.errors import HyportraitError, InputError
 from hyportrait.export.export_all import export_all
-from hyportrait.export.weights import random_networks
+from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.api import Animator
 from hyportrait.runtime.backends import BackendError, resolve_device
 from hyportrait.runtime.float8 import Float8Linear, check_float8_device, to_float8

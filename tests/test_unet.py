@@ -8,8 +8,8 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from hyportrait.errors import WeightsError
-from hyportrait.export.init_weights import randomize_weights
-from hyportrait.export.unet import UNetConfig, UNetWithAdapters
+from hyportrait.networks.init_weights import randomize_weights
+from hyportrait.networks.unet import UNetConfig, UNetWithAdapters
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FRAMES, SIZE = 4, 8  # 8x8 latents: three downsamplings leave 1x1 at the deepest level

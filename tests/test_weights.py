@@ -6,7 +6,7 @@ import torch
 
 from hyportrait.cli import main
 from hyportrait.errors import WeightsError
-from hyportrait.export.weights import (
+from hyportrait.networks.weights import (
     CHECKPOINTS,
     check_weights,
     expected_manifest,

@@ -16,6 +16,8 @@ attention is written out as the MatMul-Softmax-MatMul chain TensorRT fuses when 
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -28,6 +30,7 @@ from diffusers.models.transformers.transformer_temporal import (
     TransformerSpatioTemporalModel,
     TransformerTemporalModelOutput,
 )
+from torch import nn
 
 from hyportrait.errors import WeightsError
 
@@ -371,3 +374,21 @@ class UNetWithAdapters(UNetSpatioTemporalConditionModel):
 
         sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))
         return sample.reshape(batch_size, num_frames, *sample.shape[1:])
+
+
+class UNetWithPoseMap(nn.Module):
+    """UNetWithAdapters taking the pose guider's constant (C0, h, w) map, broadcast inside the graph."""
+
+    def __init__(self, unet: UNetWithAdapters):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, appearance_tokens: torch.Tensor,
+                motion_tokens: torch.Tensor, pose_map: torch.Tensor, added_time_ids: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, appearance_tokens, motion_tokens, pose_map, added_time_ids)
+
+
+def weight_sharing_copy(module: nn.Module) -> nn.Module:
+    """A copy of the module objects that shares every parameter and buffer with the original."""
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)

@@ -65,3 +65,12 @@ class PoseGuider(nn.Module):
         zeros = torch.zeros(1, self.config.conditioning_channels, height, width, dtype=param.dtype,
                             device=param.device)
         return self.encode_frames(zeros)[0]
+
+
+class PoseFrameEncoder(nn.Module):
+    def __init__(self, pose_guider: PoseGuider):
+        super().__init__()
+        self.pose_guider = pose_guider
+
+    def forward(self, pose_images: torch.Tensor) -> torch.Tensor:
+        return self.pose_guider.encode_frames(pose_images)

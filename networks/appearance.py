@@ -258,3 +258,26 @@ class ImageProjector(nn.Linear):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return super().forward(tokens.transpose(1, 2)).transpose(1, 2)
+
+
+class AppearanceEncoder(nn.Module):
+    """image (B, 3, 224, 224) ImageNet-normalised + id_embedding (B, 512) -> (B, 64, 1024) appearance tokens.
+
+    Shares the parameters of the modules it wraps; the position table is a snapshot of `dino.pos_embed`
+    taken at construction (build it after loading weights).
+    """
+
+    def __init__(self, dino: DinoV2WithIDAdapters, image_proj: ImageProjector):
+        super().__init__()
+        self.dino = dino
+        self.image_proj = image_proj
+        self.input_size = dino.config.input_size
+        grid = dino.config.grid_size
+        with torch.no_grad():
+            table = dino.position_embedding(grid, grid, torch.float32).detach().clone()
+        # not in the state dict: it is derived from dino.pos_embed, which stays the checkpoint's source
+        self.register_buffer("position_table", table, persistent=False)
+
+    def forward(self, image: torch.Tensor, id_embedding: torch.Tensor) -> torch.Tensor:
+        tokens = self.dino.encode(image, id_embedding, self.position_table, prune_dead_branches=True)
+        return self.image_proj(tokens)

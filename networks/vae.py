@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLTemporalDecoder
+from torch import nn
 
 
 @dataclass
@@ -72,3 +73,28 @@ def decode_latents(vae: AutoencoderKLTemporalDecoder, latents: torch.Tensor, chu
     for start in range(0, latents.shape[0], chunk):
         part = latents[start:start + chunk].to(dtype)
         yield vae.decode(part, num_frames=part.shape[0]).sample.float()
+
+
+class VAEImageEncoder(nn.Module):
+    def __init__(self, vae: AutoencoderKLTemporalDecoder):
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = vae.quant_conv
+        self.latent_channels = vae.config.latent_channels
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        # the posterior's mean is the first half of the moments; its std is never used at inference
+        return self.quant_conv(self.encoder(image))[:, :self.latent_channels]
+
+
+class VAEClipDecoder(nn.Module):
+    def __init__(self, vae: AutoencoderKLTemporalDecoder):
+        super().__init__()
+        self.decoder = vae.decoder
+        self.inverse_scale = 1 / vae.config.scaling_factor
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        num_frames = latents.shape[0]  # traced as the input's size, so the frame count stays dynamic
+        image_only_indicator = torch.zeros(1, num_frames, dtype=latents.dtype, device=latents.device)
+        return self.decoder(latents * self.inverse_scale, image_only_indicator=image_only_indicator,
+                            num_frames=num_frames)

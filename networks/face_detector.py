@@ -639,3 +639,38 @@ def load_face_detector(weights_dir: Path | None, device: str | torch.device = "c
     log.info("no %s found; using the MTCNN face detector (landmarks differ slightly from YoloFace)",
              YOLOFACE_FILENAME)
     return MTCNNDetector(device=device)
+
+
+class PNetAnySize(nn.Module):
+    """P-Net with its first pool as ceil-mode max-pool: the same windows as the Keras "same" pool (2x2,
+    stride 2: output ceil(n/2), the odd last window covering one real cell) without size-dependent padding."""
+
+    def __init__(self, pnet: PNet):
+        super().__init__()
+        self.pnet = pnet
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.pnet
+        x = F.max_pool2d(p.prelu1(p.conv1(image)), 2, 2, ceil_mode=True)
+        x = p.prelu3(p.conv3(p.prelu2(p.conv2(x))))
+        return p.box_offsets(x), p.face_logits(x).softmax(dim=1)[:, 1]
+
+
+class YoloFaceWithGrids(nn.Module):
+    """The official detector with its per-stride cell grids built from the input size."""
+
+    def __init__(self, model: nn.Module, strides: tuple[int, ...] = YoloFaceDetector.strides):
+        super().__init__()
+        self.model = model
+        self.strides = list(strides)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[2], image.shape[3]
+        grids: list[torch.Tensor] = []
+        for stride in self.strides:
+            ys = torch.arange(height // stride, device=image.device).float()
+            xs = torch.arange(width // stride, device=image.device).float()
+            # (1, 1, rows, cols, 2) of (x, y), as YoloFaceDetector builds them
+            grid = torch.stack((xs[None, :].expand(ys.shape[0], -1), ys[:, None].expand(-1, xs.shape[0])), dim=2)
+            grids.append(grid[None, None])
+        return self.model(image, grids)
