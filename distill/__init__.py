@@ -1,0 +1,5 @@
+"""Few-step distillation of the UNet (`hyportrait distill`): training data, the consistency trainer and its proof
+on a toy model the trainer trains itself.
+
+data.py   training shards (safetensors) and their manifest, written by `prepare` and the toy, read by `train`
+"""
