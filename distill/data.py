@@ -1,7 +1,8 @@
 """Training data of the distiller: safetensors shards of per-window examples and a manifest.
 
     DATA/manifest.json          format, config (what made the data), fields (shape, dtype of one example),
-                                shards (file, examples, sha256, sources) and the example count
+                                shards (file, examples, sha256, sources), the example count and what the
+                                writer was told about each written source (sources)
     DATA/shard-00000.safetensors  each field stacked over the shard's examples
 
 One example is one window of a clip, exactly what the runtime feeds the UNet (runtime/pipeline.py):
@@ -65,6 +66,7 @@ class ShardWriter:
         self.per_shard = per_shard
         self.pending: list[dict[str, torch.Tensor]] = []
         self.pending_sources: list[str] = []
+        self.pending_info: dict[str, dict] = {}
         path = self.out / MANIFEST
         if path.is_file():
             self.manifest = read_manifest(self.out)
@@ -72,7 +74,8 @@ class ShardWriter:
                 raise DataError(f"{self.out} holds data made with another config: use a new folder")
         else:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.manifest = {"format": FORMAT, "config": config, "fields": None, "shards": [], "examples": 0}
+            self.manifest = {"format": FORMAT, "config": config, "fields": None, "shards": [], "examples": 0,
+                             "sources": {}}
 
     def done_sources(self) -> set[str]:
         """Sources whose examples are all in written shards (a resumed writer skips them)."""
@@ -87,9 +90,12 @@ class ShardWriter:
         self.pending.append({name: example[name].contiguous().cpu() for name in FIELDS})
         self.pending_sources.append(source)
 
-    def end_source(self) -> None:
+    def end_source(self, info: dict | None = None) -> None:
         """Call after a source's last example: shards are cut only between sources, so that a resumed writer
-        never holds half a source."""
+        never holds half a source. `info` (plain JSON types) is recorded under the manifest's sources with
+        the shard that holds the source."""
+        if info is not None and self.pending_sources:
+            self.pending_info[self.pending_sources[-1]] = info
         if len(self.pending) >= self.per_shard:
             self._flush()
 
@@ -104,8 +110,9 @@ class ShardWriter:
                                         "sha256": _sha256(self.out / name),
                                         "sources": sorted(set(self.pending_sources))})
         self.manifest["examples"] += len(self.pending)
+        self.manifest["sources"].update(self.pending_info)
         _write_json(self.out / MANIFEST, self.manifest)
-        self.pending, self.pending_sources = [], []
+        self.pending, self.pending_sources, self.pending_info = [], [], {}
 
     def __enter__(self):
         return self

@@ -124,6 +124,46 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
+def _add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="distil a few-step student: training data, training")
+    dsub = p.add_subparsers(dest="distill_command", required=True)
+    _add_distill_prepare(dsub)
+
+
+def _add_distill_prepare(dsub) -> None:
+    c = dsub.add_parser("prepare", help="driving clips -> training shards, with the runtime's own preprocessing "
+                        "and networks (one clip frame is the source image)")
+    c.add_argument("--videos", required=True, type=Path, help="folder of driving clips (searched recursively)")
+    c.add_argument("--weights", type=Path, help="official weights folder; without it the tiny random-weight "
+                   "networks of `animate` (for trying the command)")
+    c.add_argument("--out", required=True, type=Path, help="data folder (a rerun continues after its clips)")
+    c.add_argument("--frames", type=int, help="frames per example (default 25, the runtime's window)")
+    c.add_argument("--stride", type=int, help="frames between window starts (default: --frames)")
+    c.add_argument("--seed", type=int, help="seed of each clip's reference frame (default 0)")
+    c.add_argument("--per-shard", type=int, help="examples per shard (default 64)")
+    c.add_argument("--precision", choices=["fp16", "fp32"], help="network and data precision (default fp16 on "
+                   "GPU, fp32 on CPU)")
+    c.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _distill(args) -> int:
+    return {"prepare": _distill_prepare}[args.distill_command](args)
+
+
+def _distill_prepare(args) -> int:
+    from hyportrait.distill.prepare import REPORT, PrepareConfig, prepare_data
+
+    given = {"frames": args.frames, "stride": args.stride, "seed": args.seed, "per_shard": args.per_shard}
+    config = PrepareConfig(**{k: v for k, v in given.items() if v is not None})
+    report = prepare_data(args.videos, args.out, args.weights, config, device=args.device,
+                          precision=args.precision, progress=not args.quiet)
+    print(f"{len(report['added'])} clips added ({report['examples_added']} examples), "
+          f"{report['in_data_before']} already in the data, {len(report['skipped'])} skipped "
+          f"(see {args.out / REPORT}); {report['examples']} examples in {args.out}")
+    return 0
+
+
 def _calibrate(args) -> int:
     from hyportrait.engines.calibration import record_calibration
     from hyportrait.errors import InputError
@@ -235,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_export(sub)
     _add_build(sub)
     _add_calibrate(sub)
+    _add_distill(sub)
     sub.add_parser("bench", help="speed and accuracy of every runtime configuration on this GPU "
                    "(hyportrait bench --help)", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
@@ -246,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return {"animate": _animate, "weights": _weights, "export": _export, "build": _build,
-                "calibrate": _calibrate}[args.command](args)
+                "calibrate": _calibrate, "distill": _distill}[args.command](args)
     except HyportraitError as exc:
         print(f"hyportrait: error [{exc.code}]: {exc.message}", file=sys.stderr)
         return 2

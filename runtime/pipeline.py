@@ -134,15 +134,22 @@ def motion_tokens(models: Models, expression_images: torch.Tensor, pose_images: 
                          head_bucket=head_id, exp_bucket=exp_id).float()
 
 
+def vae_images(images: torch.Tensor, size: int, device) -> torch.Tensor:
+    """(B,3,H,W) VAE inputs in [-1,1] -> fp32 on `device`, resized to size x size (bilinear, antialiased) when
+    the crop is another size (the tiny models generate smaller crops than the 512 px preprocessing)."""
+    images = images.to(device, torch.float32)
+    if images.shape[-1] != size:
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                                                 align_corners=False)
+    return images
+
+
 def build_conditioning(models: Models, config: AnimateConfig, *, ref_image: torch.Tensor,
                        dino_image: torch.Tensor, id_embedding: torch.Tensor, motion: torch.Tensor,
                        generator: torch.Generator) -> Conditioning:
     """ref_image (3,H,W) in [-1,1]; motion (N,64,1024) fp32 from `motion_tokens`."""
     dtype, device = models.dtype, models.device
-    ref = ref_image[None].to(device, torch.float32)
-    if ref.shape[-1] != config.size:
-        ref = torch.nn.functional.interpolate(ref, size=(config.size, config.size), mode="bilinear",
-                                              antialias=True, align_corners=False)
+    ref = vae_images(ref_image[None], config.size, device)
     mean = models.vae_encoder(image=ref).float()
     ref_latent = mean * VAE_SCALE
     # Drawn even when the strength is 0: it moves the RNG exactly as the reference does.
