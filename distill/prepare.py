@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hyportrait.errors import HyportraitError, InputError, VideoError
+from hyportrait.errors import InputError, VideoError
 from hyportrait.export.onnx_io import atomic_path, ensure_writable
 from hyportrait.networks.contract import CROP_SIZE, MOTION_SIZE, WINDOW
 from hyportrait.networks.weights import ARCFACE_FILE, CHECKPOINTS, CONFIG_FILES, DETECTOR_FILE
@@ -53,7 +53,7 @@ class PrepareConfig:
                              f"{self.stride}, {self.per_shard}")
 
 
-class Skip(HyportraitError):
+class Skip(InputError):
     """A clip too short for one example (other clips that give none raise the runtime's own errors)."""
     code = "too_few_frames"
 
@@ -154,11 +154,11 @@ def clip_examples(animator: Animator, clip: Clip, config: PrepareConfig) -> list
 
 
 def _loaded(animator: Animator, todo: dict[str, Path], config: PrepareConfig
-            ) -> Iterator[tuple[str, Clip | HyportraitError]]:
+            ) -> Iterator[tuple[str, Clip | InputError]]:
     for source, path in todo.items():
         try:
             yield source, load_clip(animator, source, path, config)
-        except HyportraitError as exc:  # the clip is skipped, not the run
+        except InputError as exc:  # a bad clip is skipped; other errors (out of memory, weights) end the run
             yield source, exc
 
 
@@ -185,10 +185,10 @@ def prepare_data(videos: Path, out: Path, weights: Path | None = None, config: P
         with tqdm(total=len(todo), desc="prepare", unit="clip", disable=not progress) as bar:
             for source, clip in prefetched(_loaded(animator, todo, config), depth=1):
                 try:
-                    if isinstance(clip, HyportraitError):
+                    if isinstance(clip, InputError):
                         raise clip
                     examples = clip_examples(animator, clip, config)
-                except HyportraitError as exc:
+                except InputError as exc:
                     report["skipped"][source] = {"code": exc.code, "reason": exc.message}
                 else:
                     for example in examples:
