@@ -55,6 +55,12 @@ def _add_animate(sub) -> None:
                    "fp32 on CPU)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs for one video (default 1): spawns one worker per GPU "
+                   "(GPUs 0..N-1 of CUDA_VISIBLE_DEVICES; with --device cpu, N CPU processes over gloo); under "
+                   "torchrun its processes are used instead")
+    p.add_argument("--parallel", choices=["window", "guidance"], default="window",
+                   help="how --gpus share the work: window (each step's windows; same frames as one GPU) or "
+                   "guidance (each UNet call's guidance branches; at most as many GPUs as branches)")
 
 
 def _add_weights(sub) -> None:
@@ -200,14 +206,40 @@ def _animate(args) -> int:
                          max_appearance_guidance=args.appearance_guidance[1])
     if args.motion_guidance:
         overrides.update(min_motion_guidance=args.motion_guidance[0], max_motion_guidance=args.motion_guidance[1])
-    animator = Animator(args.models, backend=args.backend, weights=args.weights, device=args.device,
-                        precision=args.precision, mode=args.mode, lora=args.lora, faithful=not args.rewrites,
-                        cuda_graph=args.cuda_graph, compile=args.compile, float8=args.float8,
-                        progress=not args.quiet, **overrides)
-    result = animator.animate(args.image, args.video, args.out)
-    print(f"wrote {result.cropped}")
-    print(f"wrote {result.full_resolution}")
+    options = dict(models=args.models, backend=args.backend, weights=args.weights, precision=args.precision,
+                   mode=args.mode, lora=args.lora, faithful=not args.rewrites, cuda_graph=args.cuda_graph,
+                   compile=args.compile, float8=args.float8, progress=not args.quiet, **overrides)
+    from hyportrait.runtime import distributed
+
+    if args.gpus > 1 or distributed.under_torchrun():
+        result = _animate_parallel(args, options)
+    else:
+        result = Animator(device=args.device, **options).animate(args.image, args.video, args.out).as_dict()
+    if result is not None:  # only rank 0 writes (and reports)
+        print(f"wrote {result['cropped']}")
+        print(f"wrote {result['full_resolution']}")
     return 0
+
+
+def _animate_parallel(args, options: dict) -> dict | None:
+    """`animate` on several GPUs (runtime/distributed.py): under torchrun this process is one rank, else --gpus
+    workers are spawned."""
+    import torch
+
+    from hyportrait.errors import InputError
+    from hyportrait.runtime import distributed
+
+    if args.gpus < 1:
+        raise InputError(f"--gpus must be >= 1, got {args.gpus}")
+    device_type = torch.device(args.device).type if args.device else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    job = (args.parallel, options, args.image, args.video, args.out)
+    if not distributed.under_torchrun():
+        return distributed.launch(distributed.animate_worker, args.gpus, *job, device_type=device_type)
+    group = distributed.init_from_env(device_type)
+    result = distributed.animate_worker(group, *job)
+    torch.distributed.destroy_process_group()
+    return result
 
 
 def _weights(args) -> int:

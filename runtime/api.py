@@ -55,7 +55,7 @@ from .pipeline import (
     sample_latents,
 )
 from .preprocess import DrivingPreprocessor, SourceInputs, preprocess_source
-from .sampling import i2i_start_index
+from .sampling import WindowMap, i2i_start_index
 from .video import VideoInfo, VideoWriter, probe_video, read_frames
 
 # Without official weights the torch backend runs tiny random-weight networks: every stage runs quickly on a
@@ -151,6 +151,9 @@ class Animator:
     shape wait for the compiler). float8 (torch only, GPUs of compute capability 8.9+): the UNet's transformer
     linears as fp8 GEMMs (runtime/float8.py; faster with compile, not the reference's numbers). Any `AnimateConfig` field can be given as a keyword (num_steps, seed, ...).
     """
+
+    # how each sampling step's windows run: one after another here (runtime/distributed.py spreads them)
+    map_windows: WindowMap | None = None
 
     def __init__(self, models: str | Path | Models | None = None, *, backend: str = "torch",
                  weights: str | Path | None = None, device: str | None = None, precision: str | None = None,
@@ -283,14 +286,18 @@ class Animator:
         steps = self.config.num_steps - i2i_start_index(self.config.num_steps, self.config.i2i_strength)
         with tqdm(total=steps, desc="denoise", unit="step", disable=not self.progress) as bar:
             latents = sample_latents(self.models, prepared.conditioning, self.config, prepared.generator,
-                                     callback=lambda step: bar.update(1))
+                                     callback=lambda step: bar.update(1), map_windows=self.map_windows)
         prepared.timings["denoise"] = time.perf_counter() - tic
         return latents
+
+    def decode(self, prepared: Prepared, latents: torch.Tensor) -> Iterator[np.ndarray]:
+        """The output frames of the sampled latents, decoded chunk by chunk."""
+        return decode_frames(self.models, latents, self.config, prepared.conditioning.num_pad)
 
     def _decoded(self, prepared: Prepared, latents: torch.Tensor, busy: BusyTimes | None = None
                  ) -> Iterator[np.ndarray]:
         """The output frames, decoded a chunk ahead of the caller (decoding overlaps encoding)."""
-        frames = decode_frames(self.models, latents, self.config, prepared.conditioning.num_pad)
+        frames = self.decode(prepared, latents)
         return prefetched(busy.items("busy_decode", frames) if busy else frames, depth=2 * self.config.decode_chunk)
 
     # -- whole animations ----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from hyportrait.networks.contract import CROP_SIZE, WINDOW
 
 from .backends import Models
 from .sampling import (
+    WindowMap,
     c_noise,
     combine_guidance,
     guidance_ramp,
@@ -218,8 +219,10 @@ def sampler_sigmas(config: AnimateConfig, device) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_latents(models: Models, cond: Conditioning, config: AnimateConfig, generator: torch.Generator,
-                   callback: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Whole-clip latents (T, 4, h, w) after the configured sampler."""
+                   callback: Callable[[int], None] | None = None,
+                   map_windows: WindowMap | None = None) -> torch.Tensor:
+    """Whole-clip latents (T, 4, h, w) after the configured sampler (`map_windows`: how each step's windows
+    are run, e.g. spread over GPUs by runtime/distributed.py)."""
     dtype, device = models.dtype, models.device
     sigmas = sampler_sigmas(config, device)
     num_frames = cond.motion.shape[0]
@@ -228,7 +231,7 @@ def sample_latents(models: Models, cond: Conditioning, config: AnimateConfig, ge
     x = cond.ref_latent[None] + noise * sigmas[0].to(dtype)
     denoise = guided_denoiser(models.unet, cond, sigmas, config)
     windows = {"window": config.window, "overlap": config.overlap, "shift_offset": config.shift_offset,
-               "callback": callback}
+               "callback": callback, "map_windows": map_windows}
     if config.sampler == "lcm":
         return sample_lcm_windows(denoise, x, sigmas, generator, **windows)
     return sample_euler_windows(denoise, x, sigmas, **windows)
@@ -243,17 +246,29 @@ def decode_frames(models: Models, latents: torch.Tensor, config: AnimateConfig,
     official 8); chunks made only of pad frames are skipped.
     """
     total = latents.shape[0]
-    for start in range(0, total, config.decode_chunk):
-        stop = min(start + config.decode_chunk, total)
-        if stop <= num_pad or start >= total - num_pad:
-            continue
-        chunk = models.vae_decoder(latents=latents[start:stop]).float()
-        pixels = (chunk * 0.5 + 0.5).clamp(0, 1)
-        # truncation, not rounding, as the reference's (x * 255).astype(uint8)
-        frames = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)
-        for index, frame in enumerate(frames, start):
-            if num_pad <= index < total - num_pad:
-                yield frame
+    for start, stop in decode_chunks(total, config.decode_chunk, num_pad):
+        yield from kept_frames(decoded_chunk(models, latents, start, stop), start, total, num_pad)
+
+
+def decode_chunks(total: int, chunk: int, num_pad: int) -> list[tuple[int, int]]:
+    """(start, stop) of the decoder's chunks of a clip of `total` latents that hold output frames."""
+    return [(start, min(start + chunk, total)) for start in range(0, total, chunk)
+            if min(start + chunk, total) > num_pad and start < total - num_pad]
+
+
+def decoded_chunk(models: Models, latents: torch.Tensor, start: int, stop: int) -> np.ndarray:
+    """(stop - start, H, W, 3) uint8 RGB frames of latents[start:stop]."""
+    chunk = models.vae_decoder(latents=latents[start:stop]).float()
+    pixels = (chunk * 0.5 + 0.5).clamp(0, 1)
+    # truncation, not rounding, as the reference's (x * 255).astype(uint8)
+    return (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)
+
+
+def kept_frames(frames: np.ndarray, start: int, total: int, num_pad: int) -> Iterator[np.ndarray]:
+    """The frames of a decoded chunk starting at `start` that are not pad frames."""
+    for index, frame in enumerate(frames, start):
+        if num_pad <= index < total - num_pad:
+            yield frame
 
 
 _END = object()

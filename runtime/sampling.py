@@ -15,6 +15,10 @@ import torch
 from .windows import window_indices
 
 Denoiser = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+# How the windows of one step are run: (update of one window's frame index, the step's window indices, the
+# step's latents) -> the updates in window order. None runs them one after another here; runtime/distributed.py
+# spreads them over ranks.
+WindowMap = Callable[[Callable[[torch.Tensor], torch.Tensor], list[torch.Tensor], torch.Tensor], Sequence[torch.Tensor]]
 
 
 def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 700.0,
@@ -67,23 +71,31 @@ def i2i_start_index(num_steps: int, strength: float) -> int:
 
 
 def window_average(update: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, *,
-                   window: int, overlap: int, shift: int) -> torch.Tensor:
+                   window: int, overlap: int, shift: int, map_windows: WindowMap | None = None) -> torch.Tensor:
     """`update(x_window, frame_index)` over the windows of one step, averaged per frame (uniform weights).
 
-    Windows start every `window - overlap` frames, moved back by `shift`, and wrap around the clip.
+    Windows start every `window - overlap` frames, moved back by `shift`, and wrap around the clip. The
+    updates are summed in window order whoever computed them (`map_windows`), so the sums round the same.
     """
     total = torch.zeros_like(x)
     count = torch.zeros((x.shape[0], 1, 1, 1), dtype=x.dtype, device=x.device)
-    for index in window_indices(x.shape[0], window, overlap, shift):
-        index = torch.as_tensor(index, device=x.device)
-        total.index_add_(0, index, update(x.index_select(0, index), index))
+    indices = [torch.as_tensor(index, device=x.device) for index in window_indices(x.shape[0], window, overlap, shift)]
+
+    def window_update(index: torch.Tensor) -> torch.Tensor:
+        return update(x.index_select(0, index), index)
+
+    updates = (window_update(index) for index in indices) if map_windows is None else map_windows(
+        window_update, indices, x)
+    for index, value in zip(indices, updates):
+        total.index_add_(0, index, value)
         count.index_add_(0, index, torch.ones((len(index), 1, 1, 1), dtype=x.dtype, device=x.device))
     return total / count
 
 
 def sample_euler_windows(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, window: int = 25,
                          overlap: int = 3, shift_offset: int = 3,
-                         callback: Callable[[int], None] | None = None) -> torch.Tensor:
+                         callback: Callable[[int], None] | None = None,
+                         map_windows: WindowMap | None = None) -> torch.Tensor:
     """Euler sampling of a whole clip with circular sliding windows (the reference sampler).
 
     x: (T, C, h, w) latents at sigmas[0]. `denoise(x_window, step, frame_index)` returns the guided
@@ -95,7 +107,7 @@ def sample_euler_windows(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
         def update(xw: torch.Tensor, index: torch.Tensor, step: int = step) -> torch.Tensor:
             return euler_step(xw, denoise(xw, step, index), sigmas[step], sigmas[step + 1])
 
-        x = window_average(update, x, window=window, overlap=overlap, shift=shift)
+        x = window_average(update, x, window=window, overlap=overlap, shift=shift, map_windows=map_windows)
         shift = (shift + shift_offset) % window
         if callback is not None:
             callback(step)
@@ -104,7 +116,8 @@ def sample_euler_windows(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
 
 def sample_lcm_windows(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, generator: torch.Generator, *,
                        window: int = 25, overlap: int = 3, shift_offset: int = 3,
-                       callback: Callable[[int], None] | None = None) -> torch.Tensor:
+                       callback: Callable[[int], None] | None = None,
+                       map_windows: WindowMap | None = None) -> torch.Tensor:
     """LCM multistep sampling (k-diffusion's `sample_lcm`) of a whole clip with the same sliding windows.
 
     Each step jumps to the denoised estimate (the windows' estimates averaged per frame), then re-noises it
@@ -115,7 +128,7 @@ def sample_lcm_windows(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
         def update(xw: torch.Tensor, index: torch.Tensor, step: int = step) -> torch.Tensor:
             return denoised_from_v(xw, denoise(xw, step, index), sigmas[step])
 
-        x = window_average(update, x, window=window, overlap=overlap, shift=shift)
+        x = window_average(update, x, window=window, overlap=overlap, shift=shift, map_windows=map_windows)
         if sigmas[step + 1] > 0:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = x + noise * sigmas[step + 1].to(x.dtype)
@@ -131,6 +144,7 @@ def window_calls(num_frames: int, num_steps: int, window: int = 25, overlap: int
 
 
 __all__: Sequence[str] = [
+    "WindowMap",
     "c_noise",
     "combine_guidance",
     "denoised_from_v",
