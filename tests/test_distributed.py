@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from hyportrait.benchmarks import multigpu_gpu
 from hyportrait.cli import main as cli_main
 from hyportrait.errors import InputError
 from hyportrait.networks.weights import random_networks
@@ -140,3 +141,21 @@ def test_the_command_spreads_over_gpus_and_refuses_more_gpus_than_branches(tmp_p
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("hyportrait: error [bad_input]: guidance-parallel sampling splits the 1 guidance")
     assert re.search(r"\(rank [01] of 2\)$", err) and not any(tmp_path.iterdir())
+
+
+def test_the_multigpu_benchmark_dry_run(tmp_path):
+    report = multigpu_gpu.main(["--size", "tiny", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "multigpu.json").read_text())["speedup"] == report["speedup"]
+    assert set(report["long"]) == {"quality/window/1", "quality/window/2", "quality/guidance/2", "fast/window/1",
+                                   "fast/window/2"}
+    assert set(report["speedup"]) == {"long/quality/window/2", "long/quality/guidance/2", "long/fast/window/2",
+                                      "demo/quality/window/2", "demo/fast/window/2"}
+    for key, run in report["long"].items():  # the window scheme gives one GPU's frames
+        assert run["frames"] == 5 and run["fps"] > 0
+        assert run["identical_to_1_gpu"] if "window" in key else run["psnr_vs_1_gpu_db"] > 40
+    assert all(run["frames"] == 2 for run in report["demo"].values())
+    try:
+        import matplotlib  # noqa: F401 -- a benchmark dependency, not a runtime one
+        assert report["plot"] == str(tmp_path / "multigpu_speedup.png") and Path(report["plot"]).stat().st_size
+    except ImportError:
+        assert report["plot"].startswith("skipped")
