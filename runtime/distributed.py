@@ -339,6 +339,10 @@ def _worker_main(rank: int, size: int, port: int, worker: Callable, args: tuple,
                  timeout_s: float) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if device_type != "cuda":
+        # forked: OpenMP's thread pool does not survive a fork (as in torch's DataLoader workers), and N
+        # processes share the cores anyway
+        torch.set_num_threads(1)
     try:
         group = init_from_env(device_type, timeout_s)
         value = worker(group, *args)

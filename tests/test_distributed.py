@@ -36,6 +36,16 @@ SAMPLE_VIDEO = ROOT / "hyportrait" / "assets" / "sample_driving.mp4"
 CONFIG = {"size": 64, "window": 4, "overlap": 1, "num_steps": 1, "pad_frames": 2, "decode_chunk": 2}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """CPU workers run one thread each (OpenMP's pool does not survive their fork); the one-process references
+    here too, since a CPU kernel's rounding depends on its thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def models():
     return torch_models(random_networks("tiny"), device="cpu", dtype=torch.float32, size=64)
