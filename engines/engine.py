@@ -160,7 +160,8 @@ class TensorRTEngine:
             self._enqueue(static, side)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread-local: with several GPUs on one video, NCCL's watchdog thread may query events during a capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outputs = self._enqueue(static, torch.cuda.current_stream(self.device))
         self._graphs[key] = _CapturedRun(graph, static, outputs)
         return self._graphs[key]

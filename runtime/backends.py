@@ -105,7 +105,9 @@ class TorchSession:
                 self.module(**static)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread-local (as inductor's CUDA graphs): NCCL's watchdog thread may query its events during a
+            # capture when several GPUs work on one video (runtime/distributed.py)
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 output = self.module(**static)
             self._graphs[key] = (graph, static, output)
         graph, static, output = self._graphs[key]
