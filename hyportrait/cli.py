@@ -242,6 +242,24 @@ def _animate_parallel(args, options: dict) -> dict | None:
     return result
 
 
+def _add_serve(sub) -> None:
+    from hyportrait.serve.options import add_arguments
+
+    add_arguments(sub.add_parser("serve", help="an HTTP animation service (needs the serve extra); --ray: on "
+                                 "Ray Serve replicas"))
+
+
+def _serve(args) -> int:
+    from hyportrait.errors import InputError
+
+    try:
+        from hyportrait.serve.server import main as serve
+    except ModuleNotFoundError as exc:
+        raise InputError(f"hyportrait serve needs the serve extra: pip install 'hyportrait[serve]' "
+                         f"(missing {exc.name})") from None
+    return serve(args)
+
+
 def _weights(args) -> int:
     from hyportrait.networks.weights import check_weights, expected_manifest
 
@@ -308,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_build(sub)
     _add_calibrate(sub)
     _add_distill(sub)
+    _add_serve(sub)
     sub.add_parser("bench", help="speed and accuracy of every runtime configuration on this GPU "
                    "(hyportrait bench --help)", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
@@ -319,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return {"animate": _animate, "weights": _weights, "export": _export, "build": _build,
-                "calibrate": _calibrate, "distill": _distill}[args.command](args)
+                "calibrate": _calibrate, "distill": _distill, "serve": _serve}[args.command](args)
     except HyportraitError as exc:
         print(f"hyportrait: error [{exc.code}]: {exc.message}", file=sys.stderr)
         return 2

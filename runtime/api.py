@@ -18,15 +18,16 @@ Errors are `hyportrait.errors.HyportraitError` subclasses with a stable `.code`.
 """
 from __future__ import annotations
 
+import copy
 import io
 import os
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
@@ -244,6 +245,13 @@ class Animator:
             merge_lora(nets.unet, lora)
         return torch_models(nets, device=self.device, dtype=self.config.dtype, size=self.config.size, **options)
 
+    def with_options(self, **options) -> Animator:
+        """These networks with other sampling options (any `AnimateConfig` field): a view sharing the networks,
+        the detector and the lock, e.g. one per request of a server."""
+        view = copy.copy(self)
+        view.config = make_config({**asdict(self.config), **options})
+        return view
+
     # -- the stages ----------------------------------------------------------------------------------------
 
     def prepare(self, image, video: Path) -> Prepared:
@@ -278,15 +286,24 @@ class Animator:
         timings["conditioning"] = time.perf_counter() - tic
         return Prepared(source, info, cond, generator, motion.shape[0], len(driving.missing_face_frames), timings)
 
-    def sample(self, prepared: Prepared) -> torch.Tensor:
-        """The denoising loop: whole-clip latents, pad frames included."""
+    def denoise_steps(self) -> int:
+        """Denoising steps one window takes (the i2i start skips some)."""
+        return self.config.num_steps - i2i_start_index(self.config.num_steps, self.config.i2i_strength)
+
+    def sample(self, prepared: Prepared, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+        """The denoising loop: whole-clip latents, pad frames included. `on_step(step)` is called after each
+        step (a server's progress; an exception it raises stops the loop)."""
         from tqdm import tqdm
 
+        def step_done(step: int) -> None:
+            bar.update(1)
+            if on_step is not None:
+                on_step(step)
+
         tic = time.perf_counter()
-        steps = self.config.num_steps - i2i_start_index(self.config.num_steps, self.config.i2i_strength)
-        with tqdm(total=steps, desc="denoise", unit="step", disable=not self.progress) as bar:
+        with tqdm(total=self.denoise_steps(), desc="denoise", unit="step", disable=not self.progress) as bar:
             latents = sample_latents(self.models, prepared.conditioning, self.config, prepared.generator,
-                                     callback=lambda step: bar.update(1), map_windows=self.map_windows)
+                                     callback=step_done, map_windows=self.map_windows)
         prepared.timings["denoise"] = time.perf_counter() - tic
         return latents
 
@@ -312,46 +329,55 @@ class Animator:
 
     def animate(self, image, video, out: str | Path) -> AnimateResult:
         """Animate `image` with `video`; write cropped.mp4 and full_resolution.mp4 under a new folder of `out`."""
-        from tqdm import tqdm
-
         with self._lock, video_path(video) as path:
             start = time.perf_counter()
             prepared = self.prepare(image, path)
             latents = self.sample(prepared)
-            tic = time.perf_counter()
-            folder = Path(out) / (f"{datetime.now():%Y%m%d_%H%M%S}_{_stem(image, 'image')}_"
-                                  f"{_stem(video, 'video')}")
-            cropped, full = folder / "cropped.mp4", folder / "full_resolution.mp4"
-            paste_back = PasteBack(prepared.source.original_image, prepared.source.crop_box)
-            fps = prepared.video.fps
+            result = self.write(prepared, latents, path, Path(out) / (
+                f"{datetime.now():%Y%m%d_%H%M%S}_{_stem(image, 'image')}_{_stem(video, 'video')}"))
+            result.timings["total"] = time.perf_counter() - start
+        return result
 
-            def write_full(frame):
-                full_out.write(paste_back(frame))
+    def write(self, prepared: Prepared, latents: torch.Tensor, video: Path, folder: Path,
+              on_frame: Callable[[], None] | None = None) -> AnimateResult:
+        """Decode `latents` and write folder/cropped.mp4 and folder/full_resolution.mp4 (with the audio of the
+        driving `video`). `on_frame()` is called after each frame is handed to the writers (an exception it
+        raises stops the writing and removes the partial files)."""
+        from tqdm import tqdm
 
-            depth, busy = 2 * self.config.decode_chunk, BusyTimes()
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                # each video is pasted and encoded on its own thread (the encoder releases the GIL)
-                preset = self.config.video_preset
-                with VideoWriter(cropped, fps, audio_from=path, preset=preset) as crop_out, \
-                        VideoWriter(full, fps, audio_from=path, preset=preset) as full_out, \
-                        consumed_in_background(busy.calls("busy_write_cropped", crop_out.write), depth,
-                                               "hyportrait-crop-video") as to_crop, \
-                        consumed_in_background(busy.calls("busy_write_full", write_full), depth,
-                                               "hyportrait-full-video") as to_full, \
-                        tqdm(total=prepared.num_frames, desc="decode+encode", unit="frame",
-                             disable=not self.progress) as bar:
-                    for frame in self._decoded(prepared, latents, busy):
-                        to_crop(frame)
-                        to_full(frame)
-                        bar.update(1)
-            except OSError as exc:
-                raise InputError(f"cannot write the output videos under {folder}: {exc.strerror or exc}") from None
-            finally:
-                # the writers removed their partial files; leave no empty result folder behind either
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
-            # decode_encode is wall time; busy_* the seconds each of its threads worked
-            timings = dict(prepared.timings, decode_encode=time.perf_counter() - tic, **busy.seconds)
-            timings["total"] = time.perf_counter() - start
+        tic = time.perf_counter()
+        cropped, full = folder / "cropped.mp4", folder / "full_resolution.mp4"
+        paste_back = PasteBack(prepared.source.original_image, prepared.source.crop_box)
+        fps = prepared.video.fps
+
+        def write_full(frame):
+            full_out.write(paste_back(frame))
+
+        depth, busy = 2 * self.config.decode_chunk, BusyTimes()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            # each video is pasted and encoded on its own thread (the encoder releases the GIL)
+            preset = self.config.video_preset
+            with VideoWriter(cropped, fps, audio_from=video, preset=preset) as crop_out, \
+                    VideoWriter(full, fps, audio_from=video, preset=preset) as full_out, \
+                    consumed_in_background(busy.calls("busy_write_cropped", crop_out.write), depth,
+                                           "hyportrait-crop-video") as to_crop, \
+                    consumed_in_background(busy.calls("busy_write_full", write_full), depth,
+                                           "hyportrait-full-video") as to_full, \
+                    tqdm(total=prepared.num_frames, desc="decode+encode", unit="frame",
+                         disable=not self.progress) as bar:
+                for frame in self._decoded(prepared, latents, busy):
+                    to_crop(frame)
+                    to_full(frame)
+                    bar.update(1)
+                    if on_frame is not None:
+                        on_frame()
+        except OSError as exc:
+            raise InputError(f"cannot write the output videos under {folder}: {exc.strerror or exc}") from None
+        finally:
+            # the writers removed their partial files; leave no empty result folder behind either
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        # decode_encode is wall time; busy_* the seconds each of its threads worked
+        timings = dict(prepared.timings, decode_encode=time.perf_counter() - tic, **busy.seconds)
         return AnimateResult(cropped, full, prepared.num_frames, fps, prepared.missing_face_frames, timings)

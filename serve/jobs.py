@@ -1,0 +1,239 @@
+"""Jobs of the animation service: request options, limits, the job record and the folders on disk.
+
+A job's id is made here (uuid4 hex) and is the only name a client gives that reaches the file system: it is
+checked against ID_PATTERN and looked up in the table before any path is built. Uploads are stored as
+`image` and `video` (client file names are never used), results under `out/`, the job's record as
+`job.json` (written under a temporary name and renamed). Finished jobs beyond the retention limits are
+removed with their folders.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from hyportrait.errors import HyportraitError
+from hyportrait.runtime.api import RANDOM_MODEL_DEFAULTS
+from hyportrait.runtime.pipeline import FAST_MODE, X264_PRESETS, AnimateConfig
+
+from .options import Limits
+
+ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+FINAL = ("done", "failed", "cancelled")
+# the quality mode's values of the fields fast mode changes (AnimateConfig's defaults are the official config)
+QUALITY_MODE = {name: f.default for f in fields(AnimateConfig) if (name := f.name) in FAST_MODE}
+
+
+class ServeError(HyportraitError):
+    """A refused request: `code` is stable, `status` the HTTP status it is answered with."""
+
+    def __init__(self, code: str, message: str, status: int = 422, headers: dict | None = None):
+        super().__init__(message)
+        self.code, self.status, self.headers = code, status, headers or {}
+
+
+def _number(options: dict, name: str, kind: type, low, high):
+    value = options[name]
+    # bool is an int in Python: refuse it, and ints where a float is asked are fine
+    if isinstance(value, bool) or not isinstance(value, (int,) if kind is int else (int, float)):
+        raise ServeError("bad_options", f"option {name} must be {'an integer' if kind is int else 'a number'}, "
+                         f"got {json.dumps(value)}")
+    if not low <= value <= high:
+        raise ServeError("bad_options", f"option {name} must be in [{low}, {high}], got {value}")
+    return kind(value)
+
+
+def _pair(options: dict, name: str) -> tuple[float, float]:
+    value = options[name]
+    if not isinstance(value, list) or len(value) != 2:
+        raise ServeError("bad_options", f"option {name} must be [min, max], got {json.dumps(value)}")
+    low, high = (_number({name: v}, name, float, 0.0, 20.0) for v in value)
+    return low, high
+
+
+def _choice(options: dict, name: str, choices) -> str:
+    if options[name] not in choices:
+        raise ServeError("bad_options", f"option {name} must be one of {', '.join(map(str, choices))}, "
+                         f"got {json.dumps(options[name])}")
+    return options[name]
+
+
+def mode_settings(default_mode: str, random_model: bool) -> dict[str, dict]:
+    """The settings each mode lays over the served Animator's config (which was made in `default_mode`):
+    nothing for that mode, the other mode's sampler settings for the other (the tiny random model keeps its
+    few steps)."""
+    other = "quality" if default_mode == "fast" else "fast"
+    switch = dict(FAST_MODE if other == "fast" else QUALITY_MODE)
+    if random_model:
+        switch["num_steps"] = RANDOM_MODEL_DEFAULTS["num_steps"]
+    return {default_mode: {}, other: switch}
+
+
+def parse_options(text: str | None, limits: Limits, modes: dict[str, dict]) -> tuple[str, dict]:
+    """The `options` form field (JSON with the CLI's option names) -> (mode, overrides of the Animator's config).
+    `modes`: `mode_settings(...)`, its first key the default mode."""
+    try:
+        options = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise ServeError("bad_options", f"options is not valid JSON ({exc.msg})") from None
+    if not isinstance(options, dict):
+        raise ServeError("bad_options", "options must be a JSON object")
+    known = {"mode", "steps", "seed", "guidance", "appearance_guidance", "motion_guidance", "max_frames",
+             "decode_chunk", "overlap", "sampler", "guidance_branches", "video_preset"}
+    if unknown := sorted(set(options) - known):
+        raise ServeError("bad_options", f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    mode = _choice(options, "mode", tuple(modes)) if "mode" in options else next(iter(modes))
+    settings = dict(modes[mode])
+    for name, target, kind, low, high in (("steps", "num_steps", int, 1, limits.max_steps),
+                                          ("seed", "seed", int, 0, 2**63 - 1),
+                                          ("max_frames", "max_frames", int, 1, limits.max_frames),
+                                          ("decode_chunk", "decode_chunk", int, 1, 64),
+                                          ("overlap", "overlap", int, 0, 24),
+                                          ("guidance_branches", "guidance_branches", int, 1, 3)):
+        if name in options:
+            settings[target] = _number(options, name, kind, low, high)
+    if "guidance" in options:
+        scale = _number(options, "guidance", float, 0.0, 20.0)
+        settings.update(min_appearance_guidance=scale, max_appearance_guidance=scale,
+                        min_motion_guidance=scale, max_motion_guidance=scale)
+    for stage in ("appearance", "motion"):
+        if f"{stage}_guidance" in options:
+            low, high = _pair(options, f"{stage}_guidance")
+            settings.update({f"min_{stage}_guidance": low, f"max_{stage}_guidance": high})
+    if "sampler" in options:
+        settings["sampler"] = _choice(options, "sampler", ("euler", "lcm"))
+    if "video_preset" in options:
+        settings["video_preset"] = _choice(options, "video_preset", X264_PRESETS)
+    return mode, settings
+
+
+@dataclass
+class Job:
+    id: str
+    folder: Path
+    mode: str
+    settings: dict
+    status: str = "queued"  # queued, preparing, denoising, writing, done, failed, cancelled
+    created: float = field(default_factory=time.time)
+    started: float | None = None  # the current run's start
+    finished: float | None = None
+    frames_total: int = 0
+    frames_done: int = 0
+    steps_total: int = 0
+    steps_done: int = 0
+    timings: dict = field(default_factory=dict)
+    error: dict | None = None  # {"code": ..., "message": ...}
+    attempts: int = 0  # runs started (a run lost with its worker is retried once)
+    worker: str = ""  # host:pid of the process that ran it
+    cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    stop_code: str | None = None  # why `cancel` was set by the service (None: the client's DELETE)
+
+    @property
+    def image(self) -> Path:
+        return self.folder / "image"
+
+    @property
+    def video(self) -> Path:
+        return self.folder / "video"
+
+    @property
+    def out(self) -> Path:
+        return self.folder / "out"
+
+    def result(self, kind: str) -> Path:
+        return self.out / ("cropped.mp4" if kind == "cropped" else "full_resolution.mp4")
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+    def fraction(self) -> float:
+        """Overall progress in [0, 1]: denoising counts 70 %, writing the frames 30 %."""
+        if self.status == "done":
+            return 1.0
+        steps = self.steps_done / self.steps_total if self.steps_total else 0.0
+        frames = self.frames_done / self.frames_total if self.frames_total else 0.0
+        return round(0.7 * steps + 0.3 * frames, 4)
+
+    def public(self) -> dict:
+        """What GET /v1/animations/{id} answers (no paths)."""
+        return {"id": self.id, "status": self.status, "mode": self.mode, "created": self.created,
+                "finished": self.finished,
+                "progress": {"frames_done": self.frames_done, "frames_total": self.frames_total,
+                             "steps_done": self.steps_done, "steps_total": self.steps_total,
+                             "fraction": self.fraction()},
+                "timings": {k: round(v, 4) for k, v in self.timings.items()}, "error": self.error,
+                "attempts": self.attempts, "worker": self.worker,
+                "videos": ({kind: f"/v1/animations/{self.id}/video?kind={kind}" for kind in ("cropped", "full")}
+                           if self.status == "done" else None)}
+
+    def save(self) -> None:
+        """job.json, replaced atomically (a reader never sees half a record)."""
+        if not self.folder.is_dir():
+            return
+        record = {**self.public(), "settings": self.settings}
+        tmp = self.folder / "job.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, self.folder / "job.json")
+
+
+class JobTable:
+    """Jobs by id, their folders under `root`, and the retention limits."""
+
+    def __init__(self, root: Path, limits: Limits):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.limits = limits
+        self.jobs: dict[str, Job] = {}
+        self.lock = threading.Lock()
+
+    def create(self, mode: str, settings: dict) -> Job:
+        job_id = uuid.uuid4().hex
+        folder = self.root / job_id
+        folder.mkdir()
+        job = Job(job_id, folder, mode, settings)
+        with self.lock:
+            self.jobs[job_id] = job
+        return job
+
+    def get(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id) if ID_PATTERN.match(job_id) else None
+        if job is None:
+            raise ServeError("unknown_job", f"no job {job_id!r}", status=404)
+        return job
+
+    def forget(self, job: Job) -> None:
+        """Remove a job and its folder (a refused upload, or past retention)."""
+        with self.lock:
+            self.jobs.pop(job.id, None)
+        shutil.rmtree(job.folder, ignore_errors=True)
+
+    def finish(self, job: Job, status: str, error: tuple[str, str] | None = None) -> None:
+        job.status, job.finished = status, time.time()
+        if error:
+            job.error = {"code": error[0], "message": error[1]}
+        # inputs are no longer needed once the job ends; the record and the results stay
+        for path in (job.image, job.video):
+            path.unlink(missing_ok=True)
+        job.save()
+        self.prune()
+
+    def prune(self) -> None:
+        now = time.time()
+        with self.lock:
+            finished = sorted((j for j in self.jobs.values() if j.final), key=lambda j: j.finished)
+        excess = len(finished) - self.limits.retain_jobs
+        for index, job in enumerate(finished):
+            if index < excess or now - job.finished > self.limits.retain_seconds:
+                self.forget(job)
+
+    def counts(self) -> dict[str, int]:
+        with self.lock:
+            statuses = [j.status for j in self.jobs.values()]
+        return {s: statuses.count(s) for s in set(statuses)}

@@ -1,0 +1,156 @@
+"""Scale-out on Ray Serve: jobs run on `AnimatorReplica`s (one per GPU) behind the same HTTP API.
+
+The HTTP process (`hyportrait serve --ray`) keeps the job table, the queue, the limits and the result files;
+it hands each job's inputs to the deployment through a `DeploymentHandle` and reads back a stream of
+progress events that ends with the two videos (bytes travel through Ray's object store, so replicas may run
+on other hosts with no shared file system). Each replica is a `LocalRunner` over its own Animator, so with
+`max_ongoing_requests` 2 the next job is prepared while one denoises. A job whose replica dies (the stream
+raises a Ray error) is run again once on another replica, then fails with `worker_lost`: nothing is lost
+silently. Ray Serve restarts dead or unhealthy replicas (`check_health`), and autoscales on ongoing requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import ray
+from ray import serve
+from ray.exceptions import RayError
+
+from hyportrait.runtime.api import Animator
+
+from .jobs import Job, JobTable
+from .options import Limits
+from .runner import LocalRunner, Runner, Stopped
+from .server import warm_up
+
+HEARTBEAT = 0.5  # seconds between progress events (also how soon the ingress sees a cancellation)
+
+
+@serve.deployment(name="hyportrait-animator")
+class AnimatorReplica:
+    """One Animator (one GPU): loads and warms the models, then runs the jobs the ingress hands it."""
+
+    def __init__(self, options: dict, limits: Limits):
+        self.table = JobTable(Path(tempfile.mkdtemp(prefix="hyportrait-replica-")), limits)
+        self.runner = LocalRunner(Animator(**options), self.table, limits)
+        warm_up(self.runner, self.table)
+
+    async def run(self, image: bytes, video: bytes, mode: str, settings: dict):
+        """Progress events ({"status", "steps_done", ...}), then {"done": ...} with the videos, or
+        {"failed": {"code", "message"}}; a cancelled request cancels the job."""
+        job = self.table.create(mode, settings)
+        job.image.write_bytes(image)
+        job.video.write_bytes(video)
+        self.runner.waiting.put(job)
+        try:
+            while not job.final:
+                yield {"status": job.status, "steps_done": job.steps_done, "steps_total": job.steps_total,
+                       "frames_done": job.frames_done, "frames_total": job.frames_total}
+                await asyncio.sleep(HEARTBEAT)
+            if job.status == "done":
+                yield {"done": {"timings": job.timings, "frames_total": job.frames_total, "worker": job.worker,
+                                "cropped": job.result("cropped").read_bytes(),
+                                "full": job.result("full").read_bytes()}}
+            else:
+                yield {"failed": job.error or {"code": "cancelled", "message": "cancelled on the replica"}}
+        finally:
+            self.runner.cancel(job)  # no-op once it ended; stops it when the request was cancelled
+            threading.Thread(target=self._forget_when_final, args=(job,), daemon=True).start()
+
+    def _forget_when_final(self, job: Job) -> None:
+        while not job.final:
+            time.sleep(0.1)
+        self.table.forget(job)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def check_health(self) -> None:
+        """Ray Serve restarts a replica whose pipeline threads died."""
+        if not self.runner.alive():
+            raise RuntimeError("a pipeline thread of this replica died")
+
+
+def deployment(args, limits: Limits, options: dict):
+    """The replica deployment with the CLI's scaling, placement and health settings, bound to the Animator's
+    keyword arguments `options`."""
+    settings = {"max_ongoing_requests": args.max_ongoing_requests,
+                "health_check_period_s": args.health_check_period,
+                "health_check_timeout_s": args.health_check_timeout,
+                "ray_actor_options": {"num_gpus": args.gpus_per_replica, "num_cpus": args.cpus_per_replica}}
+    if args.autoscale:
+        low, high = args.autoscale
+        settings["autoscaling_config"] = {"min_replicas": low, "max_replicas": high,
+                                          "target_ongoing_requests": args.max_ongoing_requests}
+    else:
+        settings["num_replicas"] = args.replicas
+    return AnimatorReplica.options(**settings).bind(options, limits)
+
+
+class RayRunner(Runner):
+    """Jobs dispatched to the replicas of a Ray Serve deployment of Animators made with `options` (started
+    here, on `args.ray_address` or a local Ray), one dispatcher thread per job the replicas can hold at once."""
+
+    def __init__(self, table: JobTable, limits: Limits, args, options: dict):
+        super().__init__(table, limits)
+        if not ray.is_initialized():
+            ray.init(address=args.ray_address, include_dashboard=False)
+        serve.start(proxy_location="Disabled")  # HTTP is ours; Serve's proxy is not needed
+        self.handle = serve.run(deployment(args, limits, options), name="hyportrait", route_prefix=None)
+        replicas = args.autoscale[1] if args.autoscale else args.replicas
+        self.slots = replicas * args.max_ongoing_requests
+        for index in range(self.slots):
+            threading.Thread(target=self._dispatch_loop, name=f"hyportrait-dispatch-{index}", daemon=True).start()
+        self.ready = True  # serve.run returned: every replica has loaded and warmed its models
+
+    def parallel_jobs(self) -> int:
+        return self.slots
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            job = self._next()
+            try:
+                self._dispatch(job)
+            except BaseException as exc:  # noqa: BLE001 -- every failure ends the job, never the thread
+                self._end(job, exc)
+
+    def _dispatch(self, job: Job) -> None:
+        image, video = job.image.read_bytes(), job.video.read_bytes()
+        job.started = time.time()
+        while True:
+            try:
+                stream = self.handle.options(stream=True).run.remote(image, video, job.mode, job.settings)
+                for event in stream:
+                    if job.cancel.is_set():
+                        stream.cancel()
+                        raise Stopped(job.stop_code)
+                    if "done" in event:
+                        return self._store(job, event["done"])
+                    if "failed" in event:
+                        error = event["failed"]
+                        return self._finish(job, "failed", (error["code"], error["message"]))
+                    for key, value in event.items():
+                        setattr(job, key, value)
+                raise RayError("the replica's stream ended without a result")
+            except RayError as exc:
+                if job.attempts >= 2:
+                    return self._finish(job, "failed", ("worker_lost", f"the job's replica was lost twice ({exc})"))
+                job.attempts += 1
+                job.status, job.steps_done, job.frames_done = "queued", 0, 0
+
+    def _store(self, job: Job, result: dict) -> None:
+        job.out.mkdir(exist_ok=True)
+        for kind in ("cropped", "full"):
+            path = job.result(kind)
+            tmp = path.with_suffix(".part")
+            tmp.write_bytes(result[kind])
+            os.replace(tmp, path)
+        job.frames_done = job.frames_total = result["frames_total"]
+        job.worker = result["worker"]
+        job.timings = dict(result["timings"], run=time.time() - job.started)
+        self._finish(job, "done")

@@ -1,0 +1,120 @@
+"""`hyportrait serve`: load and warm the models once, then answer HTTP on uvicorn until SIGTERM drains it."""
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+import hyportrait
+from hyportrait.errors import HyportraitError, InputError
+
+from .jobs import ID_PATTERN, JobTable, mode_settings
+from .options import Limits, limits_from
+from .runner import Runner
+
+ASSETS = Path(hyportrait.__file__).parent / "assets"
+WARMUP_FRAMES = 4
+
+
+def animator_options(args) -> dict:
+    """Animator keyword arguments of the CLI's model options (built here, or by each Ray replica)."""
+    return {"models": args.models, "backend": args.backend, "weights": args.weights, "device": args.device,
+            "precision": args.precision, "mode": args.mode, "lora": args.lora, "faithful": not args.rewrites,
+            "cuda_graph": args.cuda_graph, "compile": args.compile}
+
+
+def warm_up(runner: Runner, table: JobTable) -> None:
+    """One short job on the bundled sample through the runner (loads kernels, compiles with --compile);
+    the service is ready once it is done."""
+    job = table.create("default", {"max_frames": WARMUP_FRAMES})
+    shutil.copyfile(ASSETS / "sample_portrait.jpg", job.image)
+    shutil.copyfile(ASSETS / "sample_driving.mp4", job.video)
+    runner.waiting.put(job)
+    while not job.final:
+        time.sleep(0.05)
+    table.forget(job)
+    if job.status != "done":
+        raise InputError(f"the warm-up job failed: {job.error['code']}: {job.error['message']}")
+    runner.ready = True
+
+
+def remove_stale_jobs(root: Path) -> None:
+    """Job folders of an earlier process (its ids are unknown to this one, so nothing could serve them)."""
+    if root.is_dir():
+        for folder in root.iterdir():
+            if folder.is_dir() and ID_PATTERN.match(folder.name):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def build(args, limits: Limits) -> tuple[Runner, JobTable]:
+    remove_stale_jobs(args.jobs_dir)
+    table = JobTable(args.jobs_dir, limits)
+    if args.ray:
+        from .ray_app import RayRunner
+
+        runner = RayRunner(table, limits, args, animator_options(args))
+    else:
+        from hyportrait.runtime.api import Animator
+
+        from .runner import LocalRunner
+
+        runner = LocalRunner(Animator(**animator_options(args)), table, limits)
+    return runner, table
+
+
+def main(args) -> int:
+    from .app import create_app
+
+    token = None
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            raise InputError(f"cannot read the token file {args.token_file}: {exc.strerror}") from None
+        if not token:
+            raise InputError(f"the token file {args.token_file} is empty")
+    limits = limits_from(args)
+    runner, table = build(args, limits)
+    modes = mode_settings(args.mode, random_model=args.backend == "torch" and args.weights is None)
+    app = create_app(runner, table, limits, modes, token=token)
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=5), runner, args.grace)
+    failed = []
+
+    def warm_or_stop():
+        try:
+            warm_up(runner, table)
+        except HyportraitError as exc:
+            print(f"hyportrait: error [{exc.code}]: {exc.message}", file=sys.stderr)
+            failed.append(exc)
+            server.should_exit = True
+
+    if not runner.ready:  # the port answers /healthz (and 503 on /readyz) while the models warm up
+        threading.Thread(target=warm_or_stop, daemon=True, name="hyportrait-warmup").start()
+    server.run()
+    return 2 if failed else 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with SIGTERM/SIGINT first draining the runner (status and videos are still answered meanwhile),
+    then stopping the server; a second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, runner: Runner, grace: float):
+        super().__init__(config)
+        self.runner, self.grace, self.draining = runner, grace, False
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.draining:
+            return super().handle_exit(sig, frame)
+        self.draining = True
+        print(f"hyportrait: {signal.Signals(sig).name}: draining (grace {self.grace:g} s)", file=sys.stderr)
+        threading.Thread(target=self._drain, name="hyportrait-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        self.runner.drain(self.grace)
+        self.should_exit = True

@@ -1,0 +1,346 @@
+"""The HTTP service on a real uvicorn server (127.0.0.1) over a tiny random-weight Animator: jobs, progress,
+videos, metrics, every malformed request, the bounded queue, cancellation, the bearer token, the web page
+in a real headless Chromium, and the SIGTERM drain. One server for the whole module (the drain runs last)."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+import requests
+import uvicorn
+from PIL import Image
+
+from hyportrait.runtime.api import Animator
+from hyportrait.runtime.video import VideoWriter, probe_video
+from hyportrait.serve.app import create_app
+from hyportrait.serve.jobs import JobTable, mode_settings
+from hyportrait.serve.options import Limits
+from hyportrait.serve.runner import LocalRunner
+from hyportrait.serve.server import DrainingServer, warm_up
+
+ASSETS = Path(__file__).resolve().parent.parent / "hyportrait" / "assets"
+IMAGE = (ASSETS / "sample_portrait.jpg").read_bytes()
+VIDEO = (ASSETS / "sample_driving.mp4").read_bytes()  # 256x256, 36 frames, 1.5 s
+# the smallest tiny model that runs every stage: 64 px crops, windows of 8, 1 LCM step
+TINY = {"mode": "fast", "size": 64, "window": 8, "overlap": 2, "pad_frames": 2, "num_steps": 1,
+        "decode_chunk": 4}
+LIMITS = Limits(max_upload_bytes=200 * 2**10, max_image_pixels=2048 * 2048, max_video_side=1024, max_frames=30,
+                max_video_seconds=1.6, queue_size=1, retain_jobs=50)
+TOKEN = "s3cret-token"
+
+
+def serve_in_thread(app, runner, grace: float) -> tuple[DrainingServer, str, threading.Thread]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = DrainingServer(uvicorn.Config(app, log_level="warning"), runner, grace)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return server, url, thread
+
+
+@pytest.fixture(scope="module")
+def service():
+    jobs = Path(tempfile.mkdtemp(prefix="hyportrait-serve-test-"))
+    animator = Animator(**TINY)
+    table = JobTable(jobs, LIMITS)
+    runner = LocalRunner(animator, table, LIMITS)
+    modes = mode_settings("fast", random_model=True)
+    server, url, thread = serve_in_thread(create_app(runner, table, LIMITS, modes), runner, grace=0.0)
+    assert requests.get(f"{url}/readyz", timeout=5).status_code == 503  # not warm yet
+    warm_up(runner, table)
+    # the same runner behind a token (a second app: tokens are per service)
+    secured, secured_url, secured_thread = serve_in_thread(
+        create_app(runner, table, LIMITS, modes, token=TOKEN), runner, grace=0.0)
+    yield {"url": url, "runner": runner, "table": table, "jobs": jobs, "server": server, "thread": thread,
+           "secured_url": secured_url}
+    for srv, th in ((server, thread), (secured, secured_thread)):
+        srv.should_exit = True
+        th.join(timeout=10)
+    shutil.rmtree(jobs, ignore_errors=True)
+
+
+def submit(url, image=IMAGE, video=VIDEO, options=None, raw_options=None, **kwargs):
+    files = {"image": ("face.jpg", image), "video": ("drive.mp4", video)}
+    data = {"options": raw_options or json.dumps(options if options is not None else {"max_frames": 4})}
+    return requests.post(f"{url}/v1/animations", files=files, data=data, timeout=30, **kwargs)
+
+
+def wait_final(url, job_id, seconds=90) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        job = requests.get(f"{url}/v1/animations/{job_id}", timeout=5).json()
+        if job["status"] in ("done", "failed", "cancelled"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not end in {seconds} s: {job}")
+
+
+def error_of(response, status: int, code: str) -> None:
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.json()["error"]["code"] == code, response.text
+
+
+def test_job_runs_with_progress_videos_and_metrics(service, tmp_path):
+    url = service["url"]
+    assert requests.get(f"{url}/healthz", timeout=5).json() == {"status": "alive"}
+    assert requests.get(f"{url}/readyz", timeout=5).json() == {"status": "ready"}
+    response = submit(url, options={"max_frames": 4, "seed": 7, "video_preset": "ultrafast"})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    assert response.headers["location"] == f"/v1/animations/{job_id}"
+    job = wait_final(url, job_id)
+    assert job["status"] == "done", job
+    assert job["progress"] == {"frames_done": 4, "frames_total": 4, "steps_done": 1, "steps_total": 1,
+                               "fraction": 1.0}
+    assert {"preprocess", "conditioning", "denoise", "decode_encode", "run"} <= set(job["timings"])
+    for kind, size in (("cropped", 64), ("full", 512)):
+        video = requests.get(f"{url}{job['videos'][kind]}", timeout=10)
+        assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+        path = tmp_path / f"{kind}.mp4"
+        path.write_bytes(video.content)
+        info = probe_video(path)
+        assert (info.num_frames, info.width) == (4, size)
+    folder = service["jobs"] / job_id
+    # inputs removed when the job ended; the record and the two videos stay
+    assert sorted(p.name for p in folder.iterdir()) == ["job.json", "out"]
+    assert json.loads((folder / "job.json").read_text())["status"] == "done"
+    metrics = requests.get(f"{url}/metrics", timeout=5).text
+    assert 'hyportrait_jobs_total{outcome="done"}' in metrics
+    assert "hyportrait_job_latency_seconds_count" in metrics and "hyportrait_queue_depth 0.0" in metrics
+    assert requests.delete(f"{url}/v1/animations/{job_id}", timeout=5).json()["deleted"] is True
+    assert not folder.exists()
+    error_of(requests.get(f"{url}/v1/animations/{job_id}", timeout=5), 404, "unknown_job")
+
+
+def _png(width, height) -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (width, height)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _video(path: Path, width: int, height: int, frames: int, fps: int) -> bytes:
+    with VideoWriter(path, fps, preset="ultrafast") as writer:
+        for _ in range(frames):
+            writer.write(np.zeros((height, width, 3), np.uint8))
+    return path.read_bytes()
+
+
+def test_malformed_requests_get_json_errors_and_leave_nothing(service, tmp_path):
+    url, jobs, runner = service["url"], service["jobs"], service["runner"]
+    before = set(jobs.iterdir())
+    post = f"{url}/v1/animations"
+    cases = [
+        # (response, HTTP status, code)
+        (requests.post(post, data={"options": "{}"}, timeout=10), 400, "bad_request"),  # no file
+        (requests.post(post, files={"video": ("v.mp4", VIDEO)}, data={"image": "text"}, timeout=10), 400,
+         "bad_request"),  # a text field where a file belongs
+        (requests.post(post, files={"image": ("a.jpg", IMAGE), "video": ("v.mp4", VIDEO),
+                                    "options": ("o.json", b"{}")}, timeout=10), 400, "bad_request"),
+        (requests.post(post, json={"image": "x"}, timeout=10), 400, "bad_request"),  # not multipart
+        (submit(url, raw_options="{"), 422, "bad_options"),
+        (submit(url, options=[1]), 422, "bad_options"),
+        (submit(url, options={"stepz": 3}), 422, "bad_options"),
+        (submit(url, options={"steps": "4"}), 422, "bad_options"),
+        (submit(url, options={"steps": True}), 422, "bad_options"),
+        (submit(url, options={"steps": 0}), 422, "bad_options"),
+        (submit(url, options={"max_frames": 10**6}), 422, "bad_options"),
+        (submit(url, options={"mode": "turbo"}), 422, "bad_options"),
+        (submit(url, options={"motion_guidance": [1.0]}), 422, "bad_options"),
+        (submit(url, options={"video_preset": "../../x"}), 422, "bad_options"),
+        (submit(url, image=b"not an image at all"), 422, "bad_input"),
+        (submit(url, image=b""), 422, "bad_input"),
+        (submit(url, video=IMAGE), 422, "bad_video"),  # a photo is not a video
+        (submit(url, image=_png(3000, 3000)), 422, "image_too_large"),
+        (submit(url, video=_video(tmp_path / "wide.mp4", 1100, 64, 2, 24)), 422, "video_too_large"),
+        (submit(url, video=_video(tmp_path / "long.mp4", 64, 64, 4, 2)), 422, "video_too_long"),
+        (submit(url, options={}), 422, "too_many_frames"),  # all 36 frames, over the limit of 30
+        (submit(url, image=os.urandom(300 * 2**10)), 413, "too_large"),  # over the per-file limit
+        (submit(url, image=os.urandom(2 * 2**20)), 413, "too_large"),  # refused from Content-Length
+        (requests.get(f"{url}/v1/animations/{'0' * 32}", timeout=5), 404, "unknown_job"),
+        (requests.get(f"{url}/v1/animations/..%2F..%2Fetc", timeout=5), 404, "not_found"),  # no route
+        (requests.get(f"{url}/v1/animations/nope/video", timeout=5), 404, "unknown_job"),
+        (requests.delete(f"{url}/v1/animations/nope", timeout=5), 404, "unknown_job"),
+        (requests.get(f"{url}/v1/nothing", timeout=5), 404, "not_found"),
+        (requests.put(post, timeout=5), 405, "method_not_allowed"),
+    ]
+    for index, (response, status, code) in enumerate(cases):
+        assert response.status_code == status, (index, response.status_code, response.text)
+        assert response.json()["error"]["code"] == code, (index, response.text)
+    assert set(jobs.iterdir()) == before  # no refused upload left a folder
+    assert runner.alive() and requests.get(f"{url}/readyz", timeout=5).status_code == 200
+
+
+def test_full_queue_cancellation_and_results_before_they_exist(service):
+    url, jobs = service["url"], service["jobs"]
+    accepted, refused = [], None
+    for _ in range(6):  # the pipeline holds 3 jobs and the queue 1: a 429 comes by the 5th
+        response = submit(url, options={"max_frames": 8})
+        if response.status_code == 429:
+            refused = response
+            break
+        assert response.status_code == 202, response.text
+        accepted.append(response.json()["id"])
+    assert refused is not None, "the bounded queue never refused a job"
+    error_of(refused, 429, "queue_full")
+    assert int(refused.headers["retry-after"]) >= 1
+    last = accepted[-1]  # still waiting in the queue
+    error_of(requests.get(f"{url}/v1/animations/{last}/video", timeout=5), 409, "not_finished")
+    error_of(requests.get(f"{url}/v1/animations/{last}/video?kind=poster", timeout=5), 400, "bad_request")
+    for job_id in accepted:
+        assert requests.delete(f"{url}/v1/animations/{job_id}", timeout=5).status_code == 202
+    assert requests.get(f"{url}/v1/animations/{last}", timeout=5).json()["status"] == "cancelled"
+    for job_id in accepted:
+        job = wait_final(url, job_id)
+        assert job["status"] in ("cancelled", "done"), job  # the first may have finished before its DELETE
+        if job["status"] == "cancelled":
+            error_of(requests.get(f"{url}/v1/animations/{job_id}/video", timeout=5), 409, "no_result")
+            # a stopped job leaves its record only: no inputs, no partial video
+            assert [p.name for p in (jobs / job_id).rglob("*") if p.is_file()] == ["job.json"]
+    metrics = requests.get(f"{url}/metrics", timeout=5).text
+    assert 'hyportrait_jobs_total{outcome="refused"}' in metrics
+    assert 'hyportrait_jobs_total{outcome="cancelled"}' in metrics
+
+
+def test_bearer_token(service):
+    url = service["secured_url"]
+    error_of(requests.get(f"{url}/v1/animations/{'0' * 32}", timeout=5), 401, "unauthorized")
+    error_of(requests.get(f"{url}/v1/animations/{'0' * 32}", headers={"Authorization": "Bearer wrong"},
+                          timeout=5), 401, "unauthorized")
+    error_of(submit(url), 401, "unauthorized")
+    error_of(requests.get(f"{url}/v1/animations/{'0' * 32}", headers={"Authorization": f"Bearer {TOKEN}"},
+                          timeout=5), 404, "unknown_job")
+    for open_path in ("/healthz", "/readyz", "/metrics", "/"):
+        assert requests.get(f"{url}{open_path}", timeout=5).status_code == 200
+
+
+class DevTools:
+    """Chromium's DevTools protocol over its websocket: commands by id, events skipped."""
+
+    def __init__(self, ws_url: str):
+        import websocket
+
+        self.ws = websocket.create_connection(ws_url, timeout=30, suppress_origin=True)
+        self.next_id = 0
+
+    def __call__(self, method: str, **params):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv())
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise AssertionError(f"{method}: {message['error']}")
+                return message["result"]
+
+    def eval(self, expression: str):
+        result = self("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        return result["result"].get("value")
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's package)")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    process = subprocess.Popen([binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--mute-audio",
+                                "--no-first-run", "--autoplay-policy=no-user-gesture-required",
+                                f"--remote-debugging-port={port}", "--remote-debugging-address=127.0.0.1",
+                                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=900,1100",
+                                "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                pages = requests.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json()
+                page = next(p for p in pages if p["type"] == "page")
+                break
+            except (requests.ConnectionError, StopIteration):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield DevTools(page["webSocketDebuggerUrl"])
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_web_page_in_headless_chromium(service, chromium, tmp_path):
+    url = service["url"]
+    image, video = tmp_path / "face.jpg", tmp_path / "drive.mp4"
+    image.write_bytes(IMAGE)
+    video.write_bytes(VIDEO)
+    chromium("Page.enable")
+    chromium("Page.navigate", url=f"{url}/")
+    deadline = time.monotonic() + 20
+    while chromium.eval("document.readyState") != "complete" or not chromium.eval("!!document.getElementById('job')"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    root = chromium("DOM.getDocument")["root"]["nodeId"]
+    for selector, path in (("#image", image), ("#video", video)):
+        node = chromium("DOM.querySelector", nodeId=root, selector=selector)["nodeId"]
+        chromium("DOM.setFileInputFiles", nodeId=node, files=[str(path)])
+    chromium.eval("document.getElementById('mode').value = 'fast';"
+                  "document.getElementById('max_frames').value = '4';"
+                  "document.getElementById('submit').click()")
+    seen, deadline = set(), time.monotonic() + 90
+    while time.monotonic() < deadline:
+        state = chromium.eval("({status: document.getElementById('status').textContent,"
+                              " progress: document.getElementById('progress').value,"
+                              " shown: !document.getElementById('result').hidden,"
+                              " time: document.getElementById('player').currentTime,"
+                              " width: document.getElementById('player').videoWidth})")
+        seen.add(state["status"].split(":")[0])
+        if state["shown"] and state["time"] > 0:
+            break
+        time.sleep(0.1)
+    assert state["shown"] and state["time"] > 0 and state["width"] == 512, (state, seen)
+    assert state["progress"] == 1 and state["status"].startswith("done"), state
+    assert seen & {"uploading", "queued", "preparing", "denoising", "writing"}, seen  # progress was shown
+    assert chromium.eval("document.getElementById('download').href").startswith("blob:")
+    shot = chromium("Page.captureScreenshot", format="png")["data"]
+    target = Path(os.environ.get("HYPORTRAIT_SCREENSHOT", tmp_path / "page.png"))
+    target.write_bytes(base64.b64decode(shot))
+    assert Image.open(target).size[0] > 0
+
+
+def test_sigterm_drains(service):
+    """Last: the drain stops the module's server. Queued jobs are refused, the running one is stopped with a
+    code once the grace period (0 s here) is over, new jobs get 503, and no partial video stays."""
+    url, server, jobs = service["url"], service["server"], service["jobs"]
+    running = submit(url, options={"max_frames": 8}).json()["id"]
+    queued = submit(url, options={"max_frames": 8}).json()["id"]
+    server.handle_exit(signal.SIGTERM, None)
+    error_of(submit(url), 503, "shutting_down")
+    assert requests.get(f"{url}/readyz", timeout=5).status_code == 503
+    service["thread"].join(timeout=60)
+    assert not service["thread"].is_alive()
+    records = {job_id: json.loads((jobs / job_id / "job.json").read_text()) for job_id in (running, queued)}
+    assert records[queued]["status"] == "failed" and records[queued]["error"]["code"] == "shutting_down"
+    assert records[running]["status"] in ("failed", "done"), records[running]
+    if records[running]["status"] == "failed":
+        assert records[running]["error"]["code"] in ("shutdown_timeout", "shutting_down")
+    for job_id in (running, queued):
+        leftovers = [p.name for p in (jobs / job_id).rglob("*") if p.is_file()]
+        assert leftovers in (["job.json"], ["job.json", "cropped.mp4", "full_resolution.mp4"]), leftovers
