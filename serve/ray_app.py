@@ -50,10 +50,10 @@ class AnimatorReplica:
         try:
             while not job.final:
                 yield {"status": job.status, "steps_done": job.steps_done, "steps_total": job.steps_total,
-                       "frames_done": job.frames_done, "frames_total": job.frames_total}
+                       "frames_done": job.frames_done, "frames_total": job.frames_total, "worker": job.worker}
                 await asyncio.sleep(HEARTBEAT)
             if job.status == "done":
-                yield {"done": {"timings": job.timings, "frames_total": job.frames_total, "worker": job.worker,
+                yield {"done": {"timings": job.timings, "frames_total": job.frames_total,
                                 "cropped": job.result("cropped").read_bytes(),
                                 "full": job.result("full").read_bytes()}}
             else:
@@ -66,9 +66,6 @@ class AnimatorReplica:
         while not job.final:
             time.sleep(0.1)
         self.table.forget(job)
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def check_health(self) -> None:
         """Ray Serve restarts a replica whose pipeline threads died."""
@@ -151,6 +148,5 @@ class RayRunner(Runner):
             tmp.write_bytes(result[kind])
             os.replace(tmp, path)
         job.frames_done = job.frames_total = result["frames_total"]
-        job.worker = result["worker"]
         job.timings = dict(result["timings"], run=time.time() - job.started)
         self._finish(job, "done")

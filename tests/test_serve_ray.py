@@ -1,0 +1,77 @@
+"""The service on a real local Ray Serve instance (CPU, num_gpus=0): two replicas of the tiny model behind the
+same HTTP API, concurrent jobs on both, and a replica killed mid-job (the job is run again, or fails with
+worker_lost: never lost silently). One Ray instance and one server for the module."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.serve")
+import requests
+from ray import serve
+from test_serve import LIMITS, TINY, serve_in_thread, submit, wait_final
+
+from hyportrait.serve.app import create_app
+from hyportrait.serve.jobs import JobTable, mode_settings
+from hyportrait.serve.ray_app import RayRunner
+
+SCALING = Namespace(ray_address=None, replicas=2, autoscale=None, gpus_per_replica=0, cpus_per_replica=1,
+                    max_ongoing_requests=1, health_check_period=2.0, health_check_timeout=30.0)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    jobs = Path(tempfile.mkdtemp(prefix="hyportrait-ray-test-"))
+    # replicas inherit this process's environment (OMP_NUM_THREADS=1 in the suite's command)
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+    try:
+        table = JobTable(jobs, LIMITS)
+        runner = RayRunner(table, LIMITS, SCALING, TINY)
+        app = create_app(runner, table, LIMITS, mode_settings("fast", random_model=True))
+        server, url, thread = serve_in_thread(app, runner, grace=0.0)
+        yield {"url": url, "runner": runner}
+        server.should_exit = True
+        thread.join(timeout=10)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(jobs, ignore_errors=True)
+
+
+def test_two_replicas_run_concurrent_jobs(cluster):
+    url = cluster["url"]
+    assert requests.get(f"{url}/readyz", timeout=5).json() == {"status": "ready"}
+    ids = [submit(url).json()["id"] for _ in range(2)]
+    jobs = [wait_final(url, job_id, seconds=120) for job_id in ids]
+    assert [job["status"] for job in jobs] == ["done", "done"], jobs
+    assert len({job["worker"] for job in jobs}) == 2, jobs  # one on each replica
+    video = requests.get(f"{url}{jobs[0]['videos']['full']}", timeout=10)
+    assert video.status_code == 200 and video.content[4:8] == b"ftyp"
+
+
+def test_replica_killed_mid_job_is_retried_or_failed_with_a_code(cluster):
+    url = cluster["url"]
+    ids = [submit(url, options={"max_frames": 8}).json()["id"] for _ in range(2)]
+    deadline = time.monotonic() + 60
+    while True:  # wait until the first job runs on a replica, then kill that replica's process
+        job = requests.get(f"{url}/v1/animations/{ids[0]}", timeout=5).json()
+        if job["worker"] and job["status"] in ("preparing", "denoising", "writing"):
+            break
+        assert time.monotonic() < deadline and job["status"] != "done", job
+        time.sleep(0.05)
+    os.kill(int(job["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    killed = wait_final(url, ids[0], seconds=120)
+    other = wait_final(url, ids[1], seconds=120)
+    assert other["status"] == "done", other
+    if killed["status"] == "done":
+        assert killed["attempts"] == 2 and killed["worker"] != job["worker"], killed
+    else:
+        assert killed["error"]["code"] == "worker_lost", killed
