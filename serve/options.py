@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graph", action="store_true")
     p.add_argument("--precision", choices=["fp16", "fp32"])
     p.add_argument("--device")
+    p.add_argument("--no-overlap", action="store_true", help="one job at a time (by default the next job is "
+                   "prepared while one denoises, and written while the next denoises)")
     p.add_argument("--jobs-dir", type=Path, default=Path("outputs/serve"),
                    help="uploads and results, one folder per job (default outputs/serve)")
     p.add_argument("--token-file", type=Path, help="a file holding the bearer token /v1/ requests must carry")

@@ -153,11 +153,12 @@ class Runner:
 
 
 class LocalRunner(Runner):
-    """Jobs on one Animator (one GPU), in a prepare -> denoise -> write pipeline of three threads."""
+    """Jobs on one Animator (one GPU), in a prepare -> denoise -> write pipeline of three threads.
+    overlap=False runs one job at a time through the same threads (to measure what the overlap gains)."""
 
-    def __init__(self, animator: Animator, table: JobTable, limits: Limits):
+    def __init__(self, animator: Animator, table: JobTable, limits: Limits, overlap: bool = True):
         super().__init__(table, limits)
-        self.animator = animator
+        self.animator, self.overlap = animator, overlap
         self._to_denoise: queue.Queue = queue.Queue(maxsize=1)
         self._to_write: queue.Queue = queue.Queue(maxsize=1)
         self.threads = [threading.Thread(target=stage, name=f"hyportrait-serve-{name}", daemon=True)
@@ -183,6 +184,8 @@ class LocalRunner(Runner):
                 self._end(job, exc)
                 continue
             self._to_denoise.put((job, view, prepared))
+            while not self.overlap and not job.final:
+                time.sleep(0.01)
 
     def _denoise_loop(self) -> None:
         while True:

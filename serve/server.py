@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -63,7 +64,7 @@ def build(args, limits: Limits) -> tuple[Runner, JobTable]:
 
         from .runner import LocalRunner
 
-        runner = LocalRunner(Animator(**animator_options(args)), table, limits)
+        runner = LocalRunner(Animator(**animator_options(args)), table, limits, overlap=not args.no_overlap)
     return runner, table
 
 
@@ -118,3 +119,18 @@ class DrainingServer(uvicorn.Server):
     def _drain(self) -> None:
         self.runner.drain(self.grace)
         self.should_exit = True
+
+
+def start_in_thread(app, runner: Runner, grace: float = 0.0) -> tuple[DrainingServer, str, threading.Thread]:
+    """The app on uvicorn in a thread of this process, on a free port of 127.0.0.1 (tests and benchmarks);
+    returns the server, its URL and its thread once it listens."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = DrainingServer(uvicorn.Config(app, log_level="warning"), runner, grace)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                              name="hyportrait-uvicorn")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return server, f"http://127.0.0.1:{sock.getsockname()[1]}", thread

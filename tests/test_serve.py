@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -21,16 +20,16 @@ import pytest
 
 pytest.importorskip("fastapi")
 import requests
-import uvicorn
 from PIL import Image
 
 from hyportrait.runtime.api import Animator
 from hyportrait.runtime.video import VideoWriter, probe_video
 from hyportrait.serve.app import create_app
+from hyportrait.serve.client import Client
 from hyportrait.serve.jobs import JobTable, mode_settings
 from hyportrait.serve.options import Limits
 from hyportrait.serve.runner import LocalRunner
-from hyportrait.serve.server import DrainingServer, warm_up
+from hyportrait.serve.server import start_in_thread, warm_up
 
 ASSETS = Path(__file__).resolve().parent.parent / "hyportrait" / "assets"
 IMAGE = (ASSETS / "sample_portrait.jpg").read_bytes()
@@ -43,19 +42,6 @@ LIMITS = Limits(max_upload_bytes=200 * 2**10, max_image_pixels=2048 * 2048, max_
 TOKEN = "s3cret-token"
 
 
-def serve_in_thread(app, runner, grace: float) -> tuple[DrainingServer, str, threading.Thread]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = DrainingServer(uvicorn.Config(app, log_level="warning"), runner, grace)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return server, url, thread
-
-
 @pytest.fixture(scope="module")
 def service():
     jobs = Path(tempfile.mkdtemp(prefix="hyportrait-serve-test-"))
@@ -63,11 +49,11 @@ def service():
     table = JobTable(jobs, LIMITS)
     runner = LocalRunner(animator, table, LIMITS)
     modes = mode_settings("fast", random_model=True)
-    server, url, thread = serve_in_thread(create_app(runner, table, LIMITS, modes), runner, grace=0.0)
+    server, url, thread = start_in_thread(create_app(runner, table, LIMITS, modes), runner, grace=0.0)
     assert requests.get(f"{url}/readyz", timeout=5).status_code == 503  # not warm yet
     warm_up(runner, table)
     # the same runner behind a token (a second app: tokens are per service)
-    secured, secured_url, secured_thread = serve_in_thread(
+    secured, secured_url, secured_thread = start_in_thread(
         create_app(runner, table, LIMITS, modes, token=TOKEN), runner, grace=0.0)
     yield {"url": url, "runner": runner, "table": table, "jobs": jobs, "server": server, "thread": thread,
            "secured_url": secured_url}
@@ -77,20 +63,12 @@ def service():
     shutil.rmtree(jobs, ignore_errors=True)
 
 
-def submit(url, image=IMAGE, video=VIDEO, options=None, raw_options=None, **kwargs):
-    files = {"image": ("face.jpg", image), "video": ("drive.mp4", video)}
-    data = {"options": raw_options or json.dumps(options if options is not None else {"max_frames": 4})}
-    return requests.post(f"{url}/v1/animations", files=files, data=data, timeout=30, **kwargs)
+def submit(url, image=IMAGE, video=VIDEO, options=None, raw_options=None):
+    return Client(url).submit(image, video, {"max_frames": 4} if options is None else options, raw_options)
 
 
 def wait_final(url, job_id, seconds=90) -> dict:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        job = requests.get(f"{url}/v1/animations/{job_id}", timeout=5).json()
-        if job["status"] in ("done", "failed", "cancelled"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not end in {seconds} s: {job}")
+    return Client(url).wait(job_id, seconds)
 
 
 def error_of(response, status: int, code: str) -> None:

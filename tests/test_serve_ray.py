@@ -17,11 +17,12 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 import requests
 from ray import serve
-from test_serve import LIMITS, TINY, serve_in_thread, submit, wait_final
+from test_serve import LIMITS, TINY, submit, wait_final
 
 from hyportrait.serve.app import create_app
 from hyportrait.serve.jobs import JobTable, mode_settings
 from hyportrait.serve.ray_app import RayRunner
+from hyportrait.serve.server import start_in_thread
 
 SCALING = Namespace(ray_address=None, replicas=2, autoscale=None, gpus_per_replica=0, cpus_per_replica=1,
                     max_ongoing_requests=1, health_check_period=2.0, health_check_timeout=30.0)
@@ -36,7 +37,7 @@ def cluster():
         table = JobTable(jobs, LIMITS)
         runner = RayRunner(table, LIMITS, SCALING, TINY)
         app = create_app(runner, table, LIMITS, mode_settings("fast", random_model=True))
-        server, url, thread = serve_in_thread(app, runner, grace=0.0)
+        server, url, thread = start_in_thread(app, runner, grace=0.0)
         yield {"url": url, "runner": runner}
         server.should_exit = True
         thread.join(timeout=10)
