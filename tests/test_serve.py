@@ -322,3 +322,21 @@ def test_sigterm_drains(service):
     for job_id in (running, queued):
         leftovers = [p.name for p in (jobs / job_id).rglob("*") if p.is_file()]
         assert leftovers in (["job.json"], ["job.json", "cropped.mp4", "full_resolution.mp4"]), leftovers
+
+
+def test_serve_command_refuses_a_missing_token_file(tmp_path, capsys):
+    from hyportrait.cli import main
+
+    assert main(["serve", "--token-file", str(tmp_path / "none"), "--jobs-dir", str(tmp_path / "jobs")]) == 2
+    assert capsys.readouterr().err.startswith("hyportrait: error [bad_input]: cannot read the token file")
+
+
+def test_gpu_benchmark_dry_run(tmp_path):
+    """benchmarks/serve_gpu.py --size tiny: the lead's GPU script on the CPU (CLI run, service, overlap on/off)."""
+    from hyportrait.benchmarks import serve_gpu
+
+    report = serve_gpu.main(["--size", "tiny", "--out", str(tmp_path), "--clip-seconds", "0.2", "--jobs", "1"])
+    assert report["clip_frames"] == 5 and report["cli"]["jobs_per_minute"] > 0
+    for run in ("service_overlap", "service_serial"):
+        assert report[run]["jobs_per_minute"] > 0 and report[run]["mean_stage_s"]["denoise"] > 0
+    assert json.loads((tmp_path / "serve_gpu_tiny.json").read_text())["overlap_gain"] == report["overlap_gain"]
