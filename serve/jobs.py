@@ -179,8 +179,11 @@ class Job:
             return
         record = {**self.public(), "settings": self.settings}
         tmp = self.folder / "job.json.tmp"
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, self.folder / "job.json")
+        try:
+            tmp.write_text(json.dumps(record, indent=1))
+            os.replace(tmp, self.folder / "job.json")
+        except FileNotFoundError:  # a DELETE removed the folder meanwhile: nothing to record
+            pass
 
 
 class JobTable:

@@ -217,7 +217,6 @@ class LocalRunner(Runner):
                 job.status = "writing"
                 result = view.write(prepared, latents, job.video, job.out, on_frame=on_frame)
                 job.timings = dict(result.timings, run=time.time() - job.started)
+                self._finish(job, "done")
             except BaseException as exc:  # noqa: BLE001
                 self._end(job, exc)
-                continue
-            self._finish(job, "done")
