@@ -54,10 +54,14 @@ class Runner:
         self.in_flight: set[str] = set()
         self.accepting = True
         self.ready = False
-        self.metrics = Metrics(self.waiting.qsize, lambda: len(self.in_flight))
+        self.metrics = Metrics(self.depth, lambda: len(self.in_flight))
         self._latencies: list[float] = []
 
     # -- called by the HTTP layer --------------------------------------------------------------------------
+
+    def depth(self) -> int:
+        """Jobs waiting to start (a job cancelled while queued stays in the queue until a worker skips it)."""
+        return sum(not job.final for job in list(self.waiting.queue))
 
     def check_capacity(self) -> None:
         """Refuse a new job before its upload is stored: draining (503) or a full queue (429)."""
@@ -66,9 +70,9 @@ class Runner:
         if not self.ready:
             raise ServeError("not_ready", "the models are still loading; retry shortly", 503,
                              {"Retry-After": "5"})
-        if self.waiting.qsize() >= self.limits.queue_size:
+        if self.depth() >= self.limits.queue_size:
             self.metrics.finished("refused")
-            raise ServeError("queue_full", f"{self.waiting.qsize()} jobs are waiting; retry later", 429,
+            raise ServeError("queue_full", f"{self.depth()} jobs are waiting; retry later", 429,
                              {"Retry-After": str(self.retry_after())})
 
     def submit(self, job: Job) -> None:
@@ -79,7 +83,7 @@ class Runner:
     def retry_after(self) -> int:
         """Seconds until a queue slot is likely free: the recent mean job time times the jobs ahead."""
         mean = sum(self._latencies) / len(self._latencies) if self._latencies else 5.0
-        return max(1, round(mean * (self.waiting.qsize() + 1) / max(1, self.parallel_jobs())))
+        return max(1, round(mean * (self.depth() + 1) / max(1, self.parallel_jobs())))
 
     def parallel_jobs(self) -> int:
         return 1
