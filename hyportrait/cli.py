@@ -381,8 +381,21 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signum, handler)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Log lines go to sys.stderr as it is when each is written, not as it was at the first main() (callers that
+    run main() in their own process, tests among them, swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _main(argv: list[str]) -> int:
-    logging.basicConfig(format="hyportrait: %(message)s", level=logging.INFO)
+    logging.basicConfig(format="hyportrait: %(message)s", level=logging.INFO, handlers=[_CurrentStderr()])
     # diffusers warns on every fp16 cast about modules it would keep in fp32; ours have none (its list is empty)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     parser = _Parser(prog="hyportrait", description=__doc__)
@@ -407,6 +420,19 @@ def _main(argv: list[str]) -> int:
     except HyportraitError as exc:
         print(f"hyportrait: error [{exc.code}]: {exc.message}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        extra = _EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"hyportrait: error [missing_package]: {exc.name} is not installed; this command needs it: "
+              f"pip install {extra}", file=sys.stderr)
+        return 2
+
+
+# the optional packages (pyproject.toml's extras) and how to install each
+_EXTRAS = {"diffusers": "'hyportrait[networks]'", "safetensors": "'hyportrait[networks]'",
+           "onnxruntime": "'hyportrait[onnxruntime]' (or 'hyportrait[gpu]' on a GPU)",
+           "tensorrt": "'hyportrait[trt]'", "polygraphy": "'hyportrait[trt]'"}
 
 
 if __name__ == "__main__":

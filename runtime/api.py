@@ -208,6 +208,8 @@ class Animator:
                     raise InputError(f"{option} applies to the torch backend; the {backend} backend runs its "
                                      "models as exported or built")
             self.models = self._loaded_models(models, backend, cuda_graph)
+            if self.models.random_weights:
+                settings.setdefault("num_steps", RANDOM_MODEL_DEFAULTS["num_steps"])
             self.config = self._fixed_size_config(settings, options)
             # ArcFace (arcface.onnx) is copied into the export folder
             arcface_folder = None if isinstance(models, Models) else models
@@ -236,7 +238,10 @@ class Animator:
                 raise InputError(f"the models are built for {option} {fixed} "
                                  f"({'px crops' if option == 'size' else 'frames per UNet call'}), "
                                  f"{option}={options[option]} was asked for")
-        settings = {"size": size, **({"window": models.window} if models.window else {}), **settings, **options}
+        # a fixed window keeps the official overlap's share of it (3 of 25): 3 of a tiny export's 4 frames would
+        # sample every frame four times
+        fixed = {"window": models.window, "overlap": min(3, models.window // 4)} if models.window else {}
+        settings = {"size": size, **fixed, **settings, **options}
         return make_config(settings, precision="fp16" if models.dtype == torch.float16 else "fp32",
                            device=str(self.device))
 

@@ -58,6 +58,7 @@ class Models:
     dtype: torch.dtype  # the latents' dtype: fp16 unless the models are fp32
     window: int | None = None  # the frames per UNet call an exported UNet is fixed to (None: any)
     description: str = ""
+    random_weights: bool = False  # exported from random networks (`export --tiny-random`): for trying things
 
 
 def out_of_memory(what: str, exc: BaseException) -> OutOfMemoryError:

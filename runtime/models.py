@@ -203,8 +203,8 @@ def onnx_models(folder: Path, device, cuda_graph: bool = False) -> Models:
         _check_session(session, records[name], folder)
     dtype, window = _unet_sample(records["unet"])
     return Models(**sessions, pose_map=_pose_map(folder, device, records["unet"]), backend="onnxruntime",
-                  device=device,
-                  dtype=dtype, window=window, description=f"onnxruntime {manifest.precision} {folder}"
+                  device=device, dtype=dtype, window=window, random_weights=manifest.weights.startswith("random:"),
+                  description=f"onnxruntime {manifest.precision} {folder}"
                   + (" cuda-graphs" if cuda_graph and device.type == "cuda" else ""))
 
 

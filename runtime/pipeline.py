@@ -333,7 +333,7 @@ def prefetched(items: Iterator, depth: int) -> Iterator:
             yield item
     finally:
         stop.set()
-        thread.join()
+        _join_through_interrupts(thread)
 
 
 @contextmanager
@@ -366,10 +366,29 @@ def consumed_in_background(consume: Callable, depth: int, name: str) -> Iterator
         errors.append(exc)  # the caller failed or was interrupted: what is queued is dropped, not consumed
         raise
     finally:
-        pending.put(_END)
-        thread.join()
+        _join_through_interrupts(thread, lambda: pending.put(_END), errors)
     if errors:
         raise errors[0]
+
+
+def _join_through_interrupts(thread: threading.Thread, end: Callable | None = None, errors: list | None = None):
+    """Call `end` (what tells `thread` to stop) once and wait for `thread`, even when an interrupt (SIGINT, or
+    SIGTERM as the CLI turns it) arrives meanwhile, then raise that interrupt: the caller goes on to close what
+    the thread may still be using (the video writers). An interrupt is also appended to `errors`, which makes
+    a consumer drop what is still queued."""
+    interrupt = None
+    while end is not None or thread.is_alive():
+        try:
+            if end is not None:
+                end()
+                end = None
+            thread.join()
+        except BaseException as exc:  # noqa: BLE001 -- raised below, once the thread has ended
+            interrupt = exc
+            if errors is not None:
+                errors.append(exc)
+    if interrupt is not None:
+        raise interrupt
 
 
 class BusyTimes:
