@@ -57,8 +57,8 @@ from hyportrait.runtime.video import VideoWriter, probe_video, read_frames
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"  # the CPU only for a dry run of this script with --size tiny
-# tiny: the small test networks, a 64 px crop and the tiny export's 4-frame window
-SIZES = {"official": {}, "tiny": {"size": 64, "window": 4, "overlap": 1, "num_steps": 2}}
+# tiny: the small test networks, a 64 px crop, the tiny export's 4-frame window and one pad frame (a quick dry run)
+SIZES = {"official": {}, "tiny": {"size": 64, "window": 4, "overlap": 1, "num_steps": 2, "pad_frames": 1}}
 
 
 def empty_cache():

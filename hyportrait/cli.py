@@ -243,7 +243,7 @@ def _animate(args) -> int:
     from hyportrait.runtime.inputs import check_inputs
 
     # inputs and the output folder are checked first (in well under a second: torch is not imported yet),
-    # then every option, all before a network is built
+    # then every option (here too, before workers are spawned for --gpus), all before a network is built
     check_inputs(args.image, args.video)
     _check_output_folder(args.out)
     from hyportrait.runtime import distributed

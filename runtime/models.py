@@ -196,13 +196,14 @@ def onnx_models(folder: Path, device, cuda_graph: bool = False) -> Models:
     folder, device = Path(folder), torch.device(device)
     manifest = _read_export_manifest(folder)
     records = manifest.models
-    sessions = {name: OnnxRuntimeSession(name, folder / records[name].file, device,
-                                         cuda_graph=cuda_graph and name in ("unet", "vae_decoder"))
-                for name in MODEL_NAMES}
-    for name, session in sessions.items():
-        _check_session(session, records[name], folder)
     dtype, window = _unet_sample(records["unet"])
-    return Models(**sessions, pose_map=_pose_map(folder, device, records["unet"]), backend="onnxruntime",
+    pose_map = _pose_map(folder, device, records["unet"])  # the cheap checks before any session is made
+    sessions = {}
+    for name in MODEL_NAMES:
+        sessions[name] = OnnxRuntimeSession(name, folder / records[name].file, device,
+                                            cuda_graph=cuda_graph and name in ("unet", "vae_decoder"))
+        _check_session(sessions[name], records[name], folder)
+    return Models(**sessions, pose_map=pose_map, backend="onnxruntime",
                   device=device, dtype=dtype, window=window, random_weights=manifest.weights.startswith("random:"),
                   description=f"onnxruntime {manifest.precision} {folder}"
                   + (" cuda-graphs" if cuda_graph and device.type == "cuda" else ""))

@@ -269,7 +269,8 @@ def test_a_damaged_or_edited_export_is_refused(tiny_export, tmp_path):
         "window edited": (lambda m: unet_input(m, "sample").update(shape=["batch", 5, 8, 8, 8]),
                           (r"says unet takes sample float32 \['batch', 5, 8, 8, 8\], but unet.onnx takes "
                            r"tensor\(float\) \['\?', 4, 8, 8, 8\]: the folder was edited")),
-        "dtype edited": (lambda m: unet_input(m, "timestep").update(dtype="float16"), "the folder was edited"),
+        "models swapped": (lambda m: m["models"]["motion"].update(file="appearance.onnx"),
+                           "motion takes face_images .* but appearance.onnx takes no such input"),
     }
     for n, (case, (edit, message)) in enumerate(edits.items()):
         folder = _export_copy(tiny_export, tmp_path / str(n))
