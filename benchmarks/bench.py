@@ -336,15 +336,16 @@ def main(argv: list[str] | None = None):
     onnx_folder = ensure_onnx(a.onnx or a.report.with_name(f"{a.report.stem}-onnx"), nets) if wants_onnx else None
     # the CPU dry run compiles with dynamo alone: inductor's C++ compile of every variant takes minutes there
     compiler = True if GPU else "eager"
+    half = torch.float16 if GPU else torch.float32  # (fp16 convolutions on a CPU take seconds even at tiny size)
 
     builders = {
-        "reference": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=True),
-        "torch": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=False),
-        "torch+graphs": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=False,
+        "reference": lambda: torch_models(nets, device=DEVICE, dtype=half, size=crop, faithful=True),
+        "torch": lambda: torch_models(nets, device=DEVICE, dtype=half, size=crop, faithful=False),
+        "torch+graphs": lambda: torch_models(nets, device=DEVICE, dtype=half, size=crop, faithful=False,
                                              cuda_graph=True),
-        "torch+compile": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=False,
+        "torch+compile": lambda: torch_models(nets, device=DEVICE, dtype=half, size=crop, faithful=False,
                                               cuda_graph=True, compile=compiler),
-        "torch+compile+fp8": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop,
+        "torch+compile+fp8": lambda: torch_models(nets, device=DEVICE, dtype=half, size=crop,
                                                   faithful=False, cuda_graph=True, compile=compiler, float8=True),
         "onnxruntime": lambda: onnx_models(onnx_folder, torch.device(DEVICE)),
         "onnxruntime+graphs": lambda: onnx_models(onnx_folder, torch.device(DEVICE), cuda_graph=True),
