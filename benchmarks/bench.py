@@ -57,8 +57,8 @@ from hyportrait.runtime.video import VideoWriter, probe_video, read_frames
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"  # the CPU only for a dry run of this script with --size tiny
-# tiny: the small test networks, a 64 px crop and the tiny export's 4-frame window
-SIZES = {"official": {}, "tiny": {"size": 64, "window": 4, "overlap": 1, "num_steps": 2}}
+# tiny: the small test networks, a 64 px crop, the tiny export's 4-frame window and one pad frame (a quick dry run)
+SIZES = {"official": {}, "tiny": {"size": 64, "window": 4, "overlap": 1, "num_steps": 2, "pad_frames": 1}}
 
 
 def empty_cache():
@@ -270,9 +270,10 @@ def main(argv: list[str] | None = None):
     p.add_argument("--video", type=Path, required=True)
     p.add_argument("--report", type=Path, required=True)
     p.add_argument("--onnx", type=Path, help="fp16 export folder for the onnxruntime configurations "
-                   "(`hyportrait export --precision fp16 --unet-attention onnxruntime`); made if absent")
-    p.add_argument("--accuracy-frames", type=int, default=10, help="driving frames of the accuracy clip")
-    p.add_argument("--demo-frames", type=int, default=120, help="driving frames of the demo clip")
+                   "(`hyportrait export --precision fp16 --unet-attention onnxruntime`); made if absent "
+                   "(default: REPORT-onnx/ beside --report)")
+    p.add_argument("--accuracy-frames", type=int, help="driving frames of the accuracy clip (default 10; tiny: 4)")
+    p.add_argument("--demo-frames", type=int, help="driving frames of the demo clip (default 120; tiny: 8)")
     p.add_argument("--configs", nargs="*", help="only these configurations, as NAME:MODE (e.g. torch:fast)")
     p.add_argument("--reference-cache", type=Path,
                    help="an .npz keeping the fp32 reference frames and the baseline's between runs (the quality "
@@ -287,9 +288,13 @@ def main(argv: list[str] | None = None):
     p.add_argument("--size", choices=list(SIZES), default="official",
                    help="tiny: the small test networks (a dry run of this script, on the CPU without a GPU)")
     a = p.parse_args(argv)
+    tiny = a.size == "tiny"  # a dry run: short clips, the export beside the report
+    a.accuracy_frames = a.accuracy_frames or (4 if tiny else 10)
+    a.demo_frames = a.demo_frames or (8 if tiny else 120)
     report = {**report_header(), "size": a.size, "configs": {}}
 
     def save():
+        a.report.parent.mkdir(parents=True, exist_ok=True)
         a.report.write_text(json.dumps(report, indent=2, default=str))
 
     if not GPU and a.size != "tiny":
@@ -328,17 +333,20 @@ def main(argv: list[str] | None = None):
     empty_cache()
     wants_onnx = not a.configs or any(c.startswith("onnxruntime") for c in a.configs)
     # exported while the networks are fp32 and on the GPU (tracing the official UNet on a CPU takes long)
-    onnx_folder = ensure_onnx(a.onnx, nets) if wants_onnx else None
+    onnx_folder = ensure_onnx(a.onnx or a.report.with_name(f"{a.report.stem}-onnx"), nets) if wants_onnx else None
+    # the CPU dry run compiles with dynamo alone: inductor's C++ compile of every variant takes minutes there
+    compiler = True if GPU else "eager"
+    half = torch.float16 if GPU else torch.float32  # (fp16 convolutions on a CPU take seconds even at tiny size)
 
     builders = {
-        "reference": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=True),
-        "torch": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=False),
-        "torch+graphs": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=False,
+        "reference": lambda: torch_models(nets, device=DEVICE, dtype=half, size=crop, faithful=True),
+        "torch": lambda: torch_models(nets, device=DEVICE, dtype=half, size=crop, faithful=False),
+        "torch+graphs": lambda: torch_models(nets, device=DEVICE, dtype=half, size=crop, faithful=False,
                                              cuda_graph=True),
-        "torch+compile": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=False,
-                                              cuda_graph=True, compile=True),
-        "torch+compile+fp8": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop,
-                                                  faithful=False, cuda_graph=True, compile=True, float8=True),
+        "torch+compile": lambda: torch_models(nets, device=DEVICE, dtype=half, size=crop, faithful=False,
+                                              cuda_graph=True, compile=compiler),
+        "torch+compile+fp8": lambda: torch_models(nets, device=DEVICE, dtype=half, size=crop,
+                                                  faithful=False, cuda_graph=True, compile=compiler, float8=True),
         "onnxruntime": lambda: onnx_models(onnx_folder, torch.device(DEVICE)),
         "onnxruntime+graphs": lambda: onnx_models(onnx_folder, torch.device(DEVICE), cuda_graph=True),
     }
@@ -414,11 +422,10 @@ def network_flops(models: Models, config: AnimateConfig) -> dict:
             "vae_decode_8": count_flops(lambda: models.vae_decoder(latents=latents))}
 
 
-def ensure_onnx(folder: Path | None, nets) -> Path:
+def ensure_onnx(folder: Path, nets) -> Path:
     """The fp16 export for onnxruntime (attention as its fused op), exported here when missing."""
     from hyportrait.export.export_all import export_all
 
-    folder = folder or Path("/tmp/hyportrait-bench-onnx")
     if not (folder / "manifest.json").is_file():
         tic = time.perf_counter()
         # fp32 on a CPU: its provider lacks fp16 kernels for some ops

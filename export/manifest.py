@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import hyportrait
-from hyportrait.errors import InputError
+from hyportrait.errors import InputError, describe
 
 from .onnx_io import OPSET, ModelRecord, TensorRecord, atomic_path
 
@@ -71,4 +71,25 @@ def read_manifest(out_dir: Path) -> Manifest:
     if not path.is_file():
         raise InputError(f"{out_dir} is not a finished export: no {MANIFEST_FILE} "
                          "(run `hyportrait export --weights DIR --out FOLDER`)")
-    return Manifest.from_json(json.loads(path.read_text()))
+    try:
+        manifest = Manifest.from_json(json.loads(path.read_text()))
+        for record in manifest.models.values():
+            _check_record(record)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # JSON syntax, missing or mistyped fields
+        raise InputError(f"{path} is damaged or was edited ({type(exc).__name__}: {str(exc)[:200]}); export "
+                         "the folder again with `hyportrait export`") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {describe(exc)}") from None
+    return manifest
+
+
+def _check_record(record: ModelRecord) -> None:
+    """The fields the runtime and the builders compute with have the types `export_onnx` writes."""
+    for name in (record.file, record.data_file):
+        if name is not None and (not isinstance(name, str) or Path(name).name != name):
+            raise ValueError(f"model {record.name!r}: its files must be names inside the folder, got {name!r}")
+    for tensor in (*record.inputs, *record.outputs):
+        if not (isinstance(tensor.name, str) and isinstance(tensor.dtype, str) and isinstance(tensor.shape, list)
+                and all(isinstance(d, str) or (isinstance(d, int) and d > 0) for d in tensor.shape)):
+            raise ValueError(f"model {record.name!r}: tensor {tensor.name!r} must have a name, a dtype and a "
+                             f"shape of positive sizes or axis names, got {tensor}")

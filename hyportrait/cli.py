@@ -5,10 +5,14 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from hyportrait.errors import HyportraitError
+from hyportrait.errors import HyportraitError, InputError, OptionError
 
 
 def _add_animate(sub) -> None:
@@ -170,51 +174,91 @@ def _distill_prepare(args) -> int:
     return 0
 
 
+@contextmanager
+def _options_named_by_flags(flags: dict[str, str]) -> Iterator[None]:
+    """An invalid option's error names its flag (`--steps`), not the API keyword (`num_steps`)."""
+    try:
+        yield
+    except OptionError as exc:
+        raise InputError(f"{flags.get(exc.option, exc.option)} {exc.problem}") from None
+
+
 def _calibrate(args) -> int:
+    from hyportrait.runtime.inputs import check_inputs
+
+    check_inputs(args.image, args.video)
+    if args.sets < 1:
+        raise InputError(f"--sets must be at least 1, got {args.sets}")
     from hyportrait.engines.calibration import record_calibration
-    from hyportrait.errors import InputError
     from hyportrait.export.manifest import read_manifest
     from hyportrait.runtime.api import Animator
 
-    if args.out.suffix == ".json":  # activation ranges, on the PyTorch networks the export traces
-        if args.weights is None:
-            raise InputError("activation ranges (.json) are recorded on the PyTorch networks: pass --weights DIR")
-        unet = args.models / read_manifest(args.models).models["unet"].file
-        animator = Animator(backend="torch", weights=args.weights, faithful=False, device=args.device,
-                            max_frames=args.max_frames)
-    else:
-        unet = None
-        animator = Animator(args.models, backend="onnxruntime", device=args.device, max_frames=args.max_frames)
+    with _options_named_by_flags({"max_frames": "--max-frames", "device": "--device"}):
+        if args.out.suffix == ".json":  # activation ranges, on the PyTorch networks the export traces
+            if args.weights is None:
+                raise InputError("activation ranges (.json) are recorded on the PyTorch networks: pass --weights DIR")
+            unet = args.models / read_manifest(args.models).models["unet"].file
+            animator = Animator(backend="torch", weights=args.weights, faithful=False, device=args.device,
+                                max_frames=args.max_frames)
+        else:
+            unet = None
+            animator = Animator(args.models, backend="onnxruntime", device=args.device, max_frames=args.max_frames)
     path = record_calibration(animator, args.image, args.video, args.out, sets=args.sets, unet_onnx=unet)
     print(f"wrote {path}")
     return 0
 
 
-def _animate(args) -> int:
-    from hyportrait.runtime.api import Animator
+def _animate_overrides(args) -> tuple[dict, dict[str, str]]:
+    """The AnimateConfig fields the command line sets, and for each the flag that set it (for error messages)."""
+    given = (("--steps", ("num_steps",), args.steps), ("--seed", ("seed",), args.seed),
+             ("--decode-chunk", ("decode_chunk",), args.decode_chunk),
+             ("--max-frames", ("max_frames",), args.max_frames), ("--overlap", ("overlap",), args.overlap),
+             ("--sampler", ("sampler",), args.sampler),
+             ("--guidance-branches", ("guidance_branches",), args.guidance_branches),
+             ("--video-preset", ("video_preset",), args.video_preset),
+             ("--guidance", ("min_appearance_guidance", "max_appearance_guidance", "min_motion_guidance",
+                             "max_motion_guidance"), args.guidance),
+             ("--appearance-guidance", ("min_appearance_guidance", "max_appearance_guidance"),
+              args.appearance_guidance),
+             ("--motion-guidance", ("min_motion_guidance", "max_motion_guidance"), args.motion_guidance))
+    overrides, flags = {}, {"device": "--device", "precision": "--precision", "mode": "--mode"}
+    for flag, names, value in given:
+        if value is None:
+            continue
+        for name, item in zip(names, value if isinstance(value, list) else [value] * len(names)):
+            overrides[name], flags[name] = item, flag
+    return overrides, flags
 
-    overrides = {k: v for k, v in {
-        "num_steps": args.steps, "seed": args.seed, "decode_chunk": args.decode_chunk,
-        "max_frames": args.max_frames, "overlap": args.overlap, "sampler": args.sampler,
-        "guidance_branches": args.guidance_branches, "video_preset": args.video_preset,
-    }.items() if v is not None}
-    if args.guidance is not None:
-        overrides.update(min_appearance_guidance=args.guidance, max_appearance_guidance=args.guidance,
-                         min_motion_guidance=args.guidance, max_motion_guidance=args.guidance)
-    if args.appearance_guidance:
-        overrides.update(min_appearance_guidance=args.appearance_guidance[0],
-                         max_appearance_guidance=args.appearance_guidance[1])
-    if args.motion_guidance:
-        overrides.update(min_motion_guidance=args.motion_guidance[0], max_motion_guidance=args.motion_guidance[1])
+
+def _check_output_folder(out: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be created or written."""
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: {existing} is not writable")
+
+
+def _animate(args) -> int:
+    from hyportrait.runtime.inputs import check_inputs
+
+    # inputs and the output folder are checked first (in well under a second: torch is not imported yet),
+    # then every option (here too, before workers are spawned for --gpus), all before a network is built
+    check_inputs(args.image, args.video)
+    _check_output_folder(args.out)
+    from hyportrait.runtime import distributed
+    from hyportrait.runtime.api import Animator, make_config
+
+    overrides, flags = _animate_overrides(args)
     options = dict(models=args.models, backend=args.backend, weights=args.weights, precision=args.precision,
                    mode=args.mode, lora=args.lora, faithful=not args.rewrites, cuda_graph=args.cuda_graph,
                    compile=args.compile, float8=args.float8, progress=not args.quiet, **overrides)
-    from hyportrait.runtime import distributed
-
-    if args.gpus > 1 or distributed.under_torchrun():
-        result = _animate_parallel(args, options)
-    else:
-        result = Animator(device=args.device, **options).animate(args.image, args.video, args.out).as_dict()
+    with _options_named_by_flags(flags):
+        make_config(overrides)
+        if args.gpus > 1 or distributed.under_torchrun():
+            result = _animate_parallel(args, options)
+        else:
+            result = Animator(device=args.device, **options).animate(args.image, args.video, args.out).as_dict()
     if result is not None:  # only rank 0 writes (and reports)
         print(f"wrote {result['cropped']}")
         print(f"wrote {result['full_resolution']}")
@@ -293,6 +337,8 @@ def _build(args) -> int:
     from hyportrait.engines.build import BuildRequest, build_all
     from hyportrait.engines.engine_manifest import BuildFlags
 
+    if args.workspace_gb is not None and not 0 < args.workspace_gb < 2**20:  # also refuses nan
+        raise InputError(f"--workspace-gb must be a positive number of GB, got {args.workspace_gb}")
     workspace = int(args.workspace_gb * 2**30) if args.workspace_gb else None
     flags = BuildFlags(optimization_level=args.opt_level, workspace_bytes=workspace, refit=args.refit,
                        hardware_compatible=args.hardware_compatible, version_compatible=args.version_compatible)
@@ -314,11 +360,63 @@ def _build(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one coded line, like every other error (`--help` still prints the usage)."""
+
+    def error(self, message: str):
+        print(f"hyportrait: error [bad_input]: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: raised in the main thread, so that every `with` and `finally` removes what it was
+    writing on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupted(signum, frame):
+    for other in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(other, signal.SIG_IGN)  # a second signal does not cut the clean-up short
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="hyportrait: %(message)s", level=logging.INFO)
+    """The command; SIGINT and SIGTERM at any moment end it as `hyportrait: interrupted` (exit 128 + signal
+    number) with nothing half-written left behind."""
+    catch = threading.current_thread() is threading.main_thread()  # handlers can only be set there
+    previous = {signum: signal.signal(signum, _interrupted) for signum in (signal.SIGINT, signal.SIGTERM)
+                } if catch else {}
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt as exc:
+        print("hyportrait: interrupted", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+    finally:
+        for signum, handler in previous.items():  # for callers that run main() in their own process
+            signal.signal(signum, handler)
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Log lines go to sys.stderr as it is when each is written, not as it was at the first main() (callers that
+    run main() in their own process, tests among them, swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _main(argv: list[str]) -> int:
+    logging.basicConfig(format="hyportrait: %(message)s", level=logging.INFO, handlers=[_CurrentStderr()])
     # diffusers warns on every fp16 cast about modules it would keep in fp32; ours have none (its list is empty)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    parser = argparse.ArgumentParser(prog="hyportrait", description=__doc__)
+    parser = _Parser(prog="hyportrait", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_animate(sub)
     _add_weights(sub)
@@ -329,7 +427,6 @@ def main(argv: list[str] | None = None) -> int:
     _add_serve(sub)
     sub.add_parser("bench", help="speed and accuracy of every runtime configuration on this GPU "
                    "(hyportrait bench --help)", add_help=False)
-    argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own options: benchmarks/bench.py parses them
         from hyportrait.benchmarks.bench import main as bench
 
@@ -342,9 +439,19 @@ def main(argv: list[str] | None = None) -> int:
     except HyportraitError as exc:
         print(f"hyportrait: error [{exc.code}]: {exc.message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("hyportrait: interrupted", file=sys.stderr)
-        return 130
+    except ModuleNotFoundError as exc:
+        extra = _EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"hyportrait: error [missing_package]: {exc.name} is not installed; this command needs it: "
+              f"pip install {extra}", file=sys.stderr)
+        return 2
+
+
+# the optional packages (pyproject.toml's extras) and how to install each
+_EXTRAS = {"diffusers": "'hyportrait[networks]'", "safetensors": "'hyportrait[networks]'",
+           "onnxruntime": "'hyportrait[onnxruntime]' (or 'hyportrait[gpu]' on a GPU)",
+           "tensorrt": "'hyportrait[trt]'", "polygraphy": "'hyportrait[trt]'"}
 
 
 if __name__ == "__main__":

@@ -32,3 +32,20 @@ class EngineMismatchError(HyportraitError):
     """A TensorRT engine that cannot serve this GPU, TensorRT install or input shapes; the message says what
     differs and the `hyportrait build` command that rebuilds it."""
     code = "engine_mismatch"
+
+
+class OptionError(InputError, ValueError):
+    """An option outside its valid range: `option` is the API keyword (e.g. `num_steps`), so the CLI can name
+    its flag (`--steps`) instead; `problem` says what is wrong ("must be between 1 and 1000, got 0")."""
+
+    def __init__(self, option: str, problem: str):
+        super().__init__(f"{option} {problem}")
+        self.option = option
+        self.problem = problem
+
+
+def describe(exc: BaseException) -> str:
+    """An OS or FFmpeg error's reason without its errno number ("[Errno 13] Permission denied: 'x'" ->
+    "Permission denied"), for messages that already name the file."""
+    reason = getattr(exc, "strerror", None)
+    return (reason or str(exc)).strip().rstrip(".")[:300] or type(exc).__name__

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hyportrait.errors import InputError, WeightsError
+from hyportrait.errors import InputError, WeightsError, describe
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +375,7 @@ def load_keras_weight_list(path: Path) -> list[np.ndarray]:
     try:
         data = lz4.frame.decompress(Path(path).read_bytes())
     except (OSError, RuntimeError) as e:
-        raise WeightsError(f"cannot read MTCNN weights {path}: {e}") from e
+        raise WeightsError(f"cannot read MTCNN weights {path}: {describe(e)}") from e
     unpickler_class = _array_only_unpickler_class()
     # joblib >= 1.5 takes the byte-order flag; 1.4 always reads arrays in native order
     takes_flag = "ensure_native_byte_order" in inspect.signature(unpickler_class.__init__).parameters

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hyportrait.errors import WeightsError
+from hyportrait.errors import WeightsError, describe
 
 from .weights import read_checkpoint
 
@@ -49,7 +49,7 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
-        raise WeightsError(f"{config_file}: not a readable adapter config ({exc})") from None
+        raise WeightsError(f"{config_file}: not a readable adapter config ({describe(exc)})") from None
     return state, config
 
 

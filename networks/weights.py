@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from hyportrait.errors import WeightsError
+from hyportrait.errors import WeightsError, describe
 
 from .appearance import AppearanceConfig, DinoV2WithIDAdapters, ImageProjector
 from .expression_encoder import ExpressionEncoder, ExpressionEncoderConfig
@@ -110,7 +110,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise WeightsError(f"{path}: file not found") from None
     except Exception as exc:  # noqa: BLE001 -- any reader failure means the file is not a usable checkpoint
-        raise WeightsError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise WeightsError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {describe(exc)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: expected a state dict of tensors")
     return state

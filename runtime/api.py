@@ -19,10 +19,9 @@ Errors are `hyportrait.errors.HyportraitError` subclasses with a stable `.code`.
 from __future__ import annotations
 
 import copy
-import io
 import os
+import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,13 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from hyportrait.errors import InputError
+from hyportrait.errors import InputError, OptionError, describe
 from hyportrait.networks.arcface import load_arcface, zero_identity_embedding
 from hyportrait.networks.face_detector import load_face_detector
 
 from .backends import Models, resolve_device
+from .inputs import load_image
 from .paste_back import PasteBack
 from .pipeline import (
     DTYPES,
@@ -93,44 +92,53 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def load_image(image) -> np.ndarray:
-    """A path, encoded bytes or an (H, W, 3) uint8 RGB array -> (H, W, 3) uint8 RGB."""
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise InputError(f"source image array must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
-        return image
-    source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else Path(image)
-    name = "source image (bytes)" if isinstance(source, io.BytesIO) else f"source image {source}"
-    try:
-        with Image.open(source) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise InputError(f"{name}: file not found") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"{name}: not a readable image ({exc})") from None
+def make_config(settings: dict, **fixed) -> AnimateConfig:
+    """An AnimateConfig; an invalid value raises OptionError (a coded input error naming the option)."""
+    return AnimateConfig(**settings, **fixed)
+
+
+def result_folder(out: Path, name: str) -> Path:
+    """A new folder `out/name`, else `out/name-2`, `-3`, ...: created atomically, so runs that finish in the same
+    second, in one process or several, never write into one folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    folder, n = out / name, 1
+    while True:
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            n += 1
+            folder = out / f"{name}-{n}"
 
 
 @contextmanager
-def video_path(video) -> Iterator[Path]:
-    """A path for `video` (a path, or encoded bytes written to a temporary file for the call)."""
-    if not isinstance(video, (bytes, bytearray)):
-        yield Path(video)
+def _unwound_on_sigterm() -> Iterator[None]:
+    """While a call runs in the main thread of a process whose SIGTERM still has its default action (end at
+    once, as an embedding script has), a SIGTERM first unwinds the call, removing its partial videos and
+    empty folder, then ends the process as SIGTERM would have. Processes with their own handler (the CLI, a
+    server) keep it."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
         return
-    fd, tmp = tempfile.mkstemp(prefix="hyportrait-video-")
+
+    def unwind(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the clean-up short
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, unwind)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(video)
-        yield Path(tmp)
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise
     finally:
-        os.unlink(tmp)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def make_config(settings: dict, **fixed) -> AnimateConfig:
-    """An AnimateConfig whose invalid values are input errors (with a code), not tracebacks."""
-    try:
-        return AnimateConfig(**settings, **fixed)
-    except ValueError as exc:
-        raise InputError(f"invalid option: {exc}") from None
+class _Terminated(BaseException):
+    """SIGTERM arrived during a call (see `_unwound_on_sigterm`)."""
 
 
 def _stem(thing, default: str) -> str:
@@ -163,10 +171,13 @@ class Animator:
                  progress: bool = False, **options):
         tic = time.perf_counter()
         if mode not in MODES:
-            raise InputError(f"unknown mode {mode!r}: choose quality or fast")
+            raise OptionError("mode", f"must be quality or fast, got {mode!r}")
         unknown = set(options) - {f.name for f in fields(AnimateConfig)} - {"precision", "device"}
         if unknown:
             raise InputError(f"unknown option(s) {', '.join(sorted(unknown))}")
+        if precision is not None and precision not in DTYPES:
+            raise OptionError("precision", f"must be fp16 or fp32, got {precision!r}")
+        make_config(options)  # every value is checked before any network loads (models may fix size and window)
         if isinstance(models, Models):  # networks the caller built (e.g. custom sessions, benchmarks)
             backend, device = models.backend, str(models.device)
         self.device = resolve_device(device, backend)
@@ -174,8 +185,6 @@ class Animator:
         self.progress = progress
         self._lock = threading.Lock()
         precision = precision or ("fp16" if self.device.type == "cuda" else "fp32")  # fp16 is slow on CPUs
-        if precision not in DTYPES:
-            raise InputError(f"unknown precision {precision!r}: choose fp16 or fp32")
         settings = dict(FAST_MODE) if mode == "fast" else {}
         if backend == "torch" and not isinstance(models, Models):
             if models is not None:
@@ -200,6 +209,8 @@ class Animator:
                     raise InputError(f"{option} applies to the torch backend; the {backend} backend runs its "
                                      "models as exported or built")
             self.models = self._loaded_models(models, backend, cuda_graph)
+            if self.models.random_weights:
+                settings.setdefault("num_steps", RANDOM_MODEL_DEFAULTS["num_steps"])
             self.config = self._fixed_size_config(settings, options)
             # ArcFace (arcface.onnx) is copied into the export folder
             arcface_folder = None if isinstance(models, Models) else models
@@ -228,7 +239,10 @@ class Animator:
                 raise InputError(f"the models are built for {option} {fixed} "
                                  f"({'px crops' if option == 'size' else 'frames per UNet call'}), "
                                  f"{option}={options[option]} was asked for")
-        settings = {"size": size, **({"window": models.window} if models.window else {}), **settings, **options}
+        # a fixed window keeps the official overlap's share of it (3 of 25): 3 of a tiny export's 4 frames would
+        # sample every frame four times
+        fixed = {"window": models.window, "overlap": min(3, models.window // 4)} if models.window else {}
+        settings = {"size": size, **fixed, **settings, **options}
         return make_config(settings, precision="fp16" if models.dtype == torch.float16 else "fp32",
                            device=str(self.device))
 
@@ -254,15 +268,16 @@ class Animator:
 
     # -- the stages ----------------------------------------------------------------------------------------
 
-    def prepare(self, image, video: Path) -> Prepared:
+    def prepare(self, image, video) -> Prepared:
         """Source and driving preprocessing, motion tokens and the per-video constants."""
         from tqdm import tqdm
 
         config = self.config
         timings: dict[str, float] = {}
         tic = time.perf_counter()
-        source = preprocess_source(load_image(image), self.detector)
-        info = probe_video(video)
+        image = load_image(image)
+        info = probe_video(video)  # both inputs are read before the first network runs
+        source = preprocess_source(image, self.detector)
         identity = self.arcface.embed(source.arcface_image) if self.arcface else zero_identity_embedding()
         driving = DrivingPreprocessor(self.detector)
         tokens = []
@@ -322,19 +337,19 @@ class Animator:
     def frames(self, image, video) -> Iterator[np.ndarray]:
         """The generated (size, size, 3) uint8 RGB crops, streamed as they are decoded (for callers that
         encode themselves)."""
-        with self._lock, video_path(video) as path:
-            prepared = self.prepare(image, path)
+        with self._lock:
+            prepared = self.prepare(image, video)
             latents = self.sample(prepared)
             yield from self._decoded(prepared, latents)
 
     def animate(self, image, video, out: str | Path) -> AnimateResult:
         """Animate `image` with `video`; write cropped.mp4 and full_resolution.mp4 under a new folder of `out`."""
-        with self._lock, video_path(video) as path:
+        with self._lock, _unwound_on_sigterm():
             start = time.perf_counter()
-            prepared = self.prepare(image, path)
+            prepared = self.prepare(image, video)
             latents = self.sample(prepared)
-            result = self.write(prepared, latents, path, Path(out) / (
-                f"{datetime.now():%Y%m%d_%H%M%S}_{_stem(image, 'image')}_{_stem(video, 'video')}"))
+            name = f"{datetime.now():%Y%m%d_%H%M%S}_{_stem(image, 'image')}_{_stem(video, 'video')}"
+            result = self.write(prepared, latents, video, result_folder(Path(out), name))
             result.timings["total"] = time.perf_counter() - start
         return result
 
@@ -373,7 +388,7 @@ class Animator:
                     if on_frame is not None:
                         on_frame()
         except OSError as exc:
-            raise InputError(f"cannot write the output videos under {folder}: {exc.strerror or exc}") from None
+            raise InputError(f"cannot write the output videos under {folder}: {describe(exc)}") from None
         finally:
             # the writers removed their partial files; leave no empty result folder behind either
             if folder.is_dir() and not any(folder.iterdir()):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hyportrait.errors import HyportraitError, InputError
+from hyportrait.errors import HyportraitError, InputError, OptionError
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 MODEL_NAMES = ("appearance", "motion", "vae_encoder", "vae_decoder", "unet")
@@ -58,6 +58,7 @@ class Models:
     dtype: torch.dtype  # the latents' dtype: fp16 unless the models are fp32
     window: int | None = None  # the frames per UNet call an exported UNet is fixed to (None: any)
     description: str = ""
+    random_weights: bool = False  # exported from random networks (`export --tiny-random`): for trying things
 
 
 def out_of_memory(what: str, exc: BaseException) -> OutOfMemoryError:
@@ -274,9 +275,18 @@ def resolve_device(device: str | None, backend: str) -> torch.device:
         raise InputError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    asked = device
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise OptionError("device", f"must be cpu, cuda or cuda:N (N the GPU's index), got {str(asked)!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"device {device} was asked for, but torch sees no CUDA GPU on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise BackendError(f"device {device} was asked for, but this machine has {torch.cuda.device_count()} "
+                           "CUDA GPU(s), numbered from 0")
     if backend == "tensorrt" and device.type != "cuda":
         raise BackendError("the tensorrt backend needs a CUDA GPU; use --backend onnxruntime or torch on a CPU")
     return device

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from hyportrait.errors import InputError
-from hyportrait.export.manifest import Manifest, read_manifest
+from hyportrait.errors import InputError, describe
+from hyportrait.export.manifest import MANIFEST_FILE, Manifest, read_manifest
 from hyportrait.export.onnx_io import ModelRecord
 
 from .backends import (
@@ -32,6 +32,8 @@ from .backends import (
 from .float8 import check_float8_device, float8_linears
 
 POSE_CONSTANT_FILE = "pose_constant.npy"
+# onnxruntime's names of the manifest's (numpy) dtypes
+ORT_TYPE_NAMES = {"float32": "float", "float64": "double"}
 
 
 class ReferenceUNet(nn.Module):
@@ -140,17 +142,51 @@ def _read_export_manifest(folder: Path) -> Manifest:
     return manifest
 
 
-def _pose_map(folder: Path, device) -> torch.Tensor:
+def _input(record: ModelRecord, name: str):
+    tensor = next((t for t in record.inputs if t.name == name), None)
+    if tensor is None:
+        raise InputError(f"the export's manifest.json lists no input {name!r} for {record.name}: the folder was "
+                         "edited or is not a `hyportrait export`")
+    return tensor
+
+
+def _pose_map(folder: Path, device, unet: ModelRecord) -> torch.Tensor:
     path = Path(folder) / POSE_CONSTANT_FILE
     if not path.is_file():
         raise InputError(f"{path} is missing (it is written by `hyportrait export`)")
-    return torch.from_numpy(np.load(path)).to(device)
+    try:
+        pose = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{path} is damaged ({describe(exc)}); export the folder again") from None
+    expected = _input(unet, "pose_map").shape
+    if list(pose.shape) != expected:
+        raise InputError(f"{path} holds a {list(pose.shape)} map, the UNet takes {expected}: the folder mixes "
+                         "files of different exports; export it again")
+    return torch.from_numpy(pose).to(device)
 
 
 def _unet_sample(unet: ModelRecord) -> tuple[torch.dtype, int]:
     """The latents' dtype and the frame window of an exported UNet (its `sample` input is (B, F, 8, h, w))."""
-    sample = next(t for t in unet.inputs if t.name == "sample")
+    sample = _input(unet, "sample")
     return (torch.float16 if sample.dtype == "float16" else torch.float32), int(sample.shape[1])
+
+
+def _check_session(session: OnnxRuntimeSession, record: ModelRecord, folder: Path) -> None:
+    """The model file takes what manifest.json says it takes (the runtime sizes every call from the manifest):
+    an edited manifest or a swapped model file is refused here, not by onnxruntime in the middle of a run."""
+    actual = {i.name: ([d if isinstance(d, int) else "?" for d in i.shape], i.type)
+              for i in session.session.get_inputs()}
+    for tensor in record.inputs:
+        shape, kind = actual.get(tensor.name, (None, None))
+        stated = [d if isinstance(d, int) else "?" for d in tensor.shape]
+        if shape != stated or kind != f"tensor({ORT_TYPE_NAMES.get(tensor.dtype, tensor.dtype)})":
+            raise InputError(f"{folder / MANIFEST_FILE} says {record.name} takes {tensor.name} {tensor.dtype} "
+                             f"{tensor.shape}, but {record.file} takes "
+                             + (f"{kind} {shape}" if shape else "no such input")
+                             + ": the folder was edited; export it again")
+    if set(actual) != {t.name for t in record.inputs}:
+        raise InputError(f"{record.file} takes the inputs {sorted(actual)}, {folder / MANIFEST_FILE} lists "
+                         f"{[t.name for t in record.inputs]}: the folder was edited; export it again")
 
 
 def onnx_models(folder: Path, device, cuda_graph: bool = False) -> Models:
@@ -160,12 +196,16 @@ def onnx_models(folder: Path, device, cuda_graph: bool = False) -> Models:
     folder, device = Path(folder), torch.device(device)
     manifest = _read_export_manifest(folder)
     records = manifest.models
-    sessions = {name: OnnxRuntimeSession(name, folder / records[name].file, device,
-                                         cuda_graph=cuda_graph and name in ("unet", "vae_decoder"))
-                for name in MODEL_NAMES}
     dtype, window = _unet_sample(records["unet"])
-    return Models(**sessions, pose_map=_pose_map(folder, device), backend="onnxruntime", device=device,
-                  dtype=dtype, window=window, description=f"onnxruntime {manifest.precision} {folder}"
+    pose_map = _pose_map(folder, device, records["unet"])  # the cheap checks before any session is made
+    sessions = {}
+    for name in MODEL_NAMES:
+        sessions[name] = OnnxRuntimeSession(name, folder / records[name].file, device,
+                                            cuda_graph=cuda_graph and name in ("unet", "vae_decoder"))
+        _check_session(sessions[name], records[name], folder)
+    return Models(**sessions, pose_map=pose_map, backend="onnxruntime",
+                  device=device, dtype=dtype, window=window, random_weights=manifest.weights.startswith("random:"),
+                  description=f"onnxruntime {manifest.precision} {folder}"
                   + (" cuda-graphs" if cuda_graph and device.type == "cuda" else ""))
 
 
@@ -178,6 +218,7 @@ def engine_models(folder: Path, device) -> Models:
     engines = load_engines(folder, MODEL_NAMES, device=device)
     onnx_folder = Path(engines.onnx_folder) if engines.onnx_folder else folder
     sessions = {name: TensorRTSession(name, engine) for name, engine in engines.engines.items()}
-    dtype, window = _unet_sample(_read_export_manifest(onnx_folder).models["unet"])
-    return Models(**sessions, pose_map=_pose_map(onnx_folder, device), backend="tensorrt", device=device,
+    unet = _read_export_manifest(onnx_folder).models["unet"]
+    dtype, window = _unet_sample(unet)
+    return Models(**sessions, pose_map=_pose_map(onnx_folder, device, unet), backend="tensorrt", device=device,
                   dtype=dtype, window=window, description=f"tensorrt {folder}")

@@ -10,6 +10,8 @@ with one, two or three guidance branches.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import queue
 import threading
 import time
@@ -21,6 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from hyportrait.errors import OptionError
 from hyportrait.networks.contract import CROP_SIZE, WINDOW
 
 from .backends import Models
@@ -48,6 +51,18 @@ X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium"
 # The UNet batch of each guidance setting: branch 0 has no image latent, appearance or motion; branch 1 the
 # image latent and appearance; branch 2 everything.
 GUIDANCE_BRANCHES = {3: (0, 1, 2), 2: (1, 2), 1: (2,)}
+# The numeric options' valid ranges, checked before any work: wide enough for every sensible run, narrow
+# enough that a typo fails at once instead of allocating GBs (a billion steps) or writing noise (nan guidance).
+_GUIDANCE = (0.0, 50.0)
+_LIMITS = (
+    ("num_steps", 1, 1000), ("seed", 0, 2**64 - 1),  # torch generators take 64-bit seeds
+    ("min_appearance_guidance", *_GUIDANCE), ("max_appearance_guidance", *_GUIDANCE),
+    ("min_motion_guidance", *_GUIDANCE), ("max_motion_guidance", *_GUIDANCE),
+    ("window", 1, 1000), ("overlap", 0, 999), ("shift_offset", 0, 1000), ("pad_frames", 0, 1000),
+    ("decode_chunk", 1, 1000), ("fps_condition", 0.0, 1000.0), ("motion_bucket_id", 0.0, 1000.0),
+    ("noise_aug_strength", 0.0, 10.0), ("i2i_strength", 0.001, 1.0), ("sigma_min", 1e-6, 1e6),
+    ("sigma_max", 1e-6, 1e6), ("size", 64, 4096), ("max_frames", 1, 10_000_000),
+)
 
 
 @dataclass
@@ -79,24 +94,31 @@ class AnimateConfig:
     video_preset: str = "medium"  # libx264 preset of the output videos (official: its default, at CRF 17)
 
     def __post_init__(self):
+        for option, low, high in _LIMITS:
+            value = getattr(self, option)
+            # bool is an int to Python, but True steps or a seed of False is a caller's mistake
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise OptionError(option, f"must be a number, got {value!r}")
+            if isinstance(low, int) and not isinstance(value, numbers.Integral):
+                raise OptionError(option, f"must be a whole number, got {value!r}")
+            if not (math.isfinite(value) and low <= value <= high):
+                raise OptionError(option, f"must be between {low} and {high}, got {value}")
         if self.precision not in DTYPES:
-            raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {self.precision!r}")
-        if self.num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
-        if not 1 <= self.decode_chunk:
-            raise ValueError(f"decode_chunk must be >= 1, got {self.decode_chunk}")
+            raise OptionError("precision", f"must be one of {sorted(DTYPES)}, got {self.precision!r}")
         if not 0 <= self.overlap < self.window:
-            raise ValueError(f"overlap must be in [0, window), got {self.overlap}")
+            raise OptionError("overlap", f"must be in [0, window), got {self.overlap}")
         if self.size % 64:
-            raise ValueError(f"size must be a multiple of 64 (the UNet downsamples the latent 3 times), got {self.size}")
+            raise OptionError("size", f"must be a multiple of 64 (the UNet downsamples the latent 3 times), "
+                              f"got {self.size}")
+        if self.sigma_min >= self.sigma_max:
+            raise OptionError("sigma_min", f"must be below sigma_max ({self.sigma_max}), got {self.sigma_min}")
         if self.sampler not in ("euler", "lcm"):
-            raise ValueError(f"sampler must be euler or lcm, got {self.sampler!r}")
+            raise OptionError("sampler", f"must be euler or lcm, got {self.sampler!r}")
         if self.guidance_branches not in GUIDANCE_BRANCHES:
-            raise ValueError(f"guidance_branches must be 1, 2 or 3, got {self.guidance_branches}")
+            raise OptionError("guidance_branches", f"must be 1, 2 or 3, got {self.guidance_branches}")
         if self.video_preset not in X264_PRESETS:
-            raise ValueError(f"video_preset must be one of {', '.join(X264_PRESETS)}, got {self.video_preset!r}")
-        if self.max_frames < 1:
-            raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
+            raise OptionError("video_preset", f"must be one of {', '.join(X264_PRESETS)}, "
+                              f"got {self.video_preset!r}")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -311,7 +333,7 @@ def prefetched(items: Iterator, depth: int) -> Iterator:
             yield item
     finally:
         stop.set()
-        thread.join()
+        _join_through_interrupts(thread)
 
 
 @contextmanager
@@ -340,11 +362,33 @@ def consumed_in_background(consume: Callable, depth: int, name: str) -> Iterator
     thread.start()
     try:
         yield hand_over
+    except BaseException as exc:
+        errors.append(exc)  # the caller failed or was interrupted: what is queued is dropped, not consumed
+        raise
     finally:
-        pending.put(_END)
-        thread.join()
+        _join_through_interrupts(thread, lambda: pending.put(_END), errors)
     if errors:
         raise errors[0]
+
+
+def _join_through_interrupts(thread: threading.Thread, end: Callable | None = None, errors: list | None = None):
+    """Call `end` (what tells `thread` to stop) once and wait for `thread`, even when an interrupt (SIGINT, or
+    SIGTERM as the CLI turns it) arrives meanwhile, then raise that interrupt: the caller goes on to close what
+    the thread may still be using (the video writers). An interrupt is also appended to `errors`, which makes
+    a consumer drop what is still queued."""
+    interrupt = None
+    while end is not None or thread.is_alive():
+        try:
+            if end is not None:
+                end()
+                end = None
+            thread.join()
+        except BaseException as exc:  # noqa: BLE001 -- raised below, once the thread has ended
+            interrupt = exc
+            if errors is not None:
+                errors.append(exc)
+    if interrupt is not None:
+        raise interrupt
 
 
 class BusyTimes:

@@ -18,11 +18,13 @@ from pathlib import Path
 import av
 import numpy as np
 
-from hyportrait.errors import VideoError
+from hyportrait.errors import VideoError, describe
 
 # FFmpeg opens still images (png_pipe, jpeg_pipe, ..., image2) as one-frame videos; refuse them.
 _IMAGE_DEMUXER_SUFFIX = "_pipe"
 _IMAGE_DEMUXERS = {"image2"}
+# Well above 8K UHD (7680x4320): a header claiming more is damaged or hostile (a decompression bomb).
+MAX_FRAME_PIXELS = 8192 * 8192
 
 
 @dataclass(frozen=True)
@@ -35,34 +37,57 @@ class VideoInfo:
     duration: float  # seconds
 
 
-def _open_input(path) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
-    """Open `path` for decoding its first video stream; every failure becomes a VideoError naming it."""
-    path = Path(path)
-    if not path.exists():
-        raise VideoError(f"video not found: {path}")
-    if not path.is_file():
-        raise VideoError(f"not a file: {path}")
+def _name(source) -> str:
+    return "video (bytes)" if isinstance(source, (bytes, bytearray)) else str(source)
+
+
+def _open_file(source, what: str = "video") -> av.container.InputContainer:
+    """`source` (a path, or a whole encoded file as bytes) opened for reading; missing or unreadable files are
+    VideoErrors naming it, without FFmpeg's errno numbers."""
+    if isinstance(source, (bytes, bytearray)):
+        file = io.BytesIO(source)  # bytes are read where they are: no temporary file to leave behind
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise VideoError(f"{what} not found: {path}")
+        if not path.is_file():
+            raise VideoError(f"{what} is not a file: {path}")
+        file = str(path)
     try:
-        container = av.open(str(path))
+        return av.open(file)
     except av.FFmpegError as e:
-        raise VideoError(f"cannot read {path}: not a video file or it is damaged ({e})") from e
+        raise VideoError(f"cannot read {what} {_name(source)}: not a video file or it is damaged "
+                         f"({describe(e)})") from None
+    except OSError as e:
+        raise VideoError(f"cannot read {what} {_name(source)}: {describe(e)}") from None
+
+
+def _open_input(source) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+    """Open `source` for decoding its first video stream; every failure becomes a VideoError naming it."""
+    container = _open_file(source)
+    name = _name(source)
     fmt = container.format.name
     if fmt.endswith(_IMAGE_DEMUXER_SUFFIX) or fmt in _IMAGE_DEMUXERS:
         container.close()
-        raise VideoError(f"{path} is an image ({fmt}), not a video")
+        raise VideoError(f"{name} is an image ({fmt}), not a video")
     if not container.streams.video:
         container.close()
-        raise VideoError(f"{path} has no video stream")
+        raise VideoError(f"{name} has no video stream")
     stream = container.streams.video[0]
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if width * height > MAX_FRAME_PIXELS:
+        container.close()
+        raise VideoError(f"{name} has {width}x{height} frames, more than the {MAX_FRAME_PIXELS} pixels per frame "
+                         "accepted (a damaged header, or a video far larger than the 512 px crops need)")
     stream.thread_type = "AUTO"  # frame + slice threads: several times faster decode on multi-core
     return container, stream
 
 
-def _decode(container, stream, path) -> Iterator[av.VideoFrame]:
+def _decode(container, stream, name) -> Iterator[av.VideoFrame]:
     try:
         yield from container.decode(stream)
     except av.FFmpegError as e:
-        raise VideoError(f"cannot decode {path}: {e}") from e
+        raise VideoError(f"cannot decode {name}: {describe(e)}") from None
 
 
 def _tagged_seconds(tag: str | None) -> float | None:
@@ -84,12 +109,14 @@ def _count_packets(container, stream) -> int:
 
 
 def probe_video(path) -> VideoInfo:
-    """Size, frame rate, length and audio presence of a video; decodes its first frame to prove it plays."""
+    """Size, frame rate, length and audio presence of a video (a path or encoded bytes); decodes its first frame
+    to prove it plays."""
     container, stream = _open_input(path)
+    name = _name(path)
     with container:
         fps = stream.average_rate or stream.guessed_rate or stream.base_rate
         if not fps:
-            raise VideoError(f"{path} has no frame rate")
+            raise VideoError(f"{name} has no frame rate")
         fps = Fraction(fps)
         if stream.duration is not None:
             duration = float(stream.duration * stream.time_base)
@@ -99,9 +126,9 @@ def probe_video(path) -> VideoInfo:
             duration = container.duration / av.time_base
         else:
             duration = 0.0
-        first = next(_decode(container, stream, path), None)
+        first = next(_decode(container, stream, name), None)
         if first is None:
-            raise VideoError(f"{path} has a video stream but no decodable frames")
+            raise VideoError(f"{name} has a video stream but no decodable frames")
         num_frames = stream.frames or _count_packets(container, stream) or round(duration * fps)
         if duration == 0.0:
             duration = float(num_frames / fps)
@@ -116,27 +143,28 @@ def probe_video(path) -> VideoInfo:
 
 
 def read_frames(path, limit: int | None = None) -> Iterator[np.ndarray]:
-    """RGB uint8 (H, W, 3) frames of the first video stream, one at a time, at most `limit` of them.
+    """RGB uint8 (H, W, 3) frames of the first video stream of `path` (or encoded bytes), one at a time, at most
+    `limit` of them.
 
     The file is opened and checked at call time (missing, not a video, no video stream raise here);
     a video without a single decodable frame raises when iteration ends.
     """
     container, stream = _open_input(path)
-    return _iter_rgb(container, stream, path, limit)
+    return _iter_rgb(container, stream, _name(path), limit)
 
 
-def _iter_rgb(container, stream, path, limit) -> Iterator[np.ndarray]:
+def _iter_rgb(container, stream, name, limit) -> Iterator[np.ndarray]:
     count = 0
     with container:
         if limit is not None and limit <= 0:
             return
-        for frame in _decode(container, stream, path):
+        for frame in _decode(container, stream, name):
             yield frame.to_ndarray(format="rgb24")
             count += 1
             if count == limit:
                 return
     if count == 0:
-        raise VideoError(f"{path} has a video stream but no decodable frames")
+        raise VideoError(f"{name} has a video stream but no decodable frames")
 
 
 def _pad_to_even(frame: np.ndarray) -> np.ndarray:
@@ -156,13 +184,8 @@ class _AudioCarry:
     """
 
     def __init__(self, source):
-        self.source_path = Path(source)
-        if not self.source_path.is_file():
-            raise VideoError(f"audio source not found: {self.source_path}")
-        try:
-            self.src = av.open(str(self.source_path))
-        except av.FFmpegError as e:
-            raise VideoError(f"cannot read audio source {self.source_path}: {e}") from e
+        self.name = _name(source)
+        self.src = _open_file(source, "audio source")
         self.in_stream = self.src.streams.audio[0] if self.src.streams.audio else None
         video = self.src.streams.video[0] if self.src.streams.video else None
         has_origin = video is not None and video.start_time is not None
@@ -201,7 +224,7 @@ class _AudioCarry:
                         start = float(frame.pts * frame.time_base) - self.origin
                         yield start, start + frame.samples / frame.sample_rate, frame
         except av.FFmpegError as e:
-            raise VideoError(f"cannot read the audio of {self.source_path}: {e}") from e
+            raise VideoError(f"cannot read the audio of {self.name}: {describe(e)}") from None
 
     def feed_until(self, end: float, final: bool = False) -> None:
         """Mux the items that end by `end` seconds. With `final` (`end` is the video's end), also the
@@ -312,10 +335,10 @@ class VideoWriter:
                 self._audio = _AudioCarry(self.audio_from)
             try:
                 self._container = av.open(str(self._tmp), "w")
-            except ValueError as e:
-                raise VideoError(f"cannot write {self.path}: no video format for '{self.path.suffix}'") from e
+            except ValueError:
+                raise VideoError(f"cannot write {self.path}: no video format for '{self.path.suffix}'") from None
             except (OSError, av.FFmpegError) as e:
-                raise VideoError(f"cannot write {self.path}: {e}") from e
+                raise VideoError(f"cannot write {self.path}: {describe(e)}") from None
         except BaseException:
             self._abort()
             raise

@@ -9,7 +9,6 @@ from hyportrait.cli import main
 from hyportrait.runtime.video import probe_video, read_frames
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 SAMPLE_IMAGE = ROOT / "hyportrait" / "assets" / "sample_portrait.jpg"
 SAMPLE_VIDEO = ROOT / "hyportrait" / "assets" / "sample_driving.mp4"
 
@@ -39,14 +38,6 @@ def test_animate_the_bundled_sample(tmp_path, capsys):
     assert "random-weight model" in printed.err
     assert printed.out.count("wrote ") == 2
     check_result(tmp_path, 6, probe_video(SAMPLE_VIDEO).fps, Image.open(SAMPLE_IMAGE).size)
-
-
-def test_animate_the_official_sample_clip(tmp_path):
-    if not (DATA / "driving_video.mp4").is_file():
-        pytest.skip(f"{DATA} is not here (needs the shared data folder)")
-    assert animate(DATA / "source_image.png", DATA / "driving_video.mp4", tmp_path, "--steps", "1",
-                   "--max-frames", "4", "--seed", "3") == 0
-    check_result(tmp_path, 4, 30, (512, 512))
 
 
 def test_no_face_in_the_image(tmp_path, capsys):

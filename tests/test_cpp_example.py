@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from hyportrait.export.export_all import export_all
 from hyportrait.runtime.video import probe_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,21 +58,14 @@ def binary(tmp_path_factory) -> Path:
     return build / "animate"
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("onnx")
-    export_all(None, out, "fp32", size="tiny")
-    return out
-
-
 def animate(binary: Path, models: Path, image: Path, out: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, HYPORTRAIT_PYTHON=sys.executable)
     return run([binary, "--models", models, "--image", image, "--video", SAMPLE_VIDEO, "--out", out,
                 "--backend", "onnxruntime", "--device", "cpu", *CLIP], env=env, timeout=600)
 
 
-def test_animates_the_sample(binary, models, tmp_path):
-    done = animate(binary, models, SAMPLE_IMAGE, tmp_path)
+def test_animates_the_sample(binary, tiny_export, tmp_path):
+    done = animate(binary, tiny_export, SAMPLE_IMAGE, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     frames = int(re.search(r"^frames: (\d+) at ", done.stdout, re.MULTILINE).group(1))
     assert frames == 4
@@ -84,8 +76,8 @@ def test_animates_the_sample(binary, models, tmp_path):
     assert re.search(r"^timings:.* total=", done.stdout, re.MULTILINE)
 
 
-def test_a_hyportrait_error_is_exit_code_2(binary, models, tmp_path):
-    done = animate(binary, models, tmp_path / "missing.jpg", tmp_path)
+def test_a_hyportrait_error_is_exit_code_2(binary, tiny_export, tmp_path):
+    done = animate(binary, tiny_export, tmp_path / "missing.jpg", tmp_path)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "error [bad_input]: source image" in done.stderr
     assert "Traceback" not in done.stderr

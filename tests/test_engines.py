@@ -39,22 +39,14 @@ from hyportrait.engines.profiles import (
 from hyportrait.engines.quality import psnr
 from hyportrait.engines.tensorrt_module import TensorRT, TensorRTMissingError, import_tensorrt
 from hyportrait.errors import EngineMismatchError, InputError
-from hyportrait.export.export_all import export_all
 from hyportrait.export.manifest import read_manifest
 
 H100 = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("export")
-    export_all(None, out, "fp32", size="tiny")
-    return out
-
-
-@pytest.fixture(scope="module")
-def manifest(export_dir):
-    return read_manifest(export_dir)
+def manifest(tiny_export):
+    return read_manifest(tiny_export)
 
 
 @pytest.fixture
@@ -276,9 +268,9 @@ def _fake_tensorrt(calls: list) -> TensorRT:
     return TensorRT(_UnusableTensorRT(calls), "tensorrt_rtx", "1.7.0.1")
 
 
-def test_build_all_reuses_current_engines_and_rebuilds_stale_ones(export_dir, manifest, tmp_path, monkeypatch):
+def test_build_all_reuses_current_engines_and_rebuilds_stale_ones(tiny_export, manifest, tmp_path, monkeypatch):
     monkeypatch.setattr(build_module, "current_gpu", lambda: (None, None))
-    request = BuildRequest(onnx_dir=export_dir, out_dir=tmp_path, precision="fp32", profile="quality",
+    request = BuildRequest(onnx_dir=tiny_export, out_dir=tmp_path, precision="fp32", profile="quality",
                            models=("vae_decoder", "motion"))
     profiles = manifest_profiles(manifest, "quality")
     for name in request.models:  # engines as an earlier build would have left them
@@ -302,25 +294,25 @@ def test_build_all_reuses_current_engines_and_rebuilds_stale_ones(export_dir, ma
         build_all(stale, trt_info=_fake_tensorrt(calls))
 
 
-def test_cli_build_without_tensorrt(export_dir, tmp_path, capsys, no_tensorrt):
+def test_cli_build_without_tensorrt(tiny_export, tmp_path, capsys, no_tensorrt):
     with pytest.raises(TensorRTMissingError):
         import_tensorrt()
-    assert main(["build", "--onnx", str(export_dir), "--out", str(tmp_path / "engines"), "--precision", "fp32"]) == 2
+    assert main(["build", "--onnx", str(tiny_export), "--out", str(tmp_path / "engines"), "--precision", "fp32"]) == 2
     err = capsys.readouterr().err
     assert "error [tensorrt_missing]: TensorRT is not installed" in err
     assert "pip install tensorrt" in err and "TensorRT-RTX" in err
 
 
-def test_cli_build_refuses_bad_requests_before_any_work(export_dir, tmp_path, capsys):
+def test_cli_build_refuses_bad_requests_before_any_work(tiny_export, tmp_path, capsys):
     out = tmp_path / "engines"
-    assert main(["build", "--onnx", str(export_dir), "--out", str(out)]) == 2  # fp16 from an fp32 export
+    assert main(["build", "--onnx", str(tiny_export), "--out", str(out)]) == 2  # fp16 from an fp32 export
     assert "error [bad_input]: engines are strongly typed" in capsys.readouterr().err
     assert main(["build", "--onnx", str(tmp_path), "--out", str(out)]) == 2
     assert "is not a finished export: no manifest.json" in capsys.readouterr().err
-    assert main(["build", "--onnx", str(export_dir), "--out", str(out), "--precision", "int8",
+    assert main(["build", "--onnx", str(tiny_export), "--out", str(out), "--precision", "int8",
                  "--calibration", str(tmp_path / "missing.npz")]) == 2
     assert "calibration file" in capsys.readouterr().err
-    assert main(["build", "--onnx", str(export_dir), "--out", str(out), "--precision", "fp32",
+    assert main(["build", "--onnx", str(tiny_export), "--out", str(out), "--precision", "fp32",
                  "--models", "yoloface"]) == 2
     assert "error [bad_profile]: the export has no model yoloface" in capsys.readouterr().err
     assert not out.exists()

@@ -258,22 +258,15 @@ def test_export_all_from_a_weights_folder(tiny_weights, tmp_path, monkeypatch, n
 # ------------------------------------------------------------------------ `hyportrait export` end to end
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx")
-    assert main(["export", "--tiny-random", "--out", str(out)]) == 0
-    return out
-
-
-def test_cli_export_writes_every_model_and_the_manifest(exported, nets):
-    manifest = json.loads((exported / MANIFEST_FILE).read_text())
+def test_cli_export_writes_every_model_and_the_manifest(tiny_export, nets):
+    manifest = json.loads((tiny_export / MANIFEST_FILE).read_text())
     assert manifest["opset"] == 18 and manifest["precision"] == "fp32" and manifest["weights"] == "random:tiny"
     assert manifest["exporter_version"] == __import__("hyportrait").__version__
     assert set(manifest["versions"]) == {"torch", "onnx", "onnxruntime"}
     assert set(MY_MODELS) <= set(manifest["models"])
     assert set(manifest["skipped"]) == {"yoloface", "arcface"}
     for name, record in manifest["models"].items():
-        path = exported / record["file"]
+        path = tiny_export / record["file"]
         assert path.is_file(), name
         assert record["validation"]["max_relative_error"] <= FP32_TOLERANCE, name
         # the example and a fresh random set at least; ours add a second size and its random set
@@ -284,14 +277,14 @@ def test_cli_export_writes_every_model_and_the_manifest(exported, nets):
     assert decoder["inputs"][0]["shape"] == ["frames", 4, "latent_height", "latent_width"]
     assert decoder["dynamic_axes"]["latents"] == {"0": "frames", "2": "latent_height", "3": "latent_width"}
     assert manifest["models"]["mtcnn_pnet"]["inputs"][0]["shape"] == [1, 3, "height", "width"]
-    assert not [p for p in os.listdir(exported) if p.startswith(".")]  # no temporary files left
+    assert not [p for p in os.listdir(tiny_export) if p.startswith(".")]  # no temporary files left
 
 
-def test_pose_constant_is_the_pose_guider_on_a_black_image(exported, nets):
-    constant = np.load(exported / POSE_CONSTANT_FILE)
+def test_pose_constant_is_the_pose_guider_on_a_black_image(tiny_export, nets):
+    constant = np.load(tiny_export / POSE_CONSTANT_FILE)
     assert constant.shape == (32, 8, 8)  # tiny pose guider at the tiny UNet's crop: 64x64 (latent 8x8)
     assert np.array_equal(constant, nets.pose_guider.constant_features(64, 64).numpy())
-    session = ort.InferenceSession(str(exported / "pose_guider.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(tiny_export / "pose_guider.onnx"), providers=["CPUExecutionProvider"])
     (features,) = session.run(None, {"pose_images": np.zeros((2, 3, 64, 64), np.float32)})
     assert relative_error(features[1], constant) < 1e-5
 

@@ -24,7 +24,8 @@ from hyportrait.networks.face_detector import (
     nms,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ASSETS = Path(__file__).resolve().parents[1] / "hyportrait" / "assets"
+SAMPLE_IMAGE, SAMPLE_VIDEO = ASSETS / "sample_portrait.jpg", ASSETS / "sample_driving.mp4"  # 36 frames
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def mtcnn():
 def driving_frames(indices):
     import av
 
-    with av.open(str(DATA / "driving_video.mp4")) as container:
+    with av.open(str(SAMPLE_VIDEO)) as container:
         return [f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(video=0)) if i in indices]
 
 
@@ -287,20 +288,16 @@ def test_mtcnn_finds_no_face_in_a_plain_image(mtcnn):
 
 
 def test_mtcnn_on_the_source_image(mtcnn):
-    if not DATA.is_dir():
-        pytest.skip(f"shared data not found at {DATA}")
     from PIL import Image
 
-    image = np.asarray(Image.open(DATA / "source_image.png").convert("RGB"))
+    image = np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB"))
     faces = mtcnn.detect(image)
     assert len(faces) == 1 and faces[0].score > 0.95
     assert_plausible_face(faces[0], image.shape)
 
 
 def test_mtcnn_on_driving_frames(mtcnn):
-    if not DATA.is_dir():
-        pytest.skip(f"shared data not found at {DATA}")
-    frames = driving_frames({0, 59, 119})
+    frames = driving_frames({0, 17, 35})
     assert len(frames) == 3
     for frame in frames:
         faces = mtcnn.detect(frame)
@@ -314,9 +311,7 @@ BATCH_ATOL = 5e-3
 
 
 def test_mtcnn_detect_batch_matches_detect_on_driving_frames(mtcnn):
-    if not DATA.is_dir():
-        pytest.skip(f"shared data not found at {DATA}")
-    frames = driving_frames({0, 17, 40, 59, 83, 119})
+    frames = driving_frames({0, 7, 14, 21, 28, 35})
     frames.insert(2, np.full_like(frames[0], 128))  # no face, between frames with faces
     batched = mtcnn.detect_batch(frames)
     assert [len(faces) for faces in batched] == [1, 1, 0, 1, 1, 1, 1]
@@ -327,19 +322,17 @@ def test_mtcnn_detect_batch_groups_sizes(mtcnn):
     rng = np.random.default_rng(0)
     images = [np.full((240, 320, 3), 128, np.uint8), rng.integers(0, 256, (240, 320, 3), np.uint8),
               np.full((8, 8, 3), 128, np.uint8), rng.integers(0, 256, (400, 400, 3), np.uint8)]
-    if DATA.is_dir():  # faces at two sizes, two of them in one batch
-        frame = driving_frames({0})[0]
-        images += [frame, np.ascontiguousarray(frame[40:440, 60:460]), frame[:, ::-1].copy()]
+    # faces at two sizes, two of them in one batch
+    frame = driving_frames({0})[0]
+    images += [frame, np.ascontiguousarray(frame[16:240, 16:240]), frame[:, ::-1].copy()]
     images = [images[i] for i in rng.permutation(len(images))]  # sizes interleaved
     batched = mtcnn.detect_batch(images)
     assert_same_faces(batched, [mtcnn.detect(image) for image in images], atol=BATCH_ATOL)
-    assert sum(map(len, batched)) == (3 if DATA.is_dir() else 0)
+    assert sum(map(len, batched)) == 3
     assert mtcnn.detect_batch([]) == []
 
 
 def test_mtcnn_splits_large_batches_over_calls(mtcnn, monkeypatch):
-    if not DATA.is_dir():
-        pytest.skip(f"shared data not found at {DATA}")
     frames = driving_frames({0, 1, 2})
     monkeypatch.setattr(mtcnn, "max_pixels_per_call", 2**30)
     whole = mtcnn.detect_batch(frames)

@@ -29,7 +29,8 @@ from hyportrait.runtime.preprocess import (
     warp_bilinear,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ASSETS = Path(__file__).resolve().parents[1] / "hyportrait" / "assets"
+SAMPLE_IMAGE, SAMPLE_VIDEO = ASSETS / "sample_portrait.jpg", ASSETS / "sample_driving.mp4"  # 36 frames
 
 
 class ScriptedDetector(FaceDetector):
@@ -297,9 +298,7 @@ def test_driving_video_errors():
 
 
 def test_real_source_image(mtcnn):
-    if not DATA.is_dir():
-        pytest.skip(f"shared data not found at {DATA}")
-    image = np.asarray(Image.open(DATA / "source_image.png").convert("RGB"))
+    image = np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB"))
     source = preprocess_source(image, mtcnn)
     x1, y1, x2, y2 = source.crop_box
     assert 0 <= x1 < x2 <= image.shape[1] and 0 <= y1 < y2 <= image.shape[0] and x2 - x1 == y2 - y1
@@ -312,13 +311,11 @@ def test_real_source_image(mtcnn):
 
 
 def test_real_driving_frames(mtcnn):
-    if not DATA.is_dir():
-        pytest.skip(f"shared data not found at {DATA}")
     import itertools
 
     import av
 
-    with av.open(str(DATA / "driving_video.mp4")) as container:
+    with av.open(str(SAMPLE_VIDEO)) as container:
         frames = (f.to_ndarray(format="rgb24") for f in itertools.islice(container.decode(video=0), 6))
         driving = DrivingPreprocessor(mtcnn)
         chunks = list(driving.chunks(frames, chunk_frames=3))
@@ -332,14 +329,12 @@ def test_real_driving_frames(mtcnn):
 
 
 def test_batched_driving_chunks_equal_per_frame_detection(mtcnn):
-    if not DATA.is_dir():
-        pytest.skip(f"shared data not found at {DATA}")
     import itertools
 
     import av
 
-    with av.open(str(DATA / "driving_video.mp4")) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in itertools.islice(container.decode(video=0), 0, 60, 6)]
+    with av.open(str(SAMPLE_VIDEO)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in itertools.islice(container.decode(video=0), 0, 36, 4)]
     frames[3] = np.full_like(frames[3], 128)  # a frame without a face inside a chunk
     batched_driving, reference_driving = DrivingPreprocessor(mtcnn), DrivingPreprocessor(OneFrameAtATime(mtcnn))
     batched = list(batched_driving.chunks(frames, chunk_frames=4))

@@ -1,6 +1,6 @@
 """The runtime: one loop over torch / onnxruntime sessions, the samplers and guidance modes, the embedding API.
 
-The expensive fixtures (a tiny export, two Animators) are module-scoped; the clip is 6 driving frames.
+The expensive fixtures are shared: the session's tiny export (conftest.py) and two module-scoped Animators; the clip is 6 driving frames.
 """
 import io
 import json
@@ -15,7 +15,6 @@ from PIL import Image
 
 from hyportrait.engines.quality import psnr
 from hyportrait.errors import HyportraitError, InputError
-from hyportrait.export.export_all import export_all
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.api import Animator
 from hyportrait.runtime.backends import BackendError, resolve_device
@@ -54,20 +53,13 @@ TINY = {"size": 64, "window": 4, **CLIP}
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx")
-    export_all(None, out, "fp32", size="tiny")
-    return out
-
-
-@pytest.fixture(scope="module")
 def torch_animator():
     return Animator(backend="torch", device="cpu", **TINY)
 
 
 @pytest.fixture(scope="module")
-def ort_animator(export_dir):
-    return Animator(export_dir, backend="onnxruntime", device="cpu", **CLIP)
+def ort_animator(tiny_export):
+    return Animator(tiny_export, backend="onnxruntime", device="cpu", **CLIP)
 
 
 def small_conditioning(models, config, seed=0) -> tuple[Conditioning, torch.Generator]:
@@ -231,9 +223,9 @@ def test_float8_models_convert_the_transformer_linears_of_a_copy():
     assert frames.shape == exact.shape and 24 < psnr(frames, exact, data_range=255) < 45
 
 
-def test_float8_is_refused_where_it_cannot_run(export_dir, monkeypatch):
+def test_float8_is_refused_where_it_cannot_run(tiny_export, monkeypatch):
     with pytest.raises(InputError, match="float8 applies to the torch backend"):
-        Animator(export_dir, backend="onnxruntime", device="cpu", float8=True)
+        Animator(tiny_export, backend="onnxruntime", device="cpu", float8=True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     with pytest.raises(ValueError, match="compute capability 8.9 or newer.*A100 is 8.0"):
@@ -345,7 +337,7 @@ def test_a_clip_shorter_than_one_window(tmp_path):
     assert len(frames) == 2 and frames[0].shape == (64, 64, 3)
 
 
-def test_errors_are_clear(tmp_path, export_dir):
+def test_errors_are_clear(tmp_path, tiny_export):
     with pytest.raises(InputError, match="needs `models`"):
         Animator(backend="onnxruntime", device="cpu")
     with pytest.raises(InputError, match="no manifest.json"):
@@ -360,11 +352,11 @@ def test_errors_are_clear(tmp_path, export_dir):
         resolve_device("cpu", "tensorrt")
     if not torch.cuda.is_available():
         with pytest.raises(BackendError, match="no CUDA GPU"):
-            Animator(export_dir, backend="onnxruntime", device="cuda")
+            Animator(tiny_export, backend="onnxruntime", device="cuda")
     with pytest.raises(InputError, match="size 64 .px crops., size=128"):
-        Animator(export_dir, backend="onnxruntime", device="cpu", size=128)
+        Animator(tiny_export, backend="onnxruntime", device="cpu", size=128)
     with pytest.raises(InputError, match="compile applies to the torch backend"):
-        Animator(export_dir, backend="onnxruntime", device="cpu", compile=True)
+        Animator(tiny_export, backend="onnxruntime", device="cpu", compile=True)
     with pytest.raises(HyportraitError, match="no face") as info:
         Animator(backend="torch", device="cpu", **TINY).animate(np.zeros((64, 64, 3), np.uint8), SAMPLE_VIDEO,
                                                                 tmp_path)
@@ -372,12 +364,12 @@ def test_errors_are_clear(tmp_path, export_dir):
     assert not list(tmp_path.rglob("*"))
 
 
-def test_exported_models_run_without_diffusers(export_dir):
+def test_exported_models_run_without_diffusers(tiny_export):
     """The onnxruntime backend needs neither diffusers nor transformers at run time."""
     script = (
         "import sys\n"
         "from hyportrait.runtime.api import Animator\n"
-        f"a = Animator({str(export_dir)!r}, backend='onnxruntime', device='cpu', max_frames=2, num_steps=1, "
+        f"a = Animator({str(tiny_export)!r}, backend='onnxruntime', device='cpu', max_frames=2, num_steps=1, "
         "overlap=1, pad_frames=0)\n"
         f"assert len(list(a.frames({str(SAMPLE_IMAGE)!r}, {str(SAMPLE_VIDEO)!r}))) == 2\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers'}))\n"
@@ -387,17 +379,17 @@ def test_exported_models_run_without_diffusers(export_dir):
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_calibration_set_recorded_from_a_sample(export_dir, tmp_path):
+def test_calibration_set_recorded_from_a_sample(tiny_export, tmp_path):
     """`hyportrait calibrate`'s recorder: the UNet's inputs at steps spread over the schedule, first and last
     included, in the --calibration format the engine builder reads."""
     from hyportrait.engines.calibration import record_calibration
     from hyportrait.engines.quantize import load_calibration_npz
 
-    animator = Animator(export_dir, backend="onnxruntime", device="cpu", max_frames=2, num_steps=5, overlap=1,
+    animator = Animator(tiny_export, backend="onnxruntime", device="cpu", max_frames=2, num_steps=5, overlap=1,
                         pad_frames=0)
     path = record_calibration(animator, SAMPLE_IMAGE, SAMPLE_VIDEO, tmp_path / "calibration.npz", sets=3)
     sets = load_calibration_npz(path)
-    unet = json.loads((export_dir / "manifest.json").read_text())["models"]["unet"]
+    unet = json.loads((tiny_export / "manifest.json").read_text())["models"]["unet"]
     assert len(sets) == 3
     for feed in sets:
         assert set(feed) == {t["name"] for t in unet["inputs"]}

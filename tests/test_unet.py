@@ -11,24 +11,19 @@ from hyportrait.errors import WeightsError
 from hyportrait.networks.init_weights import randomize_weights
 from hyportrait.networks.unet import UNetConfig, UNetWithAdapters
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"  # the official checkpoint keys, the SVD-xt UNet config
 FRAMES, SIZE = 4, 8  # 8x8 latents: three downsamplings leave 1x1 at the deepest level
 
 
 def test_state_dict_matches_official_checkpoint():
-    manifest = DATA / "official_checkpoint_keys.json"
-    if not manifest.exists():
-        pytest.skip(f"{manifest} not found")
-    expected = json.loads(manifest.read_text())["files"]["hyportrait/unet.pth"]
+    expected = json.loads((DATA / "official_checkpoint_keys.json").read_text())["files"]["hyportrait/unet.pth"]
     with torch.device("meta"):
         unet = UNetWithAdapters(UNetConfig())
     assert {k: list(v.shape) for k, v in unet.state_dict().items()} == expected
 
 
 def test_config_from_json_is_the_default(tmp_path):
-    config_json = DATA / "svd-xt-configs" / "unet" / "config.json"
-    if not config_json.exists():
-        pytest.skip(f"{config_json} not found")
+    config_json = DATA / "svd_xt_unet_config.json"
     assert UNetConfig.from_json(config_json) == UNetConfig()
     patched = json.loads(config_json.read_text()) | {"norm_num_groups": 32}
     (tmp_path / "config.json").write_text(json.dumps(patched))

@@ -16,7 +16,7 @@ from hyportrait.networks.weights import (
     save_networks,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +26,7 @@ def tiny_folder(tmp_path_factory):
 
 
 def test_manifest_equals_the_official_checkpoints():
-    keys_file = DATA / "official_checkpoint_keys.json"
-    if not keys_file.is_file():
-        pytest.skip(f"{keys_file} is not here (needs the shared data folder)")
-    official = json.loads(keys_file.read_text())["files"]
+    official = json.loads((DATA / "official_checkpoint_keys.json").read_text())["files"]
     ours = expected_manifest()
     assert sorted(ours) == sorted(official)  # the 8 files
     for path in official:

@@ -1,0 +1,292 @@
+"""Faults a new user met (issue 18), each with its class: bad inputs and options fail before any work with one
+coded line naming the flag, runs never share an output folder, a signal at any moment leaves nothing behind,
+damaged exports are refused, and the onnxruntime backend leaves no files in the temporary folder."""
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import zlib
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hyportrait.cli import main
+from hyportrait.errors import InputError, OptionError, VideoError
+from hyportrait.networks import weights
+from hyportrait.runtime import api, video
+from hyportrait.runtime.api import Animator, result_folder
+from hyportrait.runtime.inputs import load_image
+from hyportrait.runtime.pipeline import AnimateConfig
+from hyportrait.runtime.video import VideoWriter, probe_video
+
+# (`weights` is imported above, at collection: diffusers' log handler then holds the session's stderr, not the
+# captured stderr of the first test that builds a network, closed when that test ends)
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_IMAGE = ROOT / "hyportrait" / "assets" / "sample_portrait.jpg"
+SAMPLE_VIDEO = ROOT / "hyportrait" / "assets" / "sample_driving.mp4"
+# the tiny random-weight torch model at its cheapest: 64 px crops, 4-frame windows, one step
+TINY = {"size": 64, "window": 4, "num_steps": 1, "overlap": 1, "pad_frames": 0}
+
+
+def animate(out: Path, *extra: str, image=SAMPLE_IMAGE, video_file=SAMPLE_VIDEO) -> int:
+    return main(["animate", "--image", str(image), "--video", str(video_file), "--out", str(out), "--quiet",
+                 *extra])
+
+
+def one_coded_line(err: str, code: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"hyportrait: error [{code}]: "), err
+    assert "Traceback" not in err and "Errno" not in err
+    return lines[0]
+
+
+@pytest.fixture
+def no_network_built(monkeypatch):
+    """Building the tiny networks fails the test: what is checked must be checked before."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network was built")
+
+    monkeypatch.setattr(weights, "random_networks", refuse)
+
+
+def test_missing_or_unreadable_inputs_fail_before_torch_is_imported(tmp_path):
+    """Checked without torch (so in a fraction of a second, and before any network is built)."""
+    notes = tmp_path / "notes.mp4"
+    notes.write_text("not a video")
+    cases = [(tmp_path / "missing.png", SAMPLE_VIDEO), (tmp_path, SAMPLE_VIDEO), (SAMPLE_IMAGE, notes),
+             (SAMPLE_IMAGE, tmp_path / "missing.mp4")]
+    script = ("import sys\n"
+              "sys.modules['torch'] = None  # an import of torch fails\n"
+              "from hyportrait.cli import main\n"
+              f"for image, video in {[(str(i), str(v)) for i, v in cases]!r}:\n"
+              f"    print(main(['animate', '--image', image, '--video', video, '--out', {str(tmp_path / 'out')!r}]))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.stdout.split() == ["2"] * len(cases), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Errno" not in done.stderr
+    assert done.stderr.splitlines() == [
+        f"hyportrait: error [bad_input]: source image {tmp_path / 'missing.png'}: file not found",
+        f"hyportrait: error [bad_input]: source image {tmp_path}: not a readable image (Is a directory)",
+        (f"hyportrait: error [bad_video]: cannot read video {notes}: not a video file or it is damaged "
+         "(Invalid data found when processing input)"),
+        f"hyportrait: error [bad_video]: video not found: {tmp_path / 'missing.mp4'}",
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--guidance", "nan"], "--guidance must be between 0.0 and 50.0, got nan"),
+    (["--guidance", "inf"], "--guidance must be between 0.0 and 50.0, got inf"),
+    (["--appearance-guidance", "1", "nan"], "--appearance-guidance must be between 0.0 and 50.0, got nan"),
+    (["--seed", str(2**70)], f"--seed must be between 0 and {2**64 - 1}, got {2**70}"),
+    (["--steps", "1000000000"], "--steps must be between 1 and 1000, got 1000000000"),
+    (["--decode-chunk", "0"], "--decode-chunk must be between 1 and 1000, got 0"),
+    (["--max-frames", "-3"], "--max-frames must be between 1 and 10000000, got -3"),
+    (["--device", "gpu0"], "--device must be cpu, cuda or cuda:N (N the GPU's index), got 'gpu0'"),
+    (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+], ids=["guidance-nan", "guidance-inf", "ramp-nan", "seed-2**70", "steps-1e9", "chunk-0", "frames-negative",
+        "device-gpu0", "steps-text"])
+def test_options_fail_before_any_work_naming_their_flag(tmp_path, capsys, no_network_built, extra, expected):
+    try:
+        code = animate(tmp_path / "out", *extra)
+    except SystemExit as exc:  # argparse's own checks (coded too)
+        code = exc.code
+    assert code == 2
+    assert expected in one_coded_line(capsys.readouterr().err, "bad_input")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_is_a_file_is_refused_first(tmp_path, capsys, no_network_built):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert animate(blocker / "out", "--device", "cpu") == 2
+    assert f"--out {blocker / 'out'}: {blocker} is a file, not a folder" in one_coded_line(
+        capsys.readouterr().err, "bad_input")
+
+
+def test_api_options_are_checked_whatever_their_type():
+    for options, problem in (({"num_steps": "4"}, "num_steps must be a number, got '4'"),
+                             ({"num_steps": 2.5}, "num_steps must be a whole number, got 2.5"),
+                             ({"seed": True}, "seed must be a number, got True"),
+                             ({"seed": -1}, "seed must be between 0"),
+                             ({"sigma_min": 10.0, "sigma_max": 5.0}, "sigma_min must be below sigma_max"),
+                             ({"fps_condition": float("nan")}, "fps_condition must be between")):
+        with pytest.raises(OptionError, match=problem.replace("(", r"\(")):
+            AnimateConfig(**options)
+    assert AnimateConfig(seed=np.int64(3), min_motion_guidance=np.float32(1.5)).seed == 3
+    with pytest.raises(OptionError) as caught:
+        Animator(backend="torch", device="cpu", mode="turbo")
+    assert (caught.value.option, caught.value.code) == ("mode", "bad_input")
+    with pytest.raises(OptionError, match="device must be cpu, cuda or cuda:N"):
+        Animator(backend="torch", device="cuda:x")
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header is edited to claim width x height pixels: a decompression bomb's header."""
+    encoded = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(encoded, "PNG")
+    png = bytearray(encoded.getvalue())
+    png[16:24] = struct.pack(">II", width, height)  # IHDR's data follows the signature, length and type
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    return bytes(png)
+
+
+def test_decompression_bombs_and_oversized_video_frames_are_refused(tmp_path, capsys, monkeypatch):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_claiming(20000, 20000))
+    for source in (bomb, bomb.read_bytes(), _png_claiming(11000, 11000)):  # over 2x, and between 1x and 2x
+        with pytest.raises(InputError, match="too large to decode safely"):
+            load_image(source)
+    assert animate(tmp_path / "out", image=bomb) == 2
+    assert "too large to decode safely" in one_coded_line(capsys.readouterr().err, "bad_input")
+    with pytest.raises(InputError, match="must have between 1 and"):
+        load_image(np.zeros((0, 5, 3), np.uint8))
+    monkeypatch.setattr(video, "MAX_FRAME_PIXELS", 255 * 255)
+    with pytest.raises(VideoError, match="has 256x256 frames, more than the 65025 pixels"):
+        probe_video(SAMPLE_VIDEO)
+
+
+@pytest.fixture(scope="module")
+def tiny_animator():
+    return Animator(backend="torch", device="cpu", max_frames=3, **TINY)
+
+
+def test_runs_in_the_same_second_get_folders_of_their_own(tmp_path, tiny_animator, monkeypatch):
+    folders = []
+    threads = [threading.Thread(target=lambda: folders.append(result_folder(tmp_path, "same"))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(f.name for f in folders) == sorted(["same"] + [f"same-{n}" for n in range(2, 9)])
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(api, "datetime", Frozen)
+    first, second = (tiny_animator.animate(SAMPLE_IMAGE, SAMPLE_VIDEO, tmp_path / "out") for _ in range(2))
+    assert first.cropped.parent.name == "20260102_030405_sample_portrait_sample_driving"
+    assert second.cropped.parent.name == first.cropped.parent.name + "-2"
+    for result in (first, second):
+        assert probe_video(result.cropped).num_frames == probe_video(result.full_resolution).num_frames == 3
+
+
+def _signal_main_thread(signum):
+    signal.pthread_kill(threading.main_thread().ident, signum)
+
+
+@pytest.mark.parametrize("signum, moment", [(signal.SIGINT, "load"), (signal.SIGTERM, "write")])
+def test_a_signal_at_any_moment_ends_the_command_cleanly(tmp_path, capsys, monkeypatch, signum, moment):
+    if moment == "load":
+        build = weights.random_networks
+        monkeypatch.setattr(weights, "random_networks", lambda *a, **k: (_signal_main_thread(signum), build(*a, **k))[1])
+    else:  # from an encoder thread, at the second frame of a video, while the main thread hands frames over
+        write = VideoWriter.write
+
+        def interrupted_write(self, frame):
+            write(self, frame)
+            if self.frames_written == 2:
+                _signal_main_thread(signum)
+
+        monkeypatch.setattr(VideoWriter, "write", interrupted_write)
+    monkeypatch.setattr(api, "RANDOM_MODEL_DEFAULTS", TINY)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    assert animate(out, "--device", "cpu", "--steps", "2", "--max-frames", "4") == 128 + signum
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "hyportrait: interrupted" and "Traceback" not in err
+    assert not out.exists() or not list(out.rglob("*"))  # no partial video, no result folder
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # given back
+
+
+def test_an_embedding_script_killed_while_writing_leaves_nothing(tiny_export, tmp_path):
+    """With SIGTERM at its default (a plain script), the API unwinds its call, then the process ends by SIGTERM.
+    The script runs the onnxruntime backend on video bytes: neither leaves a file in the temporary folder."""
+    temp, out = tmp_path / "tmp", tmp_path / "out"
+    temp.mkdir()
+    script = (
+        "import signal, threading\n"
+        "from pathlib import Path\n"
+        "from hyportrait.runtime.api import Animator\n"
+        "from hyportrait.runtime.video import VideoWriter\n"
+        f"animator = Animator({str(tiny_export)!r}, backend='onnxruntime', device='cpu', max_frames=6, "
+        "num_steps=1, overlap=1, pad_frames=0)\n"
+        f"video = Path({str(SAMPLE_VIDEO)!r}).read_bytes()\n"
+        f"animator.animate({str(SAMPLE_IMAGE)!r}, video, {str(tmp_path / 'complete')!r})\n"
+        "write = VideoWriter.write\n"
+        "def interrupted(self, frame):\n"
+        "    write(self, frame)\n"
+        "    if self.frames_written == 2:\n"
+        "        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)\n"
+        "VideoWriter.write = interrupted\n"
+        f"animator.animate({str(SAMPLE_IMAGE)!r}, video, {str(out)!r})\n"
+        "print('not reached')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TMPDIR=str(temp)), check=False)
+    assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
+    assert "not reached" not in done.stdout
+    assert len(list((tmp_path / "complete").glob("*/*.mp4"))) == 2  # the first call, uninterrupted
+    assert not out.exists() or not list(out.rglob("*"))
+    assert not list(temp.iterdir())  # no video copy, no onnxruntime telemetry file
+
+
+def _export_copy(tiny_export: Path, folder: Path) -> Path:
+    """The export's files linked into `folder`, so that one of them can be replaced."""
+    folder.mkdir()
+    for path in tiny_export.iterdir():
+        (folder / path.name).symlink_to(path)
+    return folder
+
+
+def _edit_manifest(folder: Path, edit) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").unlink()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_damaged_or_edited_export_is_refused(tiny_export, tmp_path):
+    def unet_input(manifest, name):
+        return next(t for t in manifest["models"]["unet"]["inputs"] if t["name"] == name)
+
+    edits = {
+        "truncated": (None, "manifest.json is damaged or was edited"),
+        "no inputs": (lambda m: m["models"]["unet"].pop("inputs"), "manifest.json is damaged or was edited"),
+        "bad shape": (lambda m: unet_input(m, "sample").update(shape=["batch", -4, 8, 8, 8]),
+                      "must have a name, a dtype and a shape of positive sizes"),
+        "path outside": (lambda m: m["models"]["vae_decoder"].update(file="../vae_decoder.onnx"),
+                         "its files must be names inside the folder"),
+        "window edited": (lambda m: unet_input(m, "sample").update(shape=["batch", 5, 8, 8, 8]),
+                          (r"says unet takes sample float32 \['batch', 5, 8, 8, 8\], but unet.onnx takes "
+                           r"tensor\(float\) \['\?', 4, 8, 8, 8\]: the folder was edited")),
+        "models swapped": (lambda m: m["models"]["motion"].update(file="appearance.onnx"),
+                           "motion takes face_images .* but appearance.onnx takes no such input"),
+    }
+    for n, (case, (edit, message)) in enumerate(edits.items()):
+        folder = _export_copy(tiny_export, tmp_path / str(n))
+        if edit is None:
+            (folder / "manifest.json").unlink()
+            (folder / "manifest.json").write_text((tiny_export / "manifest.json").read_text()[:500])
+        else:
+            _edit_manifest(folder, edit)
+        with pytest.raises(InputError, match=message) as caught:
+            Animator(folder, backend="onnxruntime", device="cpu")
+        assert caught.value.code == "bad_input", case
+    folder = _export_copy(tiny_export, tmp_path / "pose")
+    (folder / "pose_constant.npy").unlink()
+    np.save(folder / "pose_constant.npy", np.zeros((32, 4, 4), np.float32))
+    with pytest.raises(InputError, match=r"holds a \[32, 4, 4\] map, the UNet takes \[32, 8, 8\]"):
+        Animator(folder, backend="onnxruntime", device="cpu")
+    (folder / "pose_constant.npy").write_bytes(b"\x93NUMPY damaged")
+    with pytest.raises(InputError, match="pose_constant.npy is damaged"):
+        Animator(folder, backend="onnxruntime", device="cpu")
