@@ -20,7 +20,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/hyportrait animate --image $(SAMPLE_IMAGE) --video $(SAMPLE_VIDEO) --out outputs/demo
 
+# the web page's test drives a real headless Chromium (Debian's package; installed when missing, as root)
 test: setup
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	$(VENV)/bin/pytest -q
 
 lint: setup
