@@ -73,6 +73,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     val_every: int = 0
     val_examples: int = 0  # the last examples of DATA, held out and sampled at each validation
+    init_lora: str | None = None  # distill: start from this PEFT adapter (same rank, same base UNet)
 
     def __post_init__(self):
         if self.mode not in ("teacher", "distill"):
@@ -247,6 +248,22 @@ def check_data_fits(data: TrainingData, unet, pose_map: torch.Tensor) -> None:
                         f"{unet.config.cross_attention_dim}")
 
 
+@torch.no_grad()
+def load_initial_lora(trainable: dict[str, torch.nn.Parameter], path: str, rank: int) -> None:
+    """Copy a saved adapter into the student's LoRA weights; one of another rank or base is refused."""
+    from hyportrait.networks.lora import read_lora
+
+    state, adapter = read_lora(path)
+    if adapter.get("r", rank) != rank:
+        raise WeightsError(f"{path}: a LoRA of rank {adapter['r']}, this run trains rank {rank} (--rank)")
+    own = {n.replace(".default.", "."): p for n, p in trainable.items()}
+    problems = sorted(set(own) ^ set(state))[:3] or [n for n in own if own[n].shape != state[n].shape][:3]
+    if problems:
+        raise WeightsError(f"{path}: a LoRA of another base UNet (e.g. {', '.join(problems)})")
+    for name, param in own.items():
+        param.copy_(state[name])
+
+
 def _is_temporal(name: str) -> bool:
     return "temporal_transformer_blocks" in name
 
@@ -295,10 +312,13 @@ class Trainer:
                 raise RunError("distill mode needs peft: pip install 'hyportrait[train]'") from None
 
             unet.requires_grad_(False)
+            torch.manual_seed(config.seed)  # peft draws lora_A from the global generator: same run, same start
             self.model = get_peft_model(unet, LoraConfig(r=config.rank, lora_alpha=config.rank,
                                                          target_modules=LORA_TARGETS))
         self.model.to(device).train()
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if config.init_lora:
+            load_initial_lora(self.trainable, config.init_lora, config.rank)
         self.ddp = self.model
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel

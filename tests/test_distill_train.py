@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from hyportrait.distill import toy
 from hyportrait.distill.data import DataError
 from hyportrait.distill.train import RunError, TrainConfig, train
+from hyportrait.errors import WeightsError
 from hyportrait.networks.lora import merge_lora
 from hyportrait.networks.unet import UNetWithAdapters
 
@@ -53,6 +54,17 @@ def test_trained_lora_merges_as_peft_does(data, tmp_path):
         assert len(names) == 4 * sum(isinstance(m, torch.nn.Linear) and n.endswith("to_q")
                                      for n, m in merged.named_modules())
         assert torch.allclose(merged(*inputs), expected, atol=1e-5, rtol=1e-5)
+    # a student started from that adapter; one of another rank or another base is refused
+    again = train(replace(QUICK, lr=0.0, init_lora=str(result.output)), folder, tmp_path / "again",
+                  toy.toy_unet(SIZE), task.pose_map)
+    first, kept = (load_file(str(r.output / "adapter_model.safetensors")) for r in (result, again))
+    assert first.keys() == kept.keys() and all(torch.equal(first[k], kept[k]) for k in first)
+    with pytest.raises(WeightsError, match="rank 4, this run trains rank 8"):
+        train(replace(QUICK, rank=8, init_lora=str(result.output)), folder, tmp_path / "r8", toy.toy_unet(SIZE),
+              task.pose_map)
+    other = UNetWithAdapters(replace(toy.toy_unet(SIZE).unet_config, block_out_channels=(64, 64)))
+    with pytest.raises(WeightsError, match="another base"):
+        train(replace(QUICK, init_lora=str(result.output)), folder, tmp_path / "base", other, task.pose_map)
     run = (tmp_path / "run" / "run.json").read_text()
     assert '"commit"' in run and '"shards_sha256"' in run
 
