@@ -138,6 +138,8 @@ def _add_distill(sub) -> None:
     p = sub.add_parser("distill", help="distil a few-step student: training data, training")
     dsub = p.add_subparsers(dest="distill_command", required=True)
     _add_distill_prepare(dsub)
+    _add_distill_train(dsub)
+    _add_distill_toy(dsub)
 
 
 def _add_distill_prepare(dsub) -> None:
@@ -157,8 +159,72 @@ def _add_distill_prepare(dsub) -> None:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_distill_train(dsub) -> None:
+    t = dsub.add_parser("train", help="train a teacher or distil a LoRA student (one GPU, or many with torchrun "
+                        "--no-python hyportrait distill train ...); a RUN with a checkpoint resumes")
+    t.add_argument("--data", required=True, type=Path, help="training-data folder (`hyportrait distill prepare`)")
+    t.add_argument("--weights", type=Path, help="official weights folder; without it tiny random-weight networks")
+    t.add_argument("--out", required=True, type=Path, help="run folder: checkpoint, log.csv, lora/, run.json")
+    t.add_argument("--mode", choices=["teacher", "distill"], default="distill")
+    for name, kind, help_text in [
+        ("steps", int, "optimizer steps (default 1000)"), ("batch", int, "examples per GPU per micro-step"),
+        ("accumulate", int, "micro-steps per optimizer step"), ("lr", float, "learning rate (default 1e-4)"),
+        ("rank", int, "LoRA rank (default 64)"), ("phases", int, ("1: consistency (runtime's LCM fast mode); K: "
+         "phased consistency, sampled by `animate --mode fast --sampler euler --steps K`")),
+        ("grid", int, "Karras grid points (default 40)"), ("ema", float, "target EMA decay (default 0.95)"),
+        ("spatial_steps", int, "train spatial blocks' LoRA for these steps, then the temporal blocks'"),
+        ("checkpoint_every", int, "steps between checkpoints"), ("val_every", int, "steps between validations"),
+        ("val_examples", int, "last examples of DATA held out for validation"), ("seed", int, "random seed")]:
+        t.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=help_text)
+    t.add_argument("--target", choices=["ema", "student", "same-sigma"],
+                   help="target network: EMA of the LoRA (default), the student itself, or the same-sigma control")
+    t.add_argument("--init-lora", type=Path, help="start the student from this adapter (same rank and base)")
+    t.add_argument("--sigma-weight", choices=["uniform", "animatelcm"], help="per-sigma loss weight")
+    t.add_argument("--guidance", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="teacher guidance scale drawn per example (default 2.0 2.0, the official)")
+    t.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="gradient checkpointing (default: on CUDA)")
+
+
+def _add_distill_toy(dsub) -> None:
+    y = dsub.add_parser("toy", help="the proof: train a tiny teacher, distil it, table of errors; last line is "
+                        "the verdict")
+    y.add_argument("--out", required=True, type=Path)
+    y.add_argument("--size", choices=["cpu", "gpu"], default="cpu", help="cpu: 8x8 latents, 4 frames; "
+                   "gpu: 16x16, 8 frames")
+    y.add_argument("--phases", type=int, help="phases of the student (default: the size's, 4)")
+
+
+def _distill_toy(args) -> int:
+    from hyportrait.distill.toy import run_toy
+
+    return 0 if run_toy(args.out, args.size, args.phases)["verdict"] else 1
+
+
+def _distill_train(args) -> int:
+    import torch
+
+    from hyportrait.distill.data import TrainingData
+    from hyportrait.distill.train import TrainConfig, load_networks_for, train
+
+    options = {k: getattr(args, k) for k in ("mode", "steps", "batch", "accumulate", "lr", "rank", "phases",
+               "grid", "ema", "spatial_steps", "checkpoint_every", "val_every", "val_examples", "seed",
+               "target", "sigma_weight", "checkpointing") if getattr(args, k) is not None}
+    options.setdefault("checkpointing", torch.cuda.is_available())
+    if args.init_lora:
+        options["init_lora"] = str(args.init_lora)
+    if args.guidance:
+        options.update(appearance_guidance=tuple(args.guidance), motion_guidance=tuple(args.guidance))
+    latent = TrainingData(args.data).fields["latents"][0][-1]  # bad data is refused before any network is built
+    nets = load_networks_for(args.weights)
+    pose_map = nets.pose_guider.constant_features(latent * 8, latent * 8)
+    result = train(TrainConfig(**options), args.data, args.out, nets.unet.float(), pose_map,
+                   weights=str(args.weights) if args.weights else "tiny-random")
+    print(f"wrote {result.output} (final loss {result.loss:.4g})")
+    return 0
+
 def _distill(args) -> int:
-    return {"prepare": _distill_prepare}[args.distill_command](args)
+    return {"prepare": _distill_prepare, "train": _distill_train, "toy": _distill_toy}[args.distill_command](args)
 
 
 def _distill_prepare(args) -> int:

@@ -1,0 +1,147 @@
+"""Distillation on the GPU, every measurement in one run (< 9 minutes on a 2-GPU H200 host):
+
+    python -m hyportrait.benchmarks.distill_gpu --out DIR [--size official|tiny] [--parts toy one two]
+
+toy  the larger toy proof (16x16 latents, 8 frames; distill/toy.py): teacher, student, controls, the table
+     (DIR/toy/table.json) and the side-by-side frames (DIR/toy/frames.png)
+one  the official-size UNet (networks' default config, ~1.5 B parameters, random weights), 25 frames, 64x64
+     latents, LoRA rank 64, checkpointing, bf16 autocast: distill-mode step time, samples/s and peak memory
+     at batch 1 on one GPU, then the largest batch that fits (1, 2, 4, ...)
+two  the same through torchrun + DistributedDataParallel on 2 GPUs (the script launches torchrun), batch 1 per
+     GPU: samples/s and the scaling factor over one GPU (target >= 1.8)
+DIR/report.json holds every number with the device, date, commit and command; a short table is printed last.
+--size tiny dry-runs the same code on the CPU in seconds (tiny networks, a few steps, 2 gloo processes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from hyportrait.benchmarks.bench import report_header
+from hyportrait.distill import toy
+from hyportrait.distill.data import write_dataset
+from hyportrait.distill.train import TrainConfig, train
+from hyportrait.networks.unet import UNetConfig, UNetWithAdapters
+
+SHAPES = {"official": {"frames": 25, "latent": 64, "unet": UNetConfig(), "pose_channels": 320, "steps": 4},
+          "tiny": {"frames": 4, "latent": 8, "unet": UNetConfig.tiny(), "pose_channels": 32, "steps": 3}}
+
+
+def official_data(out: Path, size: str, examples: int = 8) -> Path:
+    """Random examples at the shapes the runtime feeds (speed does not depend on their values)."""
+    s = SHAPES[size]
+    f, h = s["frames"], s["latent"]
+    g = torch.Generator().manual_seed(0)
+
+    def example():
+        return {"latents": torch.randn(f, 4, h, h, generator=g).half(), "image_latent": torch.randn(4, h, h).half(),
+                "appearance": torch.randn(64, 1024, generator=g).half(),
+                "motion": torch.randn(f, 64, 1024, generator=g).half()}
+
+    if (out / "manifest.json").is_file():
+        return out
+    return write_dataset(((example(), f"random-{i}") for i in range(examples)), out, {"random": size},
+                         per_shard=examples)
+
+
+def measure(size: str, data: Path, run: Path, batch: int) -> dict:
+    """Step time (median after the first step), samples/s and peak memory of a distill run on this process's
+    GPU(s); under torchrun every rank runs it and rank 0 reports."""
+    s = SHAPES[size]
+    config = TrainConfig(mode="distill", steps=s["steps"], batch=batch, rank=64, checkpointing=True,
+                         checkpoint_every=10**9)
+    torch.manual_seed(0)
+    unet = UNetWithAdapters(s["unet"])
+    pose = torch.zeros(s["pose_channels"], s["latent"], s["latent"])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    train(config, data, run, unet, pose, weights="random")
+    seconds = [float(r.split(",")[3]) for r in (run / "log.csv").read_text().splitlines()[1:] if r.split(",")[3]]
+    step = statistics.median(seconds[1:] or seconds)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return {"batch_per_gpu": batch, "gpus": world, "step_s": step, "samples_per_s": batch * world / step,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            "parameters": sum(p.numel() for p in unet.parameters())}
+
+
+def largest_batch(size: str, data: Path, out: Path) -> tuple[int, list[dict]]:
+    fits, results = 0, []
+    for batch in (2, 4, 8):
+        try:
+            results.append(measure(size, data, out / f"batch{batch}", batch))
+            fits = batch
+        except torch.OutOfMemoryError:
+            results.append({"batch_per_gpu": batch, "error": "out of memory"})
+            break
+        finally:
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if not torch.cuda.is_available():
+            break  # the dry run shows the loop, not the CPU's memory
+    return fits, results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--size", choices=["official", "tiny"], default="official")
+    parser.add_argument("--parts", nargs="+", choices=["toy", "one", "two"], default=["toy", "one", "two"])
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # a torchrun rank: measure, write JSON
+    args = parser.parse_args(argv)
+    out = args.out
+    data = out / f"data-{args.size}"
+    if args.worker:
+        result = measure(args.size, data, out / "ddp-run", 1)
+        if int(os.environ.get("RANK", "0")) == 0:
+            args.worker.write_text(json.dumps(result))
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    report = {**report_header(), "command": " ".join(sys.argv), "size": args.size}
+    tic = time.perf_counter()
+    if "toy" in args.parts:
+        size = toy.SIZES["gpu"]
+        if args.size == "tiny":  # the same code in seconds: few steps, few clips
+            size = replace(toy.SIZES["cpu"], train_clips=8, eval_clips=2,
+                           teacher=replace(size.teacher, steps=2, batch=2),
+                           student=replace(size.student, steps=1, batch=2, rank=4))
+        report["toy"] = toy.run_toy(out / "toy", size)
+    if "one" in args.parts or "two" in args.parts:
+        official_data(data, args.size)
+    if "one" in args.parts:
+        report["one_gpu"] = measure(args.size, data, out / "one", 1)
+        report["largest_batch"], report["batches"] = largest_batch(args.size, data, out)
+    if "two" in args.parts:
+        result = out / "ddp.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                   "hyportrait.benchmarks.distill_gpu", "--out", str(out), "--size", args.size, "--worker",
+                   str(result)]
+        subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        report["two_gpus"] = json.loads(result.read_text())
+        if "one_gpu" in report:
+            report["scaling"] = report["two_gpus"]["samples_per_s"] / report["one_gpu"]["samples_per_s"]
+    report["seconds"] = time.perf_counter() - tic
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    print(f"wrote {out / 'report.json'}")
+    if "toy" in report:
+        print(f"toy verdict: {'PASS' if report['toy']['verdict'] else 'FAIL'}")
+    for key in ("one_gpu", "two_gpus"):
+        if key in report:
+            r = report[key]
+            peak = f"{r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else "-"
+            print(f"{key:9s} step {r['step_s']:.3f} s  {r['samples_per_s']:.2f} samples/s  peak {peak}")
+    if "largest_batch" in report:
+        print(f"largest batch on one GPU: {report['largest_batch']}")
+    if "scaling" in report:
+        print(f"2-GPU scaling: {report['scaling']:.2f}x (target >= 1.8)")
+
+
+if __name__ == "__main__":
+    main()
