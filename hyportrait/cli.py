@@ -18,7 +18,8 @@ from hyportrait.errors import HyportraitError, InputError, OptionError
 def _add_animate(sub) -> None:
     p = sub.add_parser("animate", help="animate a portrait with a driving video")
     p.add_argument("--image", required=True, type=Path, help="source portrait (png/jpg)")
-    p.add_argument("--video", required=True, type=Path, help="driving video")
+    p.add_argument("--video", required=True, help="driving video: a file, - (a Matroska/MPEG-TS/NUT/fragmented "
+                   "MP4 stream on stdin) or a URL FFmpeg opens")
     p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
                    help="how the networks run (default torch): torch loads --weights, onnxruntime an export "
                    "folder (--models), tensorrt an engine folder (--models)")
@@ -65,6 +66,13 @@ def _add_animate(sub) -> None:
     p.add_argument("--parallel", choices=["window", "guidance"], default="window",
                    help="how --gpus share the work: window (each step's windows; same frames as one GPU) or "
                    "guidance (each UNet call's guidance branches; at most as many GPUs as branches)")
+    p.add_argument("--segment", type=int, metavar="FRAMES", help="sample the clip segment by segment, FRAMES "
+                   "at once (at least the window, 25): memory bounded at any length, frames out early; 0: the "
+                   "whole clip at once (official). Default 25 in fast mode, 0 in quality mode")
+    p.add_argument("--stream", action="store_true", help="write the outputs as fragmented MP4 while the frames "
+                   "are made (playable while written)")
+    p.add_argument("--stall-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="--stream: give up (error source_stalled) when the source gives no frame this long")
 
 
 def _add_weights(sub) -> None:
@@ -282,6 +290,7 @@ def _animate_overrides(args) -> tuple[dict, dict[str, str]]:
              ("--sampler", ("sampler",), args.sampler),
              ("--guidance-branches", ("guidance_branches",), args.guidance_branches),
              ("--video-preset", ("video_preset",), args.video_preset),
+             ("--segment", ("segment",), args.segment),
              ("--guidance", ("min_appearance_guidance", "max_appearance_guidance", "min_motion_guidance",
                              "max_motion_guidance"), args.guidance),
              ("--appearance-guidance", ("min_appearance_guidance", "max_appearance_guidance"),
@@ -306,11 +315,15 @@ def _check_output_folder(out: Path) -> None:
 
 
 def _animate(args) -> int:
-    from hyportrait.runtime.inputs import check_inputs
+    from hyportrait.runtime.inputs import check_inputs, load_image
 
     # inputs and the output folder are checked first (in well under a second: torch is not imported yet),
     # then every option (here too, before workers are spawned for --gpus), all before a network is built
-    check_inputs(args.image, args.video)
+    live = args.video == "-" or "://" in args.video  # a pipe or a URL is read as it arrives: not probed first
+    if live:
+        load_image(args.image)
+    else:
+        check_inputs(args.image, args.video)
     _check_output_folder(args.out)
     from hyportrait.runtime import distributed
     from hyportrait.runtime.api import Animator, make_config
@@ -322,9 +335,13 @@ def _animate(args) -> int:
     with _options_named_by_flags(flags):
         make_config(overrides)
         if args.gpus > 1 or distributed.under_torchrun():
-            result = _animate_parallel(args, options)
+            if args.stream or args.segment or live:
+                raise InputError("--stream, --segment and live sources (-, URLs) run on one GPU: --gpus spreads "
+                                 "the whole clip's windows")
+            result = _animate_parallel(args, {**options, "segment": 0})
         else:
-            result = Animator(device=args.device, **options).animate(args.image, args.video, args.out).as_dict()
+            result = Animator(device=args.device, **options).animate(
+                args.image, args.video, args.out, stream=args.stream, stall_timeout=args.stall_timeout).as_dict()
     if result is not None:  # only rank 0 writes (and reports)
         print(f"wrote {result['cropped']}")
         print(f"wrote {result['full_resolution']}")

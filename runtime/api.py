@@ -5,6 +5,7 @@ portrait/video pairs.
     animator = Animator(backend="onnxruntime", models="onnx/")       # or backend="torch", weights=...
     result = animator.animate("face.png", "driving.mp4", "outputs/")  # -> AnimateResult (paths, timings)
     for frame in animator.frames("face.png", "driving.mp4"): ...      # (512, 512, 3) uint8 RGB crops
+    for out in animator.stream("face.png", camera_frames): ...        # StreamFrame: crop, pasted back, time
 
 Outputs, as the official inference writes them, under `{out}/{YYYYmmdd_HHMMSS}_{image}_{video}/`:
 `cropped.mp4` (the generated crop) and `full_resolution.mp4` (pasted back onto the source image), both at
@@ -24,7 +25,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hyportrait.errors import InputError, OptionError, describe
+from hyportrait.errors import HyportraitError, InputError, OptionError, describe
 from hyportrait.networks.arcface import load_arcface, zero_identity_embedding
 from hyportrait.networks.face_detector import load_face_detector
 
@@ -50,18 +52,69 @@ from .pipeline import (
     build_conditioning,
     consumed_in_background,
     decode_frames,
+    decode_segments,
     motion_tokens,
     prefetched,
     sample_latents,
+    sample_segments,
 )
 from .preprocess import DrivingPreprocessor, SourceInputs, preprocess_source
 from .sampling import WindowMap, i2i_start_index
-from .video import VideoInfo, VideoWriter, probe_video, read_frames
+from .video import STDIN, LiveSource, VideoInfo, VideoWriter, is_url, open_live, probe_video, read_frames
 
 # Without official weights the torch backend runs tiny random-weight networks: every stage runs quickly on a
 # CPU, and the video is noise. Explicit options still override these.
 RANDOM_MODEL_DEFAULTS = {"num_steps": 4, "size": 128}
 MODES = ("quality", "fast")
+STALL_SECONDS = 10.0  # a live source giving no frame for this long has stalled
+
+
+class SourceStalledError(HyportraitError):
+    """A live driving source gave no frame for the stall timeout."""
+    code = "source_stalled"
+
+
+@dataclass
+class StreamFrame:
+    """One output frame of `Animator.stream`."""
+    index: int
+    time: float  # seconds: the driving frame's timestamp
+    cropped: np.ndarray  # (size, size, 3) uint8 RGB, the generated crop
+    paste_back: PasteBack = field(repr=False)
+
+    @property
+    def full(self) -> np.ndarray:
+        """The crop pasted back onto the source image, computed at each access (on the caller's thread, so a
+        writer thread can do it while the next frames are made)."""
+        return self.paste_back(self.cropped)
+
+
+class _WatchedSource:
+    """The driving frames of a live source, read on the preprocessing thread: the time each was waited for
+    (a stall is seen from the caller's thread) and their timestamps until their output frame is made.
+    Items are RGB arrays or (array, seconds) pairs; bare arrays are timed at `fps`."""
+
+    def __init__(self, frames: Iterable, fps: float, limit: int):
+        self.frames, self.fps, self.limit = frames, fps, limit
+        self.waiting_since: float | None = None
+        self.times: deque[float] = deque()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        items = iter(self.frames)
+        for index in range(self.limit):
+            self.waiting_since = time.monotonic()
+            item = next(items, None)
+            self.waiting_since = None
+            if item is None:
+                return
+            frame, seconds = item if isinstance(item, tuple) else (item, index / self.fps)
+            self.times.append(float(seconds))
+            yield frame
+
+    def check(self, timeout: float) -> None:
+        since = self.waiting_since
+        if since is not None and time.monotonic() - since > timeout:
+            raise SourceStalledError(f"the driving source gave no frame for {timeout:g} s")
 
 
 @dataclass
@@ -294,12 +347,44 @@ class Animator:
                   "detectable face; they reuse the last good landmarks", file=sys.stderr)
         timings["preprocess"] = time.perf_counter() - tic
         tic = time.perf_counter()
-        generator = torch.Generator(self.device).manual_seed(config.seed)
-        cond = build_conditioning(self.models, config, ref_image=torch.from_numpy(source.ref_image),
-                                  dino_image=torch.from_numpy(source.dino_image),
-                                  id_embedding=torch.from_numpy(identity), motion=motion, generator=generator)
+        cond, generator = self._conditioning(source, identity, motion)
         timings["conditioning"] = time.perf_counter() - tic
         return Prepared(source, info, cond, generator, motion.shape[0], len(driving.missing_face_frames), timings)
+
+    def _source(self, image) -> tuple[SourceInputs, np.ndarray]:
+        """The source image's network inputs and identity embedding."""
+        source = preprocess_source(load_image(image), self.detector)
+        identity = self.arcface.embed(source.arcface_image) if self.arcface else zero_identity_embedding()
+        return source, identity
+
+    def _conditioning(self, source: SourceInputs, identity: np.ndarray, motion: torch.Tensor | None
+                      ) -> tuple[Conditioning, torch.Generator]:
+        generator = torch.Generator(self.device).manual_seed(self.config.seed)
+        cond = build_conditioning(self.models, self.config, ref_image=torch.from_numpy(source.ref_image),
+                                  dino_image=torch.from_numpy(source.dino_image),
+                                  id_embedding=torch.from_numpy(identity), motion=motion, generator=generator)
+        return cond, generator
+
+    def _streamed(self, source: SourceInputs, identity: np.ndarray, frames: Iterable, driving: DrivingPreprocessor,
+                  fps: float, stall_timeout: float) -> Iterator[StreamFrame]:
+        """Output frames made segment by segment from driving frames read as they are needed: preprocessing
+        runs a chunk ahead on a thread, motion tokens are made per chunk when a segment needs them, each
+        segment is decoded as soon as it is sampled (`sample_segments`, `decode_segments`)."""
+        config = self.config
+        cond, generator = self._conditioning(source, identity, None)
+        paste = PasteBack(source.original_image, source.crop_box)
+        watched = _WatchedSource(frames, fps, config.max_frames)
+        chunks = prefetched(driving.chunks(watched, chunk_frames=config.window), depth=2,
+                            check=lambda: watched.check(stall_timeout))
+        motion = (motion_tokens(self.models, torch.from_numpy(chunk.expression_images),
+                                torch.from_numpy(chunk.pose_images), chunk.head_bucket, chunk.exp_bucket)
+                  for chunk in chunks)
+        try:
+            segments = sample_segments(self.models, cond, config, generator, motion)
+            for index, crop in enumerate(decode_segments(self.models, segments, config)):
+                yield StreamFrame(index, watched.times.popleft(), crop, paste)
+        finally:
+            chunks.close()  # stops the preprocessing thread when the caller stops early
 
     def denoise_steps(self) -> int:
         """Denoising steps one window takes (the i2i start skips some)."""
@@ -332,18 +417,57 @@ class Animator:
         frames = self.decode(prepared, latents)
         return prefetched(busy.items("busy_decode", frames) if busy else frames, depth=2 * self.config.decode_chunk)
 
+    def _streamed_video(self, image, video, stall_timeout: float
+                        ) -> tuple[Iterator[StreamFrame], SourceInputs, LiveSource, DrivingPreprocessor]:
+        """`_streamed` over a video file, "-" or a URL (`open_live`)."""
+        source, identity = self._source(image)
+        driving, opened = DrivingPreprocessor(self.detector), open_live(video, self.config.max_frames)
+        made = self._streamed(source, identity, opened.frames, driving, float(opened.fps), stall_timeout)
+        return made, source, opened, driving
+
     # -- whole animations ----------------------------------------------------------------------------------
+
+    def stream(self, image, frames: Iterable, *, fps: float = 25.0,
+               stall_timeout: float = STALL_SECONDS) -> Iterator[StreamFrame]:
+        """Animate `image` with driving frames from any iterable (a file's frames, a pipe, a camera, a socket):
+        RGB uint8 (H, W, 3) arrays, or (array, seconds) pairs; bare arrays are timed at `fps`. Yields a
+        `StreamFrame` per driving frame (the crop, `.full` pasted back, the driving frame's time) as each
+        segment is decoded, keeping nothing per frame for the whole clip (with `segment` 0, the official
+        whole-clip schedule, frames come out only after the source ends).
+
+        The source is read a chunk ahead on a thread; when it ends (or its iterator raises) the output ends
+        after the frames made so far; when it gives no frame for `stall_timeout` seconds a
+        `SourceStalledError` (code source_stalled) is raised; when the caller stops iterating (or closes this
+        generator), reading stops. The Animator's lock is held until the generator ends or is closed.
+        """
+        with self._lock:
+            source, identity = self._source(image)
+            yield from self._streamed(source, identity, frames, DrivingPreprocessor(self.detector), fps,
+                                      stall_timeout)
 
     def frames(self, image, video) -> Iterator[np.ndarray]:
         """The generated (size, size, 3) uint8 RGB crops, streamed as they are decoded (for callers that
         encode themselves)."""
         with self._lock:
+            if self.config.segment:
+                made, *_ = self._streamed_video(image, video, STALL_SECONDS)
+                yield from (frame.cropped for frame in made)
+                return
             prepared = self.prepare(image, video)
             latents = self.sample(prepared)
             yield from self._decoded(prepared, latents)
 
-    def animate(self, image, video, out: str | Path) -> AnimateResult:
-        """Animate `image` with `video`; write cropped.mp4 and full_resolution.mp4 under a new folder of `out`."""
+    def animate(self, image, video, out: str | Path, *, stream: bool = False,
+                stall_timeout: float = STALL_SECONDS) -> AnimateResult:
+        """Animate `image` with `video`; write cropped.mp4 and full_resolution.mp4 under a new folder of `out`.
+
+        With a segmented schedule (`segment` > 0, the fast mode's default) the driving frames are read, and the
+        output written, segment by segment. stream: the outputs are fragmented MP4s written under their final
+        names as frames come (playable while written; a failed run leaves them with every frame made so far).
+        `video` may also be "-" (a container stream on stdin) or a URL (see `video.open_live`).
+        """
+        if self.config.segment or stream or video == STDIN or is_url(video):
+            return self._animate_segmented(image, video, out, stream, stall_timeout)
         with self._lock, _unwound_on_sigterm():
             start = time.perf_counter()
             prepared = self.prepare(image, video)
@@ -353,37 +477,66 @@ class Animator:
             result.timings["total"] = time.perf_counter() - start
         return result
 
+    def _animate_segmented(self, image, video, out, progressive: bool, stall_timeout: float) -> AnimateResult:
+        live = video == STDIN or is_url(video)
+        with self._lock, _unwound_on_sigterm():
+            start, busy = time.perf_counter(), BusyTimes()
+            made, source, opened, driving = self._streamed_video(image, video, stall_timeout)
+            # the seconds the writing waited for frames: sampling and decoding, preprocessing a chunk ahead
+            crops = busy.items("busy_sample_decode", (frame.cropped for frame in made))
+            paste_back = PasteBack(source.original_image, source.crop_box)
+            name = (f"{datetime.now():%Y%m%d_%H%M%S}_{_stem(image, 'image')}_"
+                    f"{'stream' if live else _stem(video, 'video')}")
+            folder = result_folder(Path(out), name)
+            tic = time.perf_counter()
+            written = self._write(folder, crops, paste_back, opened.fps, opened.audio_path, busy,
+                                  progressive=progressive, total=None)
+            # decode_encode is wall time; busy_* the seconds each of its threads worked
+            timings = dict(preprocess_source=tic - start, decode_encode=time.perf_counter() - tic, **busy.seconds)
+            timings["total"] = time.perf_counter() - start
+        return AnimateResult(folder / "cropped.mp4", folder / "full_resolution.mp4", written, opened.fps,
+                             len(driving.missing_face_frames), timings)
+
     def write(self, prepared: Prepared, latents: torch.Tensor, video: Path, folder: Path,
               on_frame: Callable[[], None] | None = None) -> AnimateResult:
         """Decode `latents` and write folder/cropped.mp4 and folder/full_resolution.mp4 (with the audio of the
         driving `video`). `on_frame()` is called after each frame is handed to the writers (an exception it
         raises stops the writing and removes the partial files)."""
+        tic, busy = time.perf_counter(), BusyTimes()
+        paste_back = PasteBack(prepared.source.original_image, prepared.source.crop_box)
+        self._write(folder, self._decoded(prepared, latents, busy), paste_back, prepared.video.fps, video, busy,
+                    progressive=False, total=prepared.num_frames, on_frame=on_frame)
+        # decode_encode is wall time; busy_* the seconds each of its threads worked
+        timings = dict(prepared.timings, decode_encode=time.perf_counter() - tic, **busy.seconds)
+        return AnimateResult(folder / "cropped.mp4", folder / "full_resolution.mp4", prepared.num_frames,
+                             prepared.video.fps, prepared.missing_face_frames, timings)
+
+    def _write(self, folder: Path, crops: Iterator[np.ndarray], paste_back: PasteBack, fps, audio, busy: BusyTimes,
+               *, progressive: bool, total: int | None, on_frame: Callable[[], None] | None = None) -> int:
+        """Both output videos from the generated crops: each pasted and encoded on its own thread (the encoder
+        releases the GIL). Returns the frames written; `busy` gets the seconds each thread worked."""
         from tqdm import tqdm
 
-        tic = time.perf_counter()
+        depth, written = 2 * self.config.decode_chunk, 0
         cropped, full = folder / "cropped.mp4", folder / "full_resolution.mp4"
-        paste_back = PasteBack(prepared.source.original_image, prepared.source.crop_box)
-        fps = prepared.video.fps
 
         def write_full(frame):
             full_out.write(paste_back(frame))
 
-        depth, busy = 2 * self.config.decode_chunk, BusyTimes()
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            # each video is pasted and encoded on its own thread (the encoder releases the GIL)
             preset = self.config.video_preset
-            with VideoWriter(cropped, fps, audio_from=video, preset=preset) as crop_out, \
-                    VideoWriter(full, fps, audio_from=video, preset=preset) as full_out, \
+            with VideoWriter(cropped, fps, audio_from=audio, preset=preset, progressive=progressive) as crop_out, \
+                    VideoWriter(full, fps, audio_from=audio, preset=preset, progressive=progressive) as full_out, \
                     consumed_in_background(busy.calls("busy_write_cropped", crop_out.write), depth,
                                            "hyportrait-crop-video") as to_crop, \
                     consumed_in_background(busy.calls("busy_write_full", write_full), depth,
                                            "hyportrait-full-video") as to_full, \
-                    tqdm(total=prepared.num_frames, desc="decode+encode", unit="frame",
-                         disable=not self.progress) as bar:
-                for frame in self._decoded(prepared, latents, busy):
+                    tqdm(total=total, desc="decode+encode", unit="frame", disable=not self.progress) as bar:
+                for frame in crops:
                     to_crop(frame)
                     to_full(frame)
+                    written += 1
                     bar.update(1)
                     if on_frame is not None:
                         on_frame()
@@ -393,6 +546,4 @@ class Animator:
             # the writers removed their partial files; leave no empty result folder behind either
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
-        # decode_encode is wall time; busy_* the seconds each of its threads worked
-        timings = dict(prepared.timings, decode_encode=time.perf_counter() - tic, **busy.seconds)
-        return AnimateResult(cropped, full, prepared.num_frames, fps, prepared.missing_face_frames, timings)
+        return written

@@ -10,12 +10,13 @@ with one, two or three guidance branches.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -38,7 +39,7 @@ from .sampling import (
     sample_lcm_windows,
     scale_input,
 )
-from .windows import pad_motion_tokens
+from .windows import pad_motion_tokens, padded_motion
 
 Precision = Literal["fp16", "fp32"]
 Sampler = Literal["euler", "lcm"]
@@ -46,7 +47,8 @@ DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 VAE_SCALE = 0.18215
 # fast mode also encodes faster: libx264 "medium" takes about 10.5 ms per 512 px frame for the two output videos
 # on the H100 host, "veryfast" 4.4-6.3 ms (benchmarks/RESULTS.md, session 4), at the same CRF (larger files)
-FAST_MODE = {"sampler": "lcm", "num_steps": 4, "guidance_branches": 1, "video_preset": "veryfast"}
+# and samples one window at a time (segments of one window: bounded memory, first frames out early)
+FAST_MODE = {"sampler": "lcm", "num_steps": 4, "guidance_branches": 1, "video_preset": "veryfast", "segment": WINDOW}
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 # The UNet batch of each guidance setting: branch 0 has no image latent, appearance or motion; branch 1 the
 # image latent and appearance; branch 2 everything.
@@ -92,6 +94,7 @@ class AnimateConfig:
     sampler: Sampler = "euler"  # "lcm": the few-step sampler of fast mode
     guidance_branches: int = 3  # 3: uncond/appearance/full (official); 2: motion guidance only; 1: none
     video_preset: str = "medium"  # libx264 preset of the output videos (official: its default, at CRF 17)
+    segment: int = 0  # frames sampled at once, context included (sample_segments); 0: the whole clip (official)
 
     def __post_init__(self):
         for option, low, high in _LIMITS:
@@ -119,6 +122,9 @@ class AnimateConfig:
         if self.video_preset not in X264_PRESETS:
             raise OptionError("video_preset", f"must be one of {', '.join(X264_PRESETS)}, "
                               f"got {self.video_preset!r}")
+        if self.segment and self.segment < self.window:
+            raise OptionError("segment", f"must be 0 (the whole clip) or at least the window ({self.window} frames), "
+                              f"got {self.segment}")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -138,7 +144,7 @@ class Conditioning:
     appearance: torch.Tensor  # (64, 1024) tokens
     image_latent: torch.Tensor  # (4, h, w) unscaled VAE mean
     ref_latent: torch.Tensor  # (4, h, w) scaled VAE mean (i2i init)
-    motion: torch.Tensor  # (T, 64, 1024) tokens, pad frames included
+    motion: torch.Tensor | None  # (T, 64, 1024) tokens, pad frames included; None: made per segment
     pose: torch.Tensor  # (320, h, w): the pose guider's output for the all-black pose image
     added_time_ids: torch.Tensor  # (3,)
     num_pad: int = 0
@@ -170,7 +176,8 @@ def vae_images(images: torch.Tensor, size: int, device) -> torch.Tensor:
 def build_conditioning(models: Models, config: AnimateConfig, *, ref_image: torch.Tensor,
                        dino_image: torch.Tensor, id_embedding: torch.Tensor, motion: torch.Tensor,
                        generator: torch.Generator) -> Conditioning:
-    """ref_image (3,H,W) in [-1,1]; motion (N,64,1024) fp32 from `motion_tokens`."""
+    """ref_image (3,H,W) in [-1,1]; motion (N,64,1024) fp32 from `motion_tokens`, or None when the clip is
+    sampled segment by segment (`sample_segments` takes the tokens as they are made)."""
     dtype, device = models.dtype, models.device
     ref = vae_images(ref_image[None], config.size, device)
     mean = models.vae_encoder(image=ref).float()
@@ -189,7 +196,7 @@ def build_conditioning(models: Models, config: AnimateConfig, *, ref_image: torc
         appearance=appearance[0].to(dtype),
         image_latent=image_latent[0].to(dtype),
         ref_latent=ref_latent[0].to(dtype),
-        motion=pad_motion_tokens(motion.to(device), config.pad_frames).to(dtype),
+        motion=None if motion is None else pad_motion_tokens(motion.to(device), config.pad_frames).to(dtype),
         pose=models.pose_map.to(device, dtype),
         added_time_ids=torch.tensor([config.fps_condition, config.motion_bucket_id, config.noise_aug_strength],
                                     dtype=dtype, device=device),
@@ -242,9 +249,11 @@ def sampler_sigmas(config: AnimateConfig, device) -> torch.Tensor:
 @torch.no_grad()
 def sample_latents(models: Models, cond: Conditioning, config: AnimateConfig, generator: torch.Generator,
                    callback: Callable[[int], None] | None = None,
-                   map_windows: WindowMap | None = None) -> torch.Tensor:
+                   map_windows: WindowMap | None = None, *, context: torch.Tensor | None = None,
+                   circular: bool = True) -> torch.Tensor:
     """Whole-clip latents (T, 4, h, w) after the configured sampler (`map_windows`: how each step's windows
-    are run, e.g. spread over GPUs by runtime/distributed.py)."""
+    are run, e.g. spread over GPUs by runtime/distributed.py). For one segment of a clip: `context` the
+    finished latents of its first frames (pinned at every step, `pin_context`), `circular=False`."""
     dtype, device = models.dtype, models.device
     sigmas = sampler_sigmas(config, device)
     num_frames = cond.motion.shape[0]
@@ -253,10 +262,57 @@ def sample_latents(models: Models, cond: Conditioning, config: AnimateConfig, ge
     x = cond.ref_latent[None] + noise * sigmas[0].to(dtype)
     denoise = guided_denoiser(models.unet, cond, sigmas, config)
     windows = {"window": config.window, "overlap": config.overlap, "shift_offset": config.shift_offset,
-               "callback": callback, "map_windows": map_windows}
+               "callback": callback, "map_windows": map_windows, "circular": circular,
+               "context": None if context is None else (context, noise[:context.shape[0]])}
     if config.sampler == "lcm":
         return sample_lcm_windows(denoise, x, sigmas, generator, **windows)
     return sample_euler_windows(denoise, x, sigmas, **windows)
+
+
+@torch.no_grad()
+def sample_segments(models: Models, cond: Conditioning, config: AnimateConfig, generator: torch.Generator,
+                    motion: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The clip's finished latents segment by segment: (latents (n, 4, h, w), real (n,) bool) of its next
+    frames, `real` False on the pad frames.
+
+    `motion` yields the driving frames' tokens chunk by chunk (`motion_tokens`); a chunk is pulled only when
+    the next segment needs it, so nothing per frame is kept beyond one segment and its context. Each segment
+    of `config.segment` frames is fully denoised before the next; its first `overlap` frames are the last
+    finished frames of the segment before, pinned at every step (`pin_context`), so the two join; windows stay
+    inside the segment (no wrap-around from the clip's end to its start). The clip's last segment, when
+    short, takes more context frames so that it still fills a window. With `segment` 0 the whole clip is one
+    segment with the official circular windows: the latents of `sample_latents`, bit for bit.
+    """
+    dtype, whole = models.dtype, config.segment == 0
+    blocks = padded_motion((tokens.to(models.device) for tokens in motion), config.pad_frames)
+    tokens = torch.empty(0, device=models.device, dtype=dtype)
+    real = torch.empty(0, dtype=torch.bool)
+    history: tuple[torch.Tensor, torch.Tensor] | None = None  # (latents, tokens) of the last finished frames
+    while True:
+        context = 0 if history is None else config.overlap
+        wanted = math.inf if whole else config.segment - context
+        token_blocks, real_blocks, held = [tokens], [real], len(tokens)
+        while held < wanted and (block := next(blocks, None)) is not None:
+            token_blocks.append(block[0].to(dtype))
+            real_blocks.append(torch.full((len(block[0]),), block[1]))
+            held += len(block[0])
+        tokens, real = torch.cat(token_blocks), torch.cat(real_blocks)  # once: the whole clip's may be large
+        if len(tokens) == 0:
+            return
+        new = min(len(tokens), wanted)
+        if history is not None:  # a short last segment reaches further back to fill a window
+            context = min(len(history[0]), max(context, config.window - new))
+        past = None if history is None else (history[0][len(history[0]) - context:],
+                                             history[1][len(history[1]) - context:])
+        segment_tokens = tokens[:new] if past is None else torch.cat([past[1], tokens[:new]])
+        latents = sample_latents(models, replace(cond, motion=segment_tokens), config, generator,
+                                 context=None if past is None else past[0],
+                                 circular=whole or len(segment_tokens) < config.window)[context:]
+        yield latents, real[:new]
+        keep = config.window - 1  # the longest context a short last segment can take
+        history = (latents[-keep:], tokens[:new][-keep:]) if history is None else (
+            torch.cat([history[0], latents])[-keep:], torch.cat([history[1], tokens[:new]])[-keep:])
+        tokens, real = tokens[new:], real[new:]
 
 
 @torch.no_grad()
@@ -293,13 +349,40 @@ def kept_frames(frames: np.ndarray, start: int, total: int, num_pad: int) -> Ite
             yield frame
 
 
+@torch.no_grad()
+def decode_segments(models: Models, segments: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    config: AnimateConfig) -> Iterator[np.ndarray]:
+    """Decoded (H, W, 3) uint8 RGB frames of the real frames of `segments` ((latents, real) in clip order).
+
+    The temporal decoder mixes the frames of a chunk, so chunk boundaries are part of the result (the
+    official 8): chunks are counted from the clip's first frame whatever the segments, a segment's last
+    frames waiting for the next segment to fill their chunk; chunks made only of pad frames are skipped.
+    """
+    chunk = config.decode_chunk
+    latents, real = None, None
+    for part, part_real in itertools.chain(segments, [(None, None)]):
+        if part is not None:
+            latents = part if latents is None else torch.cat([latents, part])
+            real = part_real if real is None else torch.cat([real, part_real])
+        if latents is None:
+            return
+        ready = len(latents) if part is None else len(latents) - len(latents) % chunk
+        for start in range(0, ready, chunk):
+            keep = real[start:start + chunk].numpy()
+            if keep.any():
+                yield from decoded_chunk(models, latents, start, start + chunk)[keep]
+        latents, real = latents[ready:], real[ready:]
+
+
 _END = object()
 
 
-def prefetched(items: Iterator, depth: int) -> Iterator:
+def prefetched(items: Iterator, depth: int, check: Callable[[], None] | None = None) -> Iterator:
     """`items` produced by a background thread, up to `depth` ahead: the GPU decodes the next chunk while the
     caller encodes the frames of this one. The producer's exceptions are raised in the caller; when the
-    caller stops early, the producer stops at its next item."""
+    caller stops early, the producer stops at its next item. `check` is called while the caller waits (a
+    tenth of a second apart) and may raise to stop waiting: a live source that stalled; the producer, blocked
+    in it, is then not waited for and ends when its read returns."""
     pending: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -325,7 +408,11 @@ def prefetched(items: Iterator, depth: int) -> Iterator:
     thread.start()
     try:
         while True:
-            item, error = pending.get()
+            try:
+                item, error = pending.get(timeout=None if check is None else 0.1)
+            except queue.Empty:
+                check()
+                continue
             if item is _END:
                 if error is not None:
                     raise error
@@ -333,7 +420,10 @@ def prefetched(items: Iterator, depth: int) -> Iterator:
             yield item
     finally:
         stop.set()
-        _join_through_interrupts(thread)
+        if check is None:
+            _join_through_interrupts(thread)
+        else:  # a producer blocked in a stalled source is not waited for (it ends when its read returns)
+            thread.join(timeout=1.0)
 
 
 @contextmanager

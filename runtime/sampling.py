@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .windows import window_indices
+from .windows import segment_window_indices, window_indices
 
 Denoiser = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 # How the windows of one step are run: (update of one window's frame index, the step's window indices, the
@@ -71,15 +71,18 @@ def i2i_start_index(num_steps: int, strength: float) -> int:
 
 
 def window_average(update: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, *,
-                   window: int, overlap: int, shift: int, map_windows: WindowMap | None = None) -> torch.Tensor:
+                   window: int, overlap: int, shift: int, map_windows: WindowMap | None = None,
+                   circular: bool = True) -> torch.Tensor:
     """`update(x_window, frame_index)` over the windows of one step, averaged per frame (uniform weights).
 
-    Windows start every `window - overlap` frames, moved back by `shift`, and wrap around the clip. The
-    updates are summed in window order whoever computed them (`map_windows`), so the sums round the same.
+    Windows start every `window - overlap` frames, moved back by `shift`, and wrap around the clip
+    (`circular`; else they stay inside it, `segment_window_indices`). The updates are summed in window order
+    whoever computed them (`map_windows`), so the sums round the same.
     """
     total = torch.zeros_like(x)
     count = torch.zeros((x.shape[0], 1, 1, 1), dtype=x.dtype, device=x.device)
-    indices = [torch.as_tensor(index, device=x.device) for index in window_indices(x.shape[0], window, overlap, shift)]
+    plan = window_indices if circular else segment_window_indices
+    indices = [torch.as_tensor(index, device=x.device) for index in plan(x.shape[0], window, overlap, shift)]
 
     def window_update(index: torch.Tensor) -> torch.Tensor:
         return update(x.index_select(0, index), index)
@@ -92,22 +95,38 @@ def window_average(update: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     return total / count
 
 
+def pin_context(x: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | None,
+                sigma: torch.Tensor) -> torch.Tensor:
+    """x with its first frames set to `context` = (finished latents, noise) re-noised to `sigma`: the seam of a
+    segmented schedule, where the previous segment's last frames guide this segment's first ones at every
+    step (they enter the same windows as the new frames). None leaves x as it is."""
+    if context is None:
+        return x
+    latents, noise = context
+    return torch.cat([latents + noise * sigma.to(x.dtype), x[latents.shape[0]:]])
+
+
 def sample_euler_windows(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, window: int = 25,
                          overlap: int = 3, shift_offset: int = 3,
                          callback: Callable[[int], None] | None = None,
-                         map_windows: WindowMap | None = None) -> torch.Tensor:
+                         map_windows: WindowMap | None = None,
+                         context: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         circular: bool = True) -> torch.Tensor:
     """Euler sampling of a whole clip with circular sliding windows (the reference sampler).
 
     x: (T, C, h, w) latents at sigmas[0]. `denoise(x_window, step, frame_index)` returns the guided
     v-prediction for the window's frames. Each step the windows' Euler updates are averaged per frame; the
-    windows move back by a shift that grows by `shift_offset` per step.
+    windows move back by a shift that grows by `shift_offset` per step. A segment of a longer clip passes
+    `context` (see `pin_context`) and `circular=False`.
     """
     shift = 0
     for step in range(len(sigmas) - 1):
         def update(xw: torch.Tensor, index: torch.Tensor, step: int = step) -> torch.Tensor:
             return euler_step(xw, denoise(xw, step, index), sigmas[step], sigmas[step + 1])
 
-        x = window_average(update, x, window=window, overlap=overlap, shift=shift, map_windows=map_windows)
+        x = pin_context(x, context, sigmas[step])
+        x = window_average(update, x, window=window, overlap=overlap, shift=shift, map_windows=map_windows,
+                           circular=circular)
         shift = (shift + shift_offset) % window
         if callback is not None:
             callback(step)
@@ -117,18 +136,23 @@ def sample_euler_windows(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
 def sample_lcm_windows(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, generator: torch.Generator, *,
                        window: int = 25, overlap: int = 3, shift_offset: int = 3,
                        callback: Callable[[int], None] | None = None,
-                       map_windows: WindowMap | None = None) -> torch.Tensor:
+                       map_windows: WindowMap | None = None,
+                       context: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       circular: bool = True) -> torch.Tensor:
     """LCM multistep sampling (k-diffusion's `sample_lcm`) of a whole clip with the same sliding windows.
 
     Each step jumps to the denoised estimate (the windows' estimates averaged per frame), then re-noises it
-    to the next sigma with fresh noise from `generator`; the last step returns the estimate.
+    to the next sigma with fresh noise from `generator`; the last step returns the estimate. `context` and
+    `circular` as in `sample_euler_windows`.
     """
     shift = 0
     for step in range(len(sigmas) - 1):
         def update(xw: torch.Tensor, index: torch.Tensor, step: int = step) -> torch.Tensor:
             return denoised_from_v(xw, denoise(xw, step, index), sigmas[step])
 
-        x = window_average(update, x, window=window, overlap=overlap, shift=shift, map_windows=map_windows)
+        x = pin_context(x, context, sigmas[step])
+        x = window_average(update, x, window=window, overlap=overlap, shift=shift, map_windows=map_windows,
+                           circular=circular)
         if sigmas[step + 1] > 0:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = x + noise * sigmas[step + 1].to(x.dtype)
@@ -152,6 +176,7 @@ __all__: Sequence[str] = [
     "guidance_ramp",
     "i2i_start_index",
     "karras_sigmas",
+    "pin_context",
     "sample_euler_windows",
     "sample_lcm_windows",
     "scale_input",

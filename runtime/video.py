@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import secrets
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -167,6 +168,71 @@ def _iter_rgb(container, stream, name, limit) -> Iterator[np.ndarray]:
         raise VideoError(f"{name} has a video stream but no decodable frames")
 
 
+STDIN = "-"
+
+
+def is_url(source) -> bool:
+    return isinstance(source, str) and "://" in source
+
+
+@dataclass(frozen=True)
+class LiveSource:
+    """Driving frames read as they arrive: `frames` yields (RGB uint8 (H, W, 3), seconds since the first
+    frame) pairs; `audio_path` is the file whose audio the outputs can carry (None for a pipe or a URL)."""
+    fps: Fraction
+    frames: Iterator[tuple[np.ndarray, float]]
+    audio_path: Path | str | bytes | None
+
+
+def open_live(source, limit: int | None = None) -> LiveSource:
+    """A driving video read frame by frame as it arrives: a file, "-" (a container stream on stdin) or any
+    URL FFmpeg opens (rtsp://, http://, udp://, ...).
+
+    A pipe must carry a container that plays without seeking: Matroska/WebM, MPEG-TS, NUT or fragmented
+    MP4 (e.g. `ffmpeg -i in.mp4 -f matroska -`); a plain MP4 needs its index, so it is refused as unreadable.
+    A source that fails after its first frame (a pipe cut mid-packet, a camera gone) ends the stream there
+    with a warning: what came before is used.
+    """
+    if source == STDIN or is_url(source):
+        name = "stdin" if source == STDIN else source
+        try:
+            container = av.open(sys.stdin.buffer if source == STDIN else source, "r")
+        except av.FFmpegError as e:
+            raise VideoError(f"cannot read {name}: not a video stream or it is damaged ({e})") from e
+        if not container.streams.video:
+            container.close()
+            raise VideoError(f"{name} has no video stream")
+        stream, audio = container.streams.video[0], None
+    else:
+        container, stream = _open_input(source)
+        name, audio = str(source), source if container.streams.audio else None
+    fps = stream.average_rate or stream.guessed_rate or stream.base_rate or Fraction(25)
+    return LiveSource(Fraction(fps), _timed_frames(container, stream, name, limit, Fraction(fps)), audio)
+
+
+def _timed_frames(container, stream, name, limit, fps) -> Iterator[tuple[np.ndarray, float]]:
+    count, origin = 0, None
+    with container:
+        frames = container.decode(stream)
+        while limit is None or count < limit:
+            try:
+                frame = next(frames, None)
+            except av.FFmpegError as e:
+                if count == 0:
+                    raise VideoError(f"cannot decode {name}: {e}") from e
+                print(f"hyportrait: {name} failed after {count} frames ({e}); ending the stream there",
+                      file=sys.stderr)
+                return
+            if frame is None:
+                break
+            seconds = frame.time if frame.time is not None else float(count / fps)
+            origin = seconds if origin is None else origin
+            yield frame.to_ndarray(format="rgb24"), seconds - origin
+            count += 1
+    if count == 0:
+        raise VideoError(f"{name} has a video stream but no decodable frames")
+
+
 def _pad_to_even(frame: np.ndarray) -> np.ndarray:
     """yuv420p needs even sizes: an odd width/height grows by one replicated edge column/row."""
     pad_h, pad_w = frame.shape[0] % 2, frame.shape[1] % 2
@@ -308,9 +374,14 @@ class VideoWriter:
     re-encoding when the container takes its codec (else re-encoded to AAC), and cut at the video's end
     (copied audio is cut at packet granularity, so it may overrun by under one audio frame, ~23 ms for
     AAC). A source without audio gives a silent video.
+
+    progressive: a fragmented MP4 written under its final name, playable while it is written (a fragment per
+    second: one keyframe a second, x264 without look-ahead); a block ending in an exception still finishes
+    it, so it holds every frame written (a file without frames is removed).
     """
 
-    def __init__(self, path, fps, audio_from=None, crf: int = 17, preset: str = "medium"):
+    def __init__(self, path, fps, audio_from=None, crf: int = 17, preset: str = "medium",
+                 progressive: bool = False):
         self.path = Path(path)
         # floats are turned into the closest fraction with a NTSC-sized denominator (29.97 -> 2997/100)
         self.fps = Fraction(fps).limit_denominator(1001) if isinstance(fps, float) else Fraction(fps)
@@ -319,6 +390,7 @@ class VideoWriter:
         self.audio_from = audio_from
         self.crf = crf
         self.preset = preset
+        self.progressive = progressive
         self.frames_written = 0
         self._container = None
         self._video = None
@@ -329,12 +401,14 @@ class VideoWriter:
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # a hidden sibling that keeps the target's extension, from which the container format is chosen
-        self._tmp = self.path.with_name(f".{self.path.stem}.{secrets.token_hex(4)}.partial{self.path.suffix}")
+        self._tmp = self.path if self.progressive else self.path.with_name(
+            f".{self.path.stem}.{secrets.token_hex(4)}.partial{self.path.suffix}")
         try:
             if self.audio_from is not None:
                 self._audio = _AudioCarry(self.audio_from)
             try:
-                self._container = av.open(str(self._tmp), "w")
+                self._container = av.open(str(self._tmp), "w", **({"format": "mp4", "options": {
+                    "movflags": "frag_keyframe+empty_moov+default_base_moof"}} if self.progressive else {}))
             except ValueError:
                 raise VideoError(f"cannot write {self.path}: no video format for '{self.path.suffix}'") from None
             except (OSError, av.FFmpegError) as e:
@@ -363,10 +437,11 @@ class VideoWriter:
             self._audio.feed_until(float(self.frames_written / self.fps))
 
     def _open_video_stream(self, width: int, height: int) -> None:
+        options = {"crf": str(self.crf), "preset": self.preset}
+        if self.progressive:  # each keyframe starts a fragment; no look-ahead holding frames back
+            options.update(tune="zerolatency", g=str(max(round(self.fps), 1)))
         try:
-            stream = self._container.add_stream(
-                "libx264", rate=self.fps, options={"crf": str(self.crf), "preset": self.preset}
-            )
+            stream = self._container.add_stream("libx264", rate=self.fps, options=options)
         except ValueError as e:  # the container cannot hold H.264 (.webm, ...)
             raise VideoError(f"cannot write {self.path}: {e}; use .mp4, .mov or .mkv") from e
         stream.width, stream.height = width, height
@@ -388,7 +463,8 @@ class VideoWriter:
             if self._audio is not None and self._audio.present:
                 self._audio.feed_until(float(self.frames_written / self.fps), final=True)
             self._close_handles()
-            os.replace(self._tmp, self.path)
+            if self._tmp != self.path:
+                os.replace(self._tmp, self.path)
             self._tmp = None
         except BaseException:
             self._abort()
@@ -415,7 +491,7 @@ class VideoWriter:
                 self._tmp = None
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        if exc_type is None or (self.progressive and self.frames_written):
             self.close()
         else:
             self._abort()

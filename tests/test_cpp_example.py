@@ -87,3 +87,14 @@ def test_a_hyportrait_error_is_exit_code_2(binary, tiny_export, tmp_path):
 def test_bad_command_line(binary):
     done = run([binary, "--models", "x", "--steps", "two"])
     assert done.returncode == 64 and "--steps takes a whole number" in done.stderr
+
+
+def test_the_streaming_variant_reads_each_frame_as_it_comes(binary, models, tmp_path):
+    env = dict(os.environ, HYPORTRAIT_PYTHON=sys.executable)
+    done = run([binary, "--models", models, "--image", SAMPLE_IMAGE, "--video", SAMPLE_VIDEO, "--out", tmp_path,
+                "--backend", "onnxruntime", "--device", "cpu", *CLIP, "--segment", "4", "--stream", "1"],
+               env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = re.search(r"^streamed: 4 frames of (\d+)x(\d+) to (.+) \(first after", done.stdout, re.MULTILINE)
+    width, height, path = int(found.group(1)), int(found.group(2)), Path(found.group(3))
+    assert path.stat().st_size == 4 * width * height * 3

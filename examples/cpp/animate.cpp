@@ -2,7 +2,11 @@
 // checks the result. Build with the Makefile next to this file; see README.md.
 //
 //   animate --models DIR --image IMG --video VID --out OUT [--backend onnxruntime] [--device cpu]
-//           [--max-frames N] [--steps N] [--overlap N]
+//           [--max-frames N] [--steps N] [--overlap N] [--segment N] [--stream 1]
+//
+// --stream 1: the streaming variant. Frames come from `Animator.stream` one by one as each segment is decoded
+// (a C++ application would hand them to its display or encoder); here each crop's pixels are read through the
+// buffer protocol and appended to OUT/stream.rgb (raw RGB24), with the latency of the first frame.
 //
 // Exit codes: 0 done and checked, 1 unexpected Python exception (traceback on stderr), 2 HyportraitError
 // (`error [code]: message` on stderr), 3 the result failed a check, 64 bad command line.
@@ -22,6 +26,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <string>
@@ -82,6 +87,39 @@ double as_double(PyObject* o) {
   return v;
 }
 
+// One StreamFrame's crop through the buffer protocol: an (H, W, 3) uint8 array, copied out row-major.
+struct Crop {
+  long index = 0, height = 0, width = 0;
+  double time = 0;
+  std::string pixels;
+};
+
+Crop read_frame(PyObject* frame) {
+  Crop c;
+  c.index = as_long(check(PyObject_GetAttrString(frame, "index")).get());
+  c.time = as_double(check(PyObject_GetAttrString(frame, "time")).get());
+  Ref array = check(PyObject_GetAttrString(frame, "cropped"));
+  Py_buffer view;
+  // strided: the decoder's arrays are views in (frame, channel, row, column) order, copied out row-major here
+  if (PyObject_GetBuffer(array.get(), &view, PyBUF_RECORDS_RO) < 0) throw PythonError{};
+  bool rgb = view.ndim == 3 && view.shape[2] == 3 && view.itemsize == 1;
+  if (rgb) {
+    c.height = view.shape[0];
+    c.width = view.shape[1];
+    c.pixels.resize(static_cast<size_t>(view.len));
+    if (PyBuffer_ToContiguous(c.pixels.data(), &view, view.len, 'C') < 0) {
+      PyBuffer_Release(&view);
+      throw PythonError{};
+    }
+  }
+  PyBuffer_Release(&view);
+  if (!rgb) {
+    PyErr_SetString(PyExc_TypeError, "StreamFrame.cropped is not an (H, W, 3) uint8 array");
+    throw PythonError{};
+  }
+  return c;
+}
+
 struct Options {
   std::map<std::string, std::string> values{{"backend", "onnxruntime"}, {"device", "cpu"}};
   const std::string& operator[](const char* name) const { return values.at(name); }
@@ -118,15 +156,52 @@ bool check_output(const char* what, const std::string& path) {
   return false;
 }
 
+using Clock = std::chrono::steady_clock;
+
+// The streaming variant: iterate `animator.stream(image, read_frames(video))`, writing raw RGB crops.
+int stream(PyObject* animator, const Options& opt) {
+  Ref video = check(PyImport_ImportModule("hyportrait.runtime.video"));
+  Ref frames = check(PyObject_CallMethod(video.get(), "read_frames", "s", opt["video"].c_str()));
+  auto tic = Clock::now();
+  Ref outputs = check(PyObject_CallMethod(animator, "stream", "sO", opt["image"].c_str(), frames.get()));
+  std::filesystem::create_directories(opt["out"]);
+  std::string path = opt["out"] + "/stream.rgb";
+  std::ofstream raw(path, std::ios::binary);
+  long count = 0, height = 0, width = 0;
+  double first = 0, last_time = -1;
+  bool ok = true;
+  while (Ref frame = Ref(PyIter_Next(outputs.get()))) {  // a new reference per frame, nullptr at the end
+    Crop c = read_frame(frame.get());
+    if (count == 0) {
+      first = std::chrono::duration<double>(Clock::now() - tic).count();
+      height = c.height;
+      width = c.width;
+    }
+    if (c.index != count || c.time < last_time || c.height != height || c.width != width) ok = false;
+    last_time = c.time;
+    raw.write(c.pixels.data(), static_cast<std::streamsize>(c.pixels.size()));
+    ++count;
+  }
+  if (PyErr_Occurred()) throw PythonError{};  // the iterator ended with an exception
+  raw.close();
+  std::cout << "streamed: " << count << " frames of " << width << "x" << height << " to " << path
+            << " (first after " << first << " s, last at t=" << last_time << " s)" << std::endl;
+  if (!ok || count == 0 || !raw) {
+    std::cerr << "check failed: frames out of order, of changing size, none, or not written\n";
+    return 3;
+  }
+  return 0;
+}
+
 int animate(const Options& opt) {
-  using clock = std::chrono::steady_clock;
+  using clock = Clock;
   Ref api = check(PyImport_ImportModule("hyportrait.runtime.api"));
   Ref animator_type = check(PyObject_GetAttrString(api.get(), "Animator"));
   Ref args = check(Py_BuildValue("(s)", opt["models"].c_str()));
   Ref kwargs = check(Py_BuildValue("{s:s,s:s}", "backend", opt["backend"].c_str(), "device",
                                    opt["device"].c_str()));
   const std::pair<const char*, const char*> numbers[] = {
-      {"max-frames", "max_frames"}, {"steps", "num_steps"}, {"overlap", "overlap"}};
+      {"max-frames", "max_frames"}, {"steps", "num_steps"}, {"overlap", "overlap"}, {"segment", "segment"}};
   for (auto [flag, keyword] : numbers) {
     if (!opt.has(flag)) continue;
     Ref number = check(PyLong_FromString(opt[flag].c_str(), nullptr, 10));
@@ -135,6 +210,7 @@ int animate(const Options& opt) {
   auto tic = clock::now();
   Ref animator = check(PyObject_Call(animator_type.get(), args.get(), kwargs.get()));  // load once...
   std::chrono::duration<double> load = clock::now() - tic;
+  if (opt.has("stream") && opt["stream"] != "0") return stream(animator.get(), opt);
   Ref result = check(PyObject_CallMethod(animator.get(), "animate", "sss", opt["image"].c_str(),
                                          opt["video"].c_str(), opt["out"].c_str()));  // ...animate many times
   Ref as_dict = check(PyObject_CallMethod(result.get(), "as_dict", nullptr));
@@ -224,7 +300,8 @@ void init_python(const char* argv0) {
 
 int usage(const char* message) {
   std::cerr << message << "\nusage: animate --models DIR --image IMG --video VID --out OUT"
-            << " [--backend onnxruntime] [--device cpu] [--max-frames N] [--steps N] [--overlap N]\n";
+            << " [--backend onnxruntime] [--device cpu] [--max-frames N] [--steps N] [--overlap N]"
+            << " [--segment N] [--stream 1]\n";
   return 64;
 }
 
@@ -232,13 +309,14 @@ int usage(const char* message) {
 
 int main(int argc, char** argv) {
   Options opt;
-  const std::string known = "|models|image|video|out|backend|device|max-frames|steps|overlap|";
+  const std::string known = "|models|image|video|out|backend|device|max-frames|steps|overlap|segment|stream|";
   for (int i = 1; i < argc; i += 2) {
     std::string flag = argv[i];
     if (flag.rfind("--", 0) != 0 || i + 1 >= argc) return usage(("bad or incomplete option " + flag).c_str());
     std::string name = flag.substr(2), value = argv[i + 1];
     if (known.find("|" + name + "|") == std::string::npos) return usage(("unknown option " + flag).c_str());
-    bool number = name == "max-frames" || name == "steps" || name == "overlap";
+    bool number = name == "max-frames" || name == "steps" || name == "overlap" || name == "segment" ||
+                  name == "stream";
     if (number && (value.empty() || value.find_first_not_of("0123456789") != std::string::npos))
       return usage((flag + " takes a whole number").c_str());
     opt.values[name] = value;

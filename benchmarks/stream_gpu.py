@@ -1,0 +1,329 @@
+"""Long videos and streaming (issue 15) on one GPU: memory against length for the segmented and the whole-clip
+schedules, first-frame latency, streaming against file fps, quality mode with segments, and the seam.
+
+    python -m hyportrait.benchmarks.stream_gpu --out DIR [--size official|tiny] [--weights DIR] [--lora FILE]
+
+Networks are random at the official size, fp16, torch backend with the engine rewrites, eager (compiling takes
+minutes per shape); `--weights` (and `--lora`, e.g. a trained LCM LoRA or the distillation's toy model) runs
+real ones instead, which makes the seam numbers meaningful. Driving input is the bundled sample (36 frames,
+24 fps) looped. Plan, sized for < 8 minutes on one H200 (about 6 estimated from the H100 stage times: network
+set-up 1 min, part 1 1.5 min, part 3 3 min, part 4 0.5 min):
+  1. fast mode (LCM 4 steps, one UNet batch, segments of 25 frames), 192 driving frames (8 s):
+     `Animator.stream` from frames in memory: latency of the first output frame after the first segment's
+     driving frames were handed over (one preprocessing chunk of 25), and steady-state fps (after the first
+     segment); then `Animator.animate` on a 192-frame file: streamed (fragmented MP4, --stream), the file path
+     with segments (the fast default) and the file path with the whole-clip schedule, end-to-end fps.
+  2. the seam, from 1: mean absolute frame-to-frame change across segment seams and inside segments, and the
+     difference (PSNR) from the whole-clip schedule's frames on the same input.
+  3. memory against length: peak GPU memory (allocated) and peak host RSS of the sampling loop, motion tokens
+     made per chunk from the looped, preprocessed sample, sampled and decoded, frames dropped, for both
+     schedules, 1 LCM step (a step holds the same tensors as every other, so the memory is that of 4 steps).
+     Official size at 10 and 40 s (10 minutes at full size would take the whole budget); the tiny networks on
+     the same GPU at 1, 3 and 10 minutes (the issue allows the tiny model for the longest lengths): GPU and
+     host numbers, plot of both against length: memory.png.
+  4. quality mode (3 guidance branches) at 4 steps instead of 25 (fps ratios do not depend on the step count),
+     66 driving frames: segments of 25 against the whole clip, fps of sampling and decoding.
+--size tiny dry-runs all of it on the tiny networks with short lengths (CPU, well under a minute).
+The report (DIR/stream.json: device, date, commit, command, every number) is written after every part; a table
+is printed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hyportrait.benchmarks.bench import report_header
+from hyportrait.networks.weights import random_networks
+from hyportrait.runtime.api import Animator
+from hyportrait.runtime.models import torch_models
+from hyportrait.runtime.pipeline import AnimateConfig, decode_segments, motion_tokens, sample_segments
+from hyportrait.runtime.preprocess import DrivingPreprocessor
+from hyportrait.runtime.video import VideoWriter, read_frames
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+ASSETS = Path(__file__).resolve().parents[1] / "hyportrait" / "assets"
+SAMPLE_IMAGE, SAMPLE_VIDEO = ASSETS / "sample_portrait.jpg", ASSETS / "sample_driving.mp4"
+FPS = 24  # the sample's rate: lengths in seconds are counted at it
+# per size: driving frames of parts 1-2, memory lengths in seconds (networks of --size at 1 step, then the tiny
+# networks with `tiny_config` at `tiny_steps`), quality mode's frames and steps
+PLANS = {
+    "official": {"frames": 192, "lengths": (10, 40), "tiny_lengths": (60, 180, 600), "tiny_steps": 1,
+                 "quality_frames": 66, "quality_steps": 4, "config": {},
+                 "tiny_config": {"size": 64}},  # window 25 and 15 pad frames as the official: the same plan
+    # the dry run's networks are the tiny ones already: no second memory series
+    "tiny": {"frames": 6, "lengths": (0.25, 0.5), "tiny_lengths": (), "tiny_steps": 1,
+             "quality_frames": 4, "quality_steps": 1,
+             "config": {"size": 64, "window": 4, "overlap": 1, "pad_frames": 1, "num_steps": 1, "decode_chunk": 3}},
+}
+PLANS["tiny"]["tiny_config"] = PLANS["tiny"]["config"]
+
+
+def synchronize():
+    if GPU:
+        torch.cuda.synchronize()
+
+
+def host_rss() -> int:
+    """Resident bytes of this process (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@contextmanager
+def peak_memory(result: dict):
+    """Peak GPU memory allocated and peak host RSS (sampled every 10 ms) while the block runs, into `result`."""
+    stop, peak = threading.Event(), [host_rss()]
+
+    def sample():
+        while not stop.wait(0.01):
+            peak[0] = max(peak[0], host_rss())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    if GPU:
+        torch.cuda.reset_peak_memory_stats()
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        synchronize()
+        result["host_peak_mib"] = max(peak[0], host_rss()) / 2**20
+        result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20 if GPU else 0.0
+
+
+def looped_frames(count: int):
+    """`count` driving frames: the sample looped, decoded once."""
+    sample = list(read_frames(SAMPLE_VIDEO))
+    return [sample[i % len(sample)] for i in range(count)]
+
+
+def write_driving_video(path: Path, count: int) -> Path:
+    with VideoWriter(path, FPS, preset="ultrafast") as out:
+        for frame in looped_frames(count):
+            out.write(frame)
+    return path
+
+
+def animators(a, size: str, plan: dict) -> tuple[Animator, Animator]:
+    """Fast and quality mode over the same networks, loaded once: random at `size`, or --weights (--lora)."""
+    config = plan["config"]
+    if a.weights:
+        fast = Animator(backend="torch", weights=a.weights, lora=a.lora, faithful=False, device=DEVICE,
+                        mode="fast", **config)
+    else:
+        models = torch_models(random_networks(size), device=DEVICE, dtype=torch.float16 if GPU else torch.float32,
+                              size=config.get("size", 512), faithful=False)
+        fast = Animator(models, mode="fast", **config)
+    return fast, Animator(fast.models, mode="quality", **{**config, "num_steps": plan["quality_steps"]})
+
+
+def stream_run(animator: Animator, frames: list) -> dict:
+    """`Animator.stream` over frames in memory: first-frame latency, steady fps, thumbnails of the output."""
+    handed = {}
+    window = animator.config.window
+
+    def source():
+        for index, frame in enumerate(frames):
+            if index == min(window, len(frames)) - 1:  # the first preprocessing chunk is complete
+                handed["first_chunk"] = time.perf_counter()
+            yield frame
+
+    times, thumbs = [], []
+    start = time.perf_counter()
+    for out in animator.stream(SAMPLE_IMAGE, source(), fps=FPS):
+        times.append(time.perf_counter())
+        thumbs.append(torch.nn.functional.avg_pool2d(torch.from_numpy(out.cropped).permute(2, 0, 1).float(),
+                                                     max(out.cropped.shape[0] // 64, 1)).numpy())
+    steady = times[window:]
+    return {"frames": len(times), "seconds": times[-1] - start,
+            "first_frame_after_call_s": times[0] - start,
+            "first_frame_after_first_chunk_s": times[0] - handed["first_chunk"],
+            "steady_fps": (len(steady) - 1) / (steady[-1] - steady[0]) if len(steady) > 1 else None,
+            "thumbs": np.stack(thumbs)}
+
+
+def seam_frames(config: AnimateConfig, frames: int) -> list[int]:
+    """Output frame indices that start a segment after the first (where a seam lies)."""
+    first_new = [config.segment]
+    while first_new[-1] < frames + config.pad_frames:
+        first_new.append(first_new[-1] + config.segment - config.overlap)
+    return [g - config.pad_frames for g in first_new if 0 < g - config.pad_frames < frames]
+
+
+def seam_report(config: AnimateConfig, segmented: np.ndarray, whole: np.ndarray) -> dict:
+    change = np.abs(np.diff(segmented, axis=0)).mean(axis=(1, 2, 3))  # change[i]: frame i -> i + 1
+    seams = [i - 1 for i in seam_frames(config, len(segmented))]
+    inside = np.delete(change, seams)
+    mse = float(((segmented - whole) ** 2).mean())
+    return {"seams": len(seams), "change_across_seams": float(change[seams].mean()) if seams else None,
+            "change_inside_segments": float(inside.mean()),
+            "ratio": float(change[seams].mean() / inside.mean()) if seams else None,
+            "psnr_vs_whole_clip_db": 10 * np.log10(255**2 / mse) if mse else float("inf")}
+
+
+def animate_fps(animator: Animator, video: Path, **kwargs) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        result = animator.animate(SAMPLE_IMAGE, video, out, **kwargs)
+    return {"frames": result.num_frames, "seconds": result.timings["total"],
+            "fps": result.num_frames / result.timings["total"]}
+
+
+def memory_run(animator: Animator, chunks: list, frames: int, segment: int, steps: int) -> dict:
+    """The sampling loop alone over `frames` driving frames (the preprocessed chunks looped): motion tokens
+    made per chunk, sampled, decoded and dropped; peak memory and time."""
+    config = replace(animator.config, segment=segment, num_steps=steps)
+    models = animator.models
+    source, identity = animator._source(SAMPLE_IMAGE)
+    cond, generator = animator._conditioning(source, identity, None)
+    window = config.window
+
+    def motion():
+        for index in range(0, frames, window):
+            chunk = chunks[(index // window) % len(chunks)]
+            n = min(window, frames - index)
+            yield motion_tokens(models, torch.from_numpy(chunk.expression_images[:n]),
+                                torch.from_numpy(chunk.pose_images[:n]), chunk.head_bucket, chunk.exp_bucket)
+
+    result = {"frames": frames, "segment": segment}
+    tic = time.perf_counter()
+    with peak_memory(result):
+        made = sum(1 for _ in decode_segments(models, sample_segments(models, cond, config, generator, motion()),
+                                              config))
+    result["seconds"] = time.perf_counter() - tic
+    assert made == frames, (made, frames)
+    return result
+
+
+def plot(memory: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if GPU else 1, figsize=(11 if GPU else 6, 4), squeeze=False)
+    keys = [("host_peak_mib", "host peak RSS (MiB)")] + ([("gpu_peak_mib", "GPU peak allocated (MiB)")] if GPU else [])
+    for ax, (key, label) in zip(axes[0], keys):
+        for name, runs in memory.items():
+            minutes = [r["frames"] / FPS / 60 for r in runs]
+            ax.plot(minutes, [r[key] for r in runs], marker="o", label=name)
+        ax.set_xlabel("driving video (minutes)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="stream_gpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--size", choices=list(PLANS), default="official",
+                   help="tiny: the small test networks and short lengths (a dry run, on the CPU without a GPU)")
+    p.add_argument("--weights", type=Path, help="a weights folder instead of random networks (torch backend)")
+    p.add_argument("--lora", type=Path, help="with --weights: a LoRA merged into the UNet (e.g. LCM)")
+    a = p.parse_args(argv)
+    if not GPU and a.size != "tiny":
+        p.error("no GPU: only --size tiny runs on the CPU")
+    a.out.mkdir(parents=True, exist_ok=True)
+    plan = PLANS[a.size]
+    report = {**report_header(), "command": " ".join(sys.argv), "size": a.size, "plan": plan}
+    tic = time.perf_counter()
+
+    def save():  # after every part, so that a run cut short keeps what it measured
+        report["seconds"] = time.perf_counter() - tic
+        (a.out / "stream.json").write_text(json.dumps(report, indent=2, default=float))
+
+    # 1-2: fast mode, latency, fps and the seam
+    fast, quality = animators(a, a.size, plan)
+    segment = fast.config.segment = fast.config.window  # fast mode's default: one window per segment
+    frames = looped_frames(plan["frames"])
+    if GPU:
+        stream_run(fast, frames[: fast.config.window])  # warm-up: first calls of every network
+    segmented = stream_run(fast, frames)
+    fast.config = replace(fast.config, segment=0)
+    whole = stream_run(fast, frames)
+    fast.config = replace(fast.config, segment=segment)
+    report["fast_stream"] = {"segmented": {k: v for k, v in segmented.items() if k != "thumbs"},
+                             "whole_clip": {k: v for k, v in whole.items() if k != "thumbs"}}
+    report["seam"] = seam_report(fast.config, segmented["thumbs"], whole["thumbs"])
+    with tempfile.TemporaryDirectory() as tmp:
+        video = write_driving_video(Path(tmp) / "driving.mp4", plan["frames"])
+        report["fast_animate"] = {"stream": animate_fps(fast, video, stream=True),
+                                  "file_segmented": animate_fps(fast, video)}
+        fast.config = replace(fast.config, segment=0)
+        report["fast_animate"]["file_whole_clip"] = animate_fps(fast, video)
+    save()
+
+    # 4: quality mode, segments against the whole clip
+    frames = looped_frames(plan["quality_frames"])
+    if GPU:
+        stream_run(quality, frames[: quality.config.window])  # warm-up
+    report["quality"] = {}
+    for name, frames_at_once in (("segmented", segment), ("whole_clip", 0)):
+        quality.config = replace(quality.config, segment=frames_at_once)
+        run = stream_run(quality, frames)
+        report["quality"][name] = {"frames": run["frames"], "seconds": run["seconds"],
+                                   "fps": run["frames"] / run["seconds"]}
+    save()
+
+    # 3: memory against length, at --size, then on the tiny networks
+    # the sample preprocessed once (one chunk in a dry run), its chunks looped
+    limit = fast.config.window if a.size == "tiny" else None
+    chunks = list(DrivingPreprocessor(fast.detector).chunks(read_frames(SAMPLE_VIDEO, limit), fast.config.window))
+    memory = report["memory"] = {}
+    for name, frames_at_once in (("segmented", segment), ("whole clip", 0)):
+        memory[f"{a.size}, {name}"] = [memory_run(fast, chunks, round(seconds * FPS), frames_at_once, 1)
+                                       for seconds in plan["lengths"]]
+    if a.size == "tiny":
+        tiny, tiny_chunks = fast, chunks
+    else:
+        del fast, quality
+        torch.cuda.empty_cache()
+        tiny = Animator(torch_models(random_networks("tiny"), device=DEVICE, dtype=torch.float16, size=64),
+                        mode="fast", **plan["tiny_config"])
+        tiny_chunks = list(DrivingPreprocessor(tiny.detector).chunks(read_frames(SAMPLE_VIDEO), tiny.config.window))
+    for name, frames_at_once in (("segmented", tiny.config.window), ("whole clip", 0)):
+        memory[f"tiny networks, {name}"] = [memory_run(tiny, tiny_chunks, round(seconds * FPS), frames_at_once,
+                                              plan["tiny_steps"]) for seconds in plan["tiny_lengths"]]
+        save()
+    plot(memory, a.out / "memory.png")
+    save()
+    print_table(report)
+    return report
+
+
+def print_table(report: dict) -> None:
+    s, w = report["fast_stream"]["segmented"], report["fast_stream"]["whole_clip"]
+    rows = [("first frame after first chunk (fast, segmented)", f"{s['first_frame_after_first_chunk_s']:.3f} s"),
+            ("first frame after call (fast, segmented / whole clip)",
+             f"{s['first_frame_after_call_s']:.2f} / {w['first_frame_after_call_s']:.2f} s"),
+            ("steady fps, stream() (segmented)", f"{s['steady_fps'] or 0:.2f}")]
+    rows += [(f"animate fps, {name}", f"{run['fps']:.2f}") for name, run in report["fast_animate"].items()]
+    seam = report["seam"]
+    rows.append(("seam: change across / inside segments", (f"{seam['change_across_seams'] or 0:.2f} / "
+                 f"{seam['change_inside_segments']:.2f} (x{seam['ratio'] or 0:.2f}), "
+                 f"{seam['psnr_vs_whole_clip_db']:.1f} dB vs whole clip")))
+    for name, runs in report["memory"].items():
+        rows.append((f"memory {name}", ", ".join(
+            f"{r['frames'] / FPS / 60:.2f} min: GPU {r['gpu_peak_mib']:.0f} host {r['host_peak_mib']:.0f} MiB"
+            for r in runs)))
+    rows += [(f"quality fps, {name}", f"{run['fps']:.2f}") for name, run in report["quality"].items()]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""Segmented sampling and streaming (issue 15) on tiny random networks: the window plan and the seam, the whole clip
+through the segment loop bit for bit, memory bounded by the segment, and the streaming API and CLI with sources
+that end, fail, stall, or a consumer that stops."""
+import gc
+import io
+import itertools
+import sys
+import threading
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hyportrait.cli import main as cli
+from hyportrait.networks.weights import random_networks
+from hyportrait.runtime.api import Animator, SourceStalledError
+from hyportrait.runtime.models import torch_models
+from hyportrait.runtime.pipeline import (
+    AnimateConfig,
+    build_conditioning,
+    decode_frames,
+    decode_segments,
+    sample_latents,
+    sample_segments,
+)
+from hyportrait.runtime.sampling import karras_sigmas, sample_euler_windows, sample_lcm_windows
+from hyportrait.runtime.video import VideoWriter, probe_video, read_frames
+from hyportrait.runtime.windows import pad_motion_tokens, padded_motion, segment_window_indices
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_IMAGE = ROOT / "hyportrait" / "assets" / "sample_portrait.jpg"
+SAMPLE_VIDEO = ROOT / "hyportrait" / "assets" / "sample_driving.mp4"
+# a 4-frame window with one frame of overlap: segments of 4 frames take 3 new ones each; one guidance branch (the
+# segment logic does not depend on it) keeps the UNet calls cheap
+TINY = {"size": 64, "window": 4, "overlap": 1, "num_steps": 1, "pad_frames": 1, "decode_chunk": 3,
+        "guidance_branches": 1}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return torch_models(random_networks("tiny"), device="cpu", dtype=torch.float32, size=64)
+
+
+@pytest.fixture(scope="module")
+def animator(models):
+    return Animator(models, segment=4, max_frames=7, **TINY)
+
+
+@pytest.fixture(scope="module")
+def sample_frames():
+    return list(read_frames(SAMPLE_VIDEO))
+
+
+def conditioning(models, config, motion):
+    generator = torch.Generator().manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(0)
+    cond = build_conditioning(models, config, ref_image=torch.rand(3, 64, 64, generator=gen) * 2 - 1,
+                              dino_image=torch.randn(3, 224, 224, generator=gen), id_embedding=torch.zeros(512),
+                              motion=motion, generator=generator)
+    return cond, generator
+
+
+def token_chunks(frames: int, chunk: int = 2, pulled: list | None = None):
+    gen = torch.Generator().manual_seed(1)
+    for start in range(0, frames, chunk):
+        if pulled is not None:
+            pulled.append(min(chunk, frames - start))
+        yield torch.randn(min(chunk, frames - start), 64, 1024, generator=gen)
+
+
+# -- the plan and the seam -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("length", [4, 5, 9, 25, 47, 50])
+def test_segment_windows_are_full_inside_the_segment_and_cover_it(length):
+    for shift in range(0, 25, 3):
+        window = 4 if length < 25 else 25
+        plan = segment_window_indices(length, window, 1 if window == 4 else 3, shift % window)
+        assert all(w == list(range(w[0], w[0] + window)) for w in plan)  # contiguous: no wrap-around
+        assert all(0 <= w[0] and w[-1] < length for w in plan)
+        assert set(itertools.chain(*plan)) == set(range(length))
+        assert len({w[0] for w in plan}) == len(plan)
+    # the windows move with the shift, as the whole clip's do
+    assert segment_window_indices(47, 25, 3, 0) == [list(range(25)), list(range(22, 47))]
+    assert [w[0] for w in segment_window_indices(47, 25, 3, 6)] == [0, 16, 22]
+    # shorter than a window: the circular plan is the only way to fill one
+    assert segment_window_indices(3, 4, 1) == [[0, 1, 2, 0]]
+
+
+def test_padded_motion_from_chunks_is_the_padded_clip():
+    tokens = torch.randn(7, 2, 3)
+    chunks = [tokens[:3], tokens[3:4], tokens[4:]]
+    blocks = list(padded_motion(chunks, 2))
+    assert torch.equal(torch.cat([b for b, _ in blocks]), pad_motion_tokens(tokens, 2))
+    assert [(len(b), real) for b, real in blocks] == [(2, False), (3, True), (1, True), (3, True), (2, False)]
+    assert list(padded_motion([], 2)) == []
+
+
+@pytest.mark.parametrize("sampler", ["euler", "lcm"])
+def test_the_context_frames_are_pinned_at_every_step_and_windows_never_wrap(sampler):
+    sigmas = karras_sigmas(3)
+    seen = []
+
+    def denoise(x, step, index):  # a smooth stand-in for the guided UNet: any v works for the sampler's logic
+        seen.append((step, index.tolist(), x.clone()))
+        return 0.5 * x + 0.01 * index[:, None, None, None]
+
+    context, noise = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
+    x = torch.randn(9, 4, 2, 2)
+    options = {"window": 4, "overlap": 1, "shift_offset": 1, "context": (context, noise), "circular": False}
+    if sampler == "lcm":
+        sample_lcm_windows(denoise, x, sigmas, torch.Generator().manual_seed(0), **options)
+    else:
+        sample_euler_windows(denoise, x, sigmas, **options)
+    for step, index, xw in seen:
+        assert index == list(range(index[0], index[0] + 4))
+        for position, frame in enumerate(index):
+            if frame < 2:
+                torch.testing.assert_close(xw[position], context[frame] + noise[frame] * sigmas[step])
+    assert {index[0] for _, index, _ in seen} >= {0, 5}
+
+
+# -- the segment loop ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler", ["euler", "lcm"])
+def test_segment_zero_is_the_whole_clip_bit_for_bit(models, sampler):
+    config = AnimateConfig(precision="fp32", device="cpu", sampler=sampler, **TINY)
+    motion = torch.cat(list(token_chunks(5)))
+    cond, generator = conditioning(models, config, motion)
+    whole = sample_latents(models, cond, config, generator)
+    expected = list(decode_frames(models, whole, config, cond.num_pad))
+    cond, generator = conditioning(models, config, None)
+    segments = list(sample_segments(models, cond, config, generator, token_chunks(5)))
+    assert len(segments) == 1 and torch.equal(segments[0][0], whole)
+    frames = list(decode_segments(models, segments, config))
+    assert len(frames) == 5 and all(np.array_equal(a, b) for a, b in zip(frames, expected))
+
+
+def test_segments_cover_the_clip_once_and_pull_motion_as_needed(models):
+    config = AnimateConfig(precision="fp32", device="cpu", segment=5, **TINY)
+    cond, generator = conditioning(models, config, None)
+    pulled = []
+    sizes, real = [], []
+    for latents, mask in sample_segments(models, cond, config, generator, token_chunks(9, 2, pulled)):
+        sizes.append(len(latents))
+        real += mask.tolist()
+        # at most the next segment's new frames and one chunk are read ahead of what was sampled
+        assert sum(pulled) + config.pad_frames <= sum(sizes) + (config.segment - config.overlap) + 2
+    # the first segment 5 frames, then 4 new ones after 1 of context; the last short one reaches back further
+    assert sizes == [5, 4, 2] and real == [False] + [True] * 9 + [False]
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of the CPU tensor storages that Python objects hold (views counted once)."""
+    storages = {}
+    for o in gc.get_objects():
+        if type(o) in (torch.Tensor, torch.nn.Parameter) and o.layout == torch.strided:
+            storage = o.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def test_memory_is_bounded_by_the_segment_not_the_clip(models):
+    """Tensor bytes alive at every segment: flat in the clip's length for segments, growing for the whole clip."""
+    def peak(frames: int, segment: int) -> int:
+        config = AnimateConfig(precision="fp32", device="cpu", segment=segment, **TINY)
+        cond, generator = conditioning(models, config, None)
+        base, high = live_tensor_bytes(), [0]
+
+        def measured(segments):
+            for part in segments:
+                yield part
+                high[0] = max(high[0], live_tensor_bytes() - base)  # the segment decoded, the next not begun
+
+        segments = sample_segments(models, cond, config, generator, token_chunks(frames, 3))
+        assert sum(1 for _ in decode_segments(models, measured(segments), config)) == frames
+        return high[0]
+
+    short, long = peak(9, 4), peak(18, 4)
+    assert long <= short * 1.05, (short, long)
+    # the whole clip holds every frame's motion tokens (256 KB each), and more
+    assert peak(18, 0) > 1.5 * peak(9, 0)
+
+
+# -- the streaming API -----------------------------------------------------------------------------------------
+
+def prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "hyportrait-prefetch"]
+
+
+def test_stream_yields_timed_pasted_frames_reading_the_source_as_needed(animator, sample_frames):
+    first_out = threading.Event()
+
+    def source():  # one chunk (4 frames), then nothing until the first output frame is out
+        for index, frame in enumerate(sample_frames):
+            if index == 4:
+                first_out.wait(20)
+            yield frame, 0.5 + index / 10
+
+    out = []
+    for frame in animator.stream(SAMPLE_IMAGE, source(), stall_timeout=10):
+        first_out.set()
+        out.append(frame)
+    with Image.open(SAMPLE_IMAGE) as image:
+        assert out[0].full.shape == (image.height, image.width, 3) and out[0].cropped.shape == (64, 64, 3)
+    assert [f.index for f in out] == list(range(7))  # max_frames 7
+    assert [f.time for f in out] == pytest.approx([0.5 + i / 10 for i in range(7)])
+    assert not prefetch_threads()
+
+
+def test_a_consumer_that_stops_stops_the_producer(animator, sample_frames):
+    pulled = []
+
+    def endless():
+        for frame in itertools.cycle(sample_frames):
+            pulled.append(1)
+            yield frame
+
+    stream = animator.stream(SAMPLE_IMAGE, endless())
+    next(stream)
+    stream.close()
+    assert not prefetch_threads()
+    count = len(pulled)
+    time.sleep(0.2)
+    assert len(pulled) == count <= 20
+    assert animator._lock.acquire(blocking=False)  # the Animator is free again
+    animator._lock.release()
+
+
+def test_a_stalled_source_raises_a_coded_error_and_its_thread_ends(animator, sample_frames):
+    resume = threading.Event()
+
+    def stalling():
+        yield from sample_frames[:2]
+        resume.wait(20)  # a camera that stops sending
+        yield from sample_frames[2:]
+
+    tic = time.perf_counter()
+    with pytest.raises(SourceStalledError, match="no frame for 0.3 s") as caught:
+        list(animator.stream(SAMPLE_IMAGE, stalling(), stall_timeout=0.3))
+    assert caught.value.code == "source_stalled" and time.perf_counter() - tic < 10
+    resume.set()  # the read returns: the thread sees it was stopped and ends
+    for thread in prefetch_threads():
+        thread.join(5)
+    assert not prefetch_threads()
+
+
+def test_a_source_that_fails_ends_the_stream_after_the_frames_made(animator, sample_frames):
+    def failing():
+        yield from sample_frames[:6]
+        raise ConnectionError("camera gone")
+
+    made = []
+    with pytest.raises(ConnectionError):
+        for frame in animator.stream(SAMPLE_IMAGE, failing()):
+            made.append(frame.index)
+    assert made == list(range(len(made))) and 0 < len(made) <= 6
+    assert not prefetch_threads()
+
+
+# -- the command -----------------------------------------------------------------------------------------------
+
+def test_progressive_writer_keeps_its_frames_when_the_block_fails(tmp_path, sample_frames):
+    path = tmp_path / "out.mp4"
+    with pytest.raises(RuntimeError), VideoWriter(path, 24, progressive=True) as out:
+        for frame in sample_frames[:5]:
+            out.write(frame)
+        raise RuntimeError("the source failed")
+    assert probe_video(path).num_frames == 5 and b"moof" in path.read_bytes()
+    with pytest.raises(RuntimeError), VideoWriter(tmp_path / "empty.mp4", 24, progressive=True):
+        raise RuntimeError("before any frame")
+    assert not (tmp_path / "empty.mp4").exists()
+
+
+def matroska(path, frames: int | None = None) -> bytes:
+    """The sample remuxed to Matroska (streamable from a pipe), cut after `frames` video packets mid-packet."""
+    buffer = io.BytesIO()
+    with av.open(str(path)) as src, av.open(buffer, "w", format="matroska") as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in src.streams if s.type in ("video", "audio")}
+        for packet in src.demux():
+            if packet.dts is not None and packet.stream.index in streams:
+                packet.stream = streams[packet.stream.index]
+                out.mux(packet)
+    data = buffer.getvalue()
+    return data if frames is None else data[: int(len(data) * frames / 36)]
+
+
+def outputs(folder: Path) -> list[Path]:
+    (result,) = folder.iterdir()
+    return [result / "cropped.mp4", result / "full_resolution.mp4"]
+
+
+CLI_TINY = ["--steps", "1", "--overlap", "1", "--decode-chunk", "3", "--quiet"]
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch):
+    # the command's random model at the tests' tiny size, through the Animator options the CLI does not set
+    original = Animator.__init__
+    monkeypatch.setattr(Animator, "__init__", lambda self, *a, **kw: original(
+        self, *a, **{**kw, "size": 64, "window": 4, "pad_frames": 1}))
+
+
+def test_cli_stream_writes_fragmented_mp4_with_audio(tmp_path, tiny_cli):
+    assert cli(["animate", "--image", str(SAMPLE_IMAGE), "--video", str(SAMPLE_VIDEO), "--out", str(tmp_path),
+                "--mode", "fast", "--segment", "4", "--stream", "--max-frames", "6", *CLI_TINY]) == 0
+    for path in outputs(tmp_path):
+        info = probe_video(path)
+        assert info.num_frames == 6 and info.has_audio and b"moof" in path.read_bytes()
+
+
+def test_cli_stream_from_a_pipe_cut_mid_stream_keeps_every_frame_made(tmp_path, tiny_cli, monkeypatch, capsys):
+    data = matroska(SAMPLE_VIDEO, frames=9)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    assert cli(["animate", "--image", str(SAMPLE_IMAGE), "--video", "-", "--out", str(tmp_path), "--stream",
+                "--mode", "fast", "--segment", "4", *CLI_TINY]) == 0
+    frames = [probe_video(path).num_frames for path in outputs(tmp_path)]
+    assert 0 < frames[0] == frames[1] < 36
+    assert len(list(read_frames(outputs(tmp_path)[0]))) == frames[0]  # every frame plays
+    assert outputs(tmp_path)[0].parent.name.endswith("_stream")
+
+
+def test_cli_segment_shorter_than_a_window_is_a_coded_error(tmp_path, capsys):
+    assert cli(["animate", "--image", str(SAMPLE_IMAGE), "--video", str(SAMPLE_VIDEO), "--out", str(tmp_path),
+                "--segment", "3", *CLI_TINY]) == 2
+    assert "error [bad_input]: invalid option: segment must be 0" in capsys.readouterr().err

@@ -1,0 +1,17 @@
+"""benchmarks/stream_gpu.py dry-runs on the CPU with the tiny networks (its GPU numbers are in RESULTS.md)."""
+import json
+
+from hyportrait.benchmarks import stream_gpu
+
+
+def test_the_stream_benchmark_runs_every_part(tmp_path):
+    stream_gpu.main(["--size", "tiny", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "stream.json").read_text())
+    segmented = report["fast_stream"]["segmented"]
+    assert segmented["frames"] == 6 and segmented["first_frame_after_first_chunk_s"] > 0
+    assert {run["frames"] for run in report["fast_animate"].values()} == {6}
+    assert report["seam"]["seams"] >= 1 and report["seam"]["change_inside_segments"] > 0
+    assert [len(runs) for runs in report["memory"].values()] == [2, 2, 0, 0]
+    assert all(run["host_peak_mib"] > 0 for runs in report["memory"].values() for run in runs)
+    assert {run["frames"] for run in report["quality"].values()} == {4}
+    assert (tmp_path / "memory.png").stat().st_size > 0
