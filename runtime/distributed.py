@@ -252,6 +252,7 @@ class ParallelAnimator(Animator):
             options["device"] = str(group.device)
         options["progress"] = options.get("progress", False) and group.is_root
         super().__init__(models, **options)
+        self.config = replace(self.config, segment=0)  # the ranks sample the whole clip in step (no segments)
         self.group, self.scheme = group, scheme
         if scheme == "guidance":
             branch_shares(len(GUIDANCE_BRANCHES[self.config.guidance_branches]), group.size)  # refuses early
