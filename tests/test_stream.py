@@ -306,7 +306,7 @@ def tiny_cli(monkeypatch):
 
 def test_cli_stream_writes_fragmented_mp4_with_audio(tmp_path, tiny_cli):
     assert cli(["animate", "--image", str(SAMPLE_IMAGE), "--video", str(SAMPLE_VIDEO), "--out", str(tmp_path),
-                "--mode", "fast", "--segment", "4", "--stream", "--max-frames", "6", *CLI_TINY]) == 0
+                "--mode", "fast", "--stream", "--max-frames", "6", *CLI_TINY]) == 0
     for path in outputs(tmp_path):
         info = probe_video(path)
         assert info.num_frames == 6 and info.has_audio and b"moof" in path.read_bytes()
@@ -316,7 +316,7 @@ def test_cli_stream_from_a_pipe_cut_mid_stream_keeps_every_frame_made(tmp_path, 
     data = matroska(SAMPLE_VIDEO, frames=9)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
     assert cli(["animate", "--image", str(SAMPLE_IMAGE), "--video", "-", "--out", str(tmp_path), "--stream",
-                "--mode", "fast", "--segment", "4", *CLI_TINY]) == 0
+                "--mode", "fast", *CLI_TINY]) == 0
     frames = [probe_video(path).num_frames for path in outputs(tmp_path)]
     assert 0 < frames[0] == frames[1] < 36
     assert len(list(read_frames(outputs(tmp_path)[0]))) == frames[0]  # every frame plays
