@@ -230,7 +230,10 @@ class Animator:
             raise InputError(f"unknown option(s) {', '.join(sorted(unknown))}")
         if precision is not None and precision not in DTYPES:
             raise OptionError("precision", f"must be fp16 or fp32, got {precision!r}")
-        make_config(options)  # every value is checked before any network loads (models may fix size and window)
+        # every value is checked before any network loads; the segment against the window only once the models,
+        # which may fix the window, are known
+        make_config({k: v for k, v in options.items() if k != "segment"})
+        AnimateConfig(window=1, overlap=0, segment=options.get("segment", 0))  # its own range
         if isinstance(models, Models):  # networks the caller built (e.g. custom sessions, benchmarks)
             backend, device = models.backend, str(models.device)
         self.device = resolve_device(device, backend)

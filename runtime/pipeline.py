@@ -63,7 +63,7 @@ _LIMITS = (
     ("window", 1, 1000), ("overlap", 0, 999), ("shift_offset", 0, 1000), ("pad_frames", 0, 1000),
     ("decode_chunk", 1, 1000), ("fps_condition", 0.0, 1000.0), ("motion_bucket_id", 0.0, 1000.0),
     ("noise_aug_strength", 0.0, 10.0), ("i2i_strength", 0.001, 1.0), ("sigma_min", 1e-6, 1e6),
-    ("sigma_max", 1e-6, 1e6), ("size", 64, 4096), ("max_frames", 1, 10_000_000),
+    ("sigma_max", 1e-6, 1e6), ("size", 64, 4096), ("max_frames", 1, 10_000_000), ("segment", 0, 10_000_000),
 )
 
 

@@ -89,9 +89,9 @@ def test_bad_command_line(binary):
     assert done.returncode == 64 and "--steps takes a whole number" in done.stderr
 
 
-def test_the_streaming_variant_reads_each_frame_as_it_comes(binary, models, tmp_path):
+def test_the_streaming_variant_reads_each_frame_as_it_comes(binary, tiny_export, tmp_path):
     env = dict(os.environ, HYPORTRAIT_PYTHON=sys.executable)
-    done = run([binary, "--models", models, "--image", SAMPLE_IMAGE, "--video", SAMPLE_VIDEO, "--out", tmp_path,
+    done = run([binary, "--models", tiny_export, "--image", SAMPLE_IMAGE, "--video", SAMPLE_VIDEO, "--out", tmp_path,
                 "--backend", "onnxruntime", "--device", "cpu", *CLIP, "--segment", "4", "--stream", "1"],
                env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
