@@ -48,9 +48,10 @@ from hyportrait.engines.quantize import (
 from hyportrait.engines.tensorrt_module import TensorRTMissingError, import_tensorrt
 from hyportrait.export.export_all import network_specs
 from hyportrait.export.export_face_detector import mtcnn_specs
-from hyportrait.export.export_unet import LATENT_SIZE, unet_spec
+from hyportrait.export.export_unet import unet_spec
 from hyportrait.export.manifest import MANIFEST_FILE, Manifest, read_manifest, write_manifest
 from hyportrait.export.onnx_io import export_onnx
+from hyportrait.networks.contract import LATENT_SIZE
 from hyportrait.networks.weights import random_networks
 
 SMALL_FIRST = ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "pose_guider", "vae_encoder", "vae_decoder", "motion",

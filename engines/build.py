@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hyportrait.errors import HyportraitError, InputError
+from hyportrait.errors import EngineBuildError, HyportraitError, InputError
 from hyportrait.export.manifest import read_manifest
 from hyportrait.export.onnx_io import atomic_path, ensure_writable
 
@@ -43,15 +43,6 @@ from .tensorrt_module import TensorRT, current_gpu, import_tensorrt
 PRECISIONS = ("fp16", "fp32", "int8", "fp8")
 QUANTIZED_MODELS = ("unet",)  # the one model whose compute int8/fp8 pays for
 TIMING_CACHE_FILE = "timing.cache"
-
-
-class EngineBuildError(HyportraitError):
-    code = "build_failed"
-
-    def __init__(self, message: str, errors: Sequence[str] = (), stage: str = "build"):
-        super().__init__(message)
-        self.errors = list(errors)  # the parser's and TensorRT's own error messages
-        self.stage = stage  # "parse", "configure" or "build"
 
 
 @dataclass(frozen=True)

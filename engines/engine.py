@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hyportrait.errors import EngineMismatchError, HyportraitError, InputError
+from hyportrait.errors import EngineMismatchError, EngineRunError, InputError
 
 from .engine_manifest import check_engine, engine_path, read_engine_manifest
 from .tensorrt_module import TensorRT, current_gpu, import_tensorrt
@@ -25,10 +25,6 @@ from .tensorrt_module import TensorRT, current_gpu, import_tensorrt
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
                  "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8,
                  "FP8": torch.float8_e4m3fn}
-
-
-class EngineRunError(HyportraitError):
-    code = "engine_failed"
 
 
 def shape_key(inputs: dict[str, torch.Tensor]) -> tuple:

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hyportrait.errors import HyportraitError, InputError
+from hyportrait.errors import ExportError, InputError
+from hyportrait.networks.contract import ModelContract
 
 # 18: the newest opset the TorchScript exporter supports fully; TensorRT 8.6+ and onnxruntime 1.14+ read it.
 OPSET = 18
@@ -37,10 +38,6 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # a margin for the graph itself
 FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 1e-2
 _NORMS = (nn.GroupNorm, nn.LayerNorm)
-
-
-class ExportError(HyportraitError):
-    code = "export_failed"
 
 
 @dataclass
@@ -54,6 +51,15 @@ class ExportSpec:
     extra_inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)  # more sets to validate on
     fp32_inputs: tuple[str, ...] = ()  # floating inputs that stay fp32 in an fp16 export (e.g. the timestep)
     allow_fp16: bool = True  # False: the reference runs it in fp32, so an fp16 export keeps it fp32
+
+    @classmethod
+    def of(cls, contract: ModelContract, module: nn.Module, inputs: dict[str, torch.Tensor], **rest) -> ExportSpec:
+        """The spec of a contract's model: output names, dynamic axes and dtypes from the contract."""
+        if tuple(inputs) != contract.input_names:
+            raise ValueError(f"{contract.name}: example inputs {list(inputs)}, the contract's "
+                             f"{list(contract.input_names)}")
+        return cls(contract.name, module, inputs, list(contract.output_names), contract.dynamic_axes,
+                   fp32_inputs=contract.fp32_inputs, allow_fp16=contract.allow_fp16, **rest)
 
 
 @dataclass

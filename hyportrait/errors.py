@@ -32,3 +32,44 @@ class EngineMismatchError(HyportraitError):
     """A TensorRT engine that cannot serve this GPU, TensorRT install or input shapes; the message says what
     differs and the `hyportrait build` command that rebuilds it."""
     code = "engine_mismatch"
+
+
+class ExportError(HyportraitError):
+    """A model that would not export, or whose export differs from its PyTorch module."""
+    code = "export_failed"
+
+
+class ProfileError(HyportraitError):
+    """An export whose shapes cannot serve an engine profile."""
+    code = "bad_profile"
+
+
+class EngineBuildError(HyportraitError):
+    code = "build_failed"
+
+    def __init__(self, message: str, errors=(), stage: str = "build"):
+        super().__init__(message)
+        self.errors = list(errors)  # the parser's and TensorRT's own error messages
+        self.stage = stage  # "parse", "configure" or "build"
+
+
+class EngineRunError(HyportraitError):
+    code = "engine_failed"
+
+
+class TensorRTMissingError(HyportraitError):
+    code = "tensorrt_missing"
+
+
+class BackendError(HyportraitError):
+    """A backend this machine cannot run: no GPU for a GPU backend, no CUDA provider, a model it cannot load."""
+    code = "backend_unavailable"
+
+
+class OutOfMemoryError(HyportraitError):
+    code = "out_of_memory"
+
+
+class VerifyError(HyportraitError):
+    """Engines whose outputs differ from onnxruntime's beyond the tolerance (`hyportrait verify`)."""
+    code = "verify_failed"

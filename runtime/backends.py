@@ -24,18 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from hyportrait.errors import HyportraitError, InputError
+from hyportrait.errors import BackendError, InputError, OutOfMemoryError
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 MODEL_NAMES = ("appearance", "motion", "vae_encoder", "vae_decoder", "unet")
-
-
-class BackendError(HyportraitError):
-    code = "backend_unavailable"
-
-
-class OutOfMemoryError(HyportraitError):
-    code = "out_of_memory"
 
 
 class Session(Protocol):

@@ -29,7 +29,6 @@ from hyportrait.engines.engine_manifest import (
     write_engine_manifest,
 )
 from hyportrait.engines.profiles import (
-    MAX_DETECTOR_IMAGE_SIDE,
     ProfileError,
     ShapeRange,
     manifest_profiles,
@@ -41,6 +40,7 @@ from hyportrait.engines.tensorrt_module import TensorRT, TensorRTMissingError, i
 from hyportrait.errors import EngineMismatchError, InputError
 from hyportrait.export.export_all import export_all
 from hyportrait.export.manifest import read_manifest
+from hyportrait.networks.contract import DETECTOR
 
 H100 = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 
@@ -85,7 +85,8 @@ def test_quality_profile_of_every_exported_model(manifest):
     pnet = profiles["mtcnn_pnet"]["image"]
     # the detector's pyramid: 12-pixel cells up to its first scale 12/20 of the largest image side
     assert pnet.min == (1, 3, 12, 12) and pnet.opt == (1, 3, 307, 307)
-    assert pnet.max == (1, 3, int(MAX_DETECTOR_IMAGE_SIDE * 0.6), int(MAX_DETECTOR_IMAGE_SIDE * 0.6))
+    side = int(DETECTOR.max_image_side * 0.6)
+    assert pnet.max == (1, 3, side, side)
     assert profiles["mtcnn_onet"]["patches"].min == (1, 3, 48, 48)
 
 
