@@ -22,6 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+
 CROP_SIZE = 512  # source and driving crops, and the generated crop (the official `image_size`)
 MOTION_SIZE = 256  # driving crops are resized to 256x256 for both motion encoders
 DINO_SIZE = 224  # the appearance encoder's input
@@ -32,6 +35,43 @@ TOKENS = 64  # appearance and motion tokens per frame
 DECODE_CHUNK = 8  # frames per VAE decoder call (the official decode chunk; the exported example's size)
 # latent size of the 512x512 crops; the tiny UNet's smallest (three downsamplings)
 LATENT_SIZE = {"official": 64, "tiny": 8}
+
+
+@dataclass(frozen=True)
+class DType:
+    """One element type under each library's name: the one table the exporters, backends and engines use."""
+    name: str  # numpy's and the export manifest's ("float32")
+    torch: torch.dtype
+    onnxruntime: str  # onnxruntime's type string
+    tensorrt: str  # the TensorRT DataType member
+
+
+DTYPES = tuple(DType(*row) for row in (
+    ("float32", torch.float32, "tensor(float)", "FLOAT"),
+    ("float16", torch.float16, "tensor(float16)", "HALF"),
+    ("bfloat16", torch.bfloat16, "tensor(bfloat16)", "BF16"),
+    ("float64", torch.float64, "tensor(double)", "DOUBLE"),
+    ("int8", torch.int8, "tensor(int8)", "INT8"),
+    ("int32", torch.int32, "tensor(int32)", "INT32"),
+    ("int64", torch.int64, "tensor(int64)", "INT64"),
+    ("uint8", torch.uint8, "tensor(uint8)", "UINT8"),
+    ("bool", torch.bool, "tensor(bool)", "BOOL"),
+    ("float8_e4m3fn", torch.float8_e4m3fn, "tensor(float8e4m3fn)", "FP8"),
+))
+PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}  # the precision options' compute dtypes
+
+
+def dtype(**key) -> DType:
+    """The row whose field `key` names has the value given, e.g. dtype(onnxruntime="tensor(float)")."""
+    (field, value), = key.items()
+    for row in DTYPES:
+        if getattr(row, field) == value:
+            return row
+    raise KeyError(f"no dtype with {field} {value!r}")
+
+
+def numpy_dtype(torch_dtype: torch.dtype) -> np.dtype:
+    return np.dtype(dtype(torch=torch_dtype).name)
 
 
 @dataclass(frozen=True)

@@ -38,12 +38,12 @@ from PIL import Image, UnidentifiedImageError
 
 from hyportrait.errors import InputError
 from hyportrait.networks.arcface import load_arcface, zero_identity_embedding
+from hyportrait.networks.contract import PRECISIONS
 from hyportrait.networks.face_detector import load_face_detector
 
 from .backends import Models, resolve_device
 from .paste_back import PasteBack
 from .pipeline import (
-    DTYPES,
     FAST_MODE,
     AnimateConfig,
     BusyTimes,
@@ -174,7 +174,7 @@ class Animator:
         self.progress = progress
         self._lock = threading.Lock()
         precision = precision or ("fp16" if self.device.type == "cuda" else "fp32")  # fp16 is slow on CPUs
-        if precision not in DTYPES:
+        if precision not in PRECISIONS:
             raise InputError(f"unknown precision {precision!r}: choose fp16 or fp32")
         settings = dict(FAST_MODE) if mode == "fast" else {}
         if backend == "torch" and not isinstance(models, Models):

@@ -20,14 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
+from hyportrait.cuda_graphs import CudaGraphs
 from hyportrait.errors import BackendError, InputError, OutOfMemoryError
+from hyportrait.networks.contract import LOOP_MODELS, dtype, numpy_dtype
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-MODEL_NAMES = ("appearance", "motion", "vae_encoder", "vae_decoder", "unet")
+MODEL_NAMES = LOOP_MODELS
 
 
 class Session(Protocol):
@@ -62,9 +63,8 @@ def out_of_memory(what: str, exc: BaseException) -> OutOfMemoryError:
 class TorchSession:
     """A PyTorch module called with the loop's named inputs, cast to the dtypes it computes in.
 
-    cuda_graph: capture one CUDA graph per input-shape key after a warm-up call and replay it (inputs are
-    copied into the graph's static buffers; the output is cloned out of it). Only for modules whose
-    computation depends on input shapes alone.
+    cuda_graph: capture one CUDA graph per input-shape key and replay it (`hyportrait.cuda_graphs`). Only
+    for modules whose computation depends on input shapes alone.
     """
 
     def __init__(self, name: str, module: nn.Module, dtypes: dict[str, torch.dtype], *, cuda_graph: bool = False):
@@ -72,7 +72,7 @@ class TorchSession:
         self.module = module
         self.dtypes = dtypes
         self.cuda_graph = cuda_graph
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+        self._graphs = CudaGraphs(lambda inputs: self.module(**inputs)) if cuda_graph else None
 
     def _cast(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.dtypes[k]) if k in self.dtypes else v for k, v in inputs.items()}
@@ -81,41 +81,15 @@ class TorchSession:
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         inputs = self._cast(inputs)
         try:
-            if not self.cuda_graph:
-                return self.module(**inputs)
-            return self._replay(inputs)
+            return self._graphs(inputs) if self._graphs else self.module(**inputs)
         except torch.cuda.OutOfMemoryError as exc:
             raise out_of_memory(self.name, exc) from None
-
-    def _replay(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        key = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
-        if key not in self._graphs:
-            static = {k: v.clone() for k, v in inputs.items()}
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up outside the capture (cuDNN/cuBLAS pick their kernels)
-                self.module(**static)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            # thread-local (as inductor's CUDA graphs): NCCL's watchdog thread may query its events during a
-            # capture when several GPUs work on one video (runtime/distributed.py)
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                output = self.module(**static)
-            self._graphs[key] = (graph, static, output)
-        graph, static, output = self._graphs[key]
-        for k, v in inputs.items():
-            static[k].copy_(v)
-        graph.replay()
-        return output.clone()
 
 
 # --- onnxruntime --------------------------------------------------------------------------------------------
 
-_ORT_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int32)": torch.int32,
-                 "tensor(int64)": torch.int64, "tensor(double)": torch.float64, "tensor(uint8)": torch.uint8,
-                 "tensor(bool)": torch.bool}
-_TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32,
-                   torch.int64: np.int64, torch.float64: np.float64, torch.uint8: np.uint8, torch.bool: np.bool_}
+def _torch_dtype(onnxruntime_type: str) -> torch.dtype:
+    return dtype(onnxruntime=onnxruntime_type).torch
 
 
 def _is_out_of_memory(exc: Exception) -> bool:
@@ -167,7 +141,7 @@ class OnnxRuntimeSession:
             if _is_out_of_memory(exc):
                 raise out_of_memory(f"loading {path.name}", exc) from None
             raise BackendError(f"onnxruntime cannot load {path}: {str(exc)[:500]}") from None
-        self.input_dtypes = {i.name: _ORT_TO_TORCH[i.type] for i in self.session.get_inputs()}
+        self.input_dtypes = {i.name: _torch_dtype(i.type) for i in self.session.get_inputs()}
         self.output = self.session.get_outputs()[0]
         self._shapes: dict[tuple, tuple[int, ...]] = {}
         self._graphs: dict[tuple, tuple] = {}
@@ -189,11 +163,11 @@ class OnnxRuntimeSession:
         binding = self.session.io_binding()
         index = self.device.index or 0
         for k, v in inputs.items():
-            binding.bind_input(k, "cuda", index, _TORCH_TO_NUMPY[v.dtype], list(v.shape), v.data_ptr())
+            binding.bind_input(k, "cuda", index, numpy_dtype(v.dtype), list(v.shape), v.data_ptr())
         if out is None:
             binding.bind_output(self.output.name, "cuda", index)
         else:
-            binding.bind_output(self.output.name, "cuda", index, _TORCH_TO_NUMPY[out.dtype], list(out.shape),
+            binding.bind_output(self.output.name, "cuda", index, numpy_dtype(out.dtype), list(out.shape),
                                 out.data_ptr())
         return binding
 
@@ -209,7 +183,7 @@ class OnnxRuntimeSession:
         return torch.from_numpy(value.numpy()).to(self.device)
 
     def _empty_output(self, key: tuple) -> torch.Tensor:
-        return torch.empty(self._shapes[key], dtype=_ORT_TO_TORCH[self.output.type], device=self.device)
+        return torch.empty(self._shapes[key], dtype=_torch_dtype(self.output.type), device=self.device)
 
     def _run_bound(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         key = tuple((k, tuple(v.shape)) for k, v in inputs.items())

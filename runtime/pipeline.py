@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from hyportrait.networks.contract import CROP_SIZE, WINDOW
+from hyportrait.networks.contract import CROP_SIZE, PRECISIONS, WINDOW
 
 from .backends import Models
 from .sampling import (
@@ -39,7 +39,6 @@ from .windows import pad_motion_tokens
 
 Precision = Literal["fp16", "fp32"]
 Sampler = Literal["euler", "lcm"]
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 VAE_SCALE = 0.18215
 # fast mode also encodes faster: libx264 "medium" takes about 10.5 ms per 512 px frame for the two output videos
 # on the H100 host, "veryfast" 4.4-6.3 ms (benchmarks/RESULTS.md, session 4), at the same CRF (larger files)
@@ -79,8 +78,8 @@ class AnimateConfig:
     video_preset: str = "medium"  # libx264 preset of the output videos (official: its default, at CRF 17)
 
     def __post_init__(self):
-        if self.precision not in DTYPES:
-            raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if not 1 <= self.decode_chunk:
@@ -100,7 +99,7 @@ class AnimateConfig:
 
     @property
     def dtype(self) -> torch.dtype:
-        return DTYPES[self.precision]
+        return PRECISIONS[self.precision]
 
 
     @classmethod

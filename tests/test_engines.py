@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from hyportrait.cli import main
+from hyportrait.cuda_graphs import shape_key
 from hyportrait.engines import build as build_module
 from hyportrait.engines import engine as engine_module
 from hyportrait.engines.build import BuildRequest, build_all, build_command
-from hyportrait.engines.engine import TensorRTEngine, load_engines, shape_key
+from hyportrait.engines.engine import TensorRTEngine, load_engines
 from hyportrait.engines.engine_manifest import (
     BuildFlags,
     EngineManifest,
@@ -253,10 +254,11 @@ def test_tensorrt_engine_checks_before_deserializing(tmp_path, monkeypatch):
         load_engines(tmp_path, ["unet", "vae_decoder", "motion"], trt_info=fake)
 
 
-def test_shape_key_is_the_inputs_names_and_shapes():
+def test_shape_key_is_the_inputs_names_shapes_and_dtypes():
     a = {"x": torch.zeros(2, 3), "t": torch.zeros(1)}
-    assert shape_key(a) == shape_key({"t": torch.ones(1), "x": torch.ones(2, 3, dtype=torch.float16)})
+    assert shape_key(a) == shape_key({"t": torch.ones(1), "x": torch.ones(2, 3)})
     assert shape_key(a) != shape_key({"x": torch.zeros(3, 2), "t": torch.zeros(1)})
+    assert shape_key(a) != shape_key({"t": torch.ones(1), "x": torch.ones(2, 3, dtype=torch.float16)})
 
 
 # ----------------------------------------------------------------------------------- build_all and the CLI
