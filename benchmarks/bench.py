@@ -44,7 +44,7 @@ from hyportrait.networks.face_detector import MTCNNDetector
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.api import Animator, load_image
 from hyportrait.runtime.backends import Models
-from hyportrait.runtime.models import onnx_models, torch_models
+from hyportrait.runtime.models import ModelOptions, load_models
 from hyportrait.runtime.pipeline import (
     AnimateConfig,
     build_conditioning,
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None):
              "fast": AnimateConfig.fast(device=DEVICE, **{**sizes, "num_steps": 4})}
     crop = modes["quality"].size
     # fp32 references of each mode on the short clip (the networks are cast in place: fp32 first)
-    fp32 = torch_models(nets, device=DEVICE, dtype=torch.float32, size=crop)
+    fp32 = load_models("torch", nets, DEVICE, ModelOptions(precision="fp32", size=crop))
     cache = a.reference_cache
     references = dict(np.load(cache)) if cache and cache.is_file() else {}
     for mode, config in modes.items():
@@ -330,17 +330,17 @@ def main(argv: list[str] | None = None):
     # exported while the networks are fp32 and on the GPU (tracing the official UNet on a CPU takes long)
     onnx_folder = ensure_onnx(a.onnx, nets) if wants_onnx else None
 
+    def torch_fp16(**options):
+        return lambda: load_models("torch", nets, DEVICE, ModelOptions(precision="fp16", size=crop, **options))
+
     builders = {
-        "reference": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=True),
-        "torch": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=False),
-        "torch+graphs": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=False,
-                                             cuda_graph=True),
-        "torch+compile": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop, faithful=False,
-                                              cuda_graph=True, compile=True),
-        "torch+compile+fp8": lambda: torch_models(nets, device=DEVICE, dtype=torch.float16, size=crop,
-                                                  faithful=False, cuda_graph=True, compile=True, float8=True),
-        "onnxruntime": lambda: onnx_models(onnx_folder, torch.device(DEVICE)),
-        "onnxruntime+graphs": lambda: onnx_models(onnx_folder, torch.device(DEVICE), cuda_graph=True),
+        "reference": torch_fp16(),
+        "torch": torch_fp16(faithful=False),
+        "torch+graphs": torch_fp16(faithful=False, cuda_graph=True),
+        "torch+compile": torch_fp16(faithful=False, cuda_graph=True, compile=True),
+        "torch+compile+fp8": torch_fp16(faithful=False, cuda_graph=True, compile=True, float8=True),
+        "onnxruntime": lambda: load_models("onnxruntime", onnx_folder, DEVICE),
+        "onnxruntime+graphs": lambda: load_models("onnxruntime", onnx_folder, DEVICE, ModelOptions(cuda_graph=True)),
     }
     for name, build in builders.items():
         wanted = [m for m in modes if not a.configs or f"{name}:{m}" in a.configs]

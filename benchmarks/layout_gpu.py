@@ -33,7 +33,7 @@ from hyportrait.networks.unet import UNetWithPoseMap, weight_sharing_copy
 from hyportrait.networks.vae import VAEClipDecoder
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.backends import TorchSession
-from hyportrait.runtime.models import place_networks, torch_models
+from hyportrait.runtime.models import ModelOptions, load_models, place_networks
 from hyportrait.runtime.pipeline import AnimateConfig
 
 SIZES = {"official": {}, "tiny": {"size": 64, "window": 4}}
@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None):
 
     config = AnimateConfig(device=device, **SIZES[a.size])
     nets = place_networks(random_networks(a.size, seed=0), torch.device(device), dtype)
-    models = torch_models(nets, device=device, dtype=dtype, size=config.size)  # for the UNet's inputs
+    # for the UNet's inputs
+    models = load_models("torch", nets, device, ModelOptions(precision="fp16" if gpu else "fp32", size=config.size))
     latent = config.size // 8
 
     def make_unet():

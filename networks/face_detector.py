@@ -130,15 +130,17 @@ class YoloFaceDetector(FaceDetector):
     strides = (8, 16, 32)
 
     def __init__(self, path: str | Path | None = None, conf_threshold: float = 0.5, iou_threshold: float = 0.45,
-                 device: str | torch.device = "cpu", *, exported: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 device: str | torch.device = "cpu", *,
+                 exported: Callable[[torch.Tensor], Sequence[torch.Tensor]] | None = None):
         """path: the official TorchScript file; or exported: the exported model (`yoloface` of the contract:
-        image (1, 3, h1, w1) -> detections, its grids built inside) run by a backend."""
+        image (1, 3, h1, w1) -> (detections,), its grids built inside) run by a backend."""
         self.device = torch.device(device)
         self.conf_threshold = conf_threshold
         self.iou_threshold = iou_threshold
         self._grids: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.exported = exported
         if exported is not None:
-            self.model = lambda image, grids: exported(image)
+            self.model = lambda image, grids: exported(image)[0]
             self.takes_batches = not MODELS["yoloface"].batch_one
             return
         try:

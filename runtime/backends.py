@@ -1,8 +1,9 @@
 """How a network is called: one small interface over PyTorch modules, onnxruntime sessions and TensorRT engines.
 
 A `Session` takes named torch tensors and returns the model's single output as a torch tensor on the
-runtime's device. Each backend casts inputs to the dtypes its model declares, so the loop in
-`pipeline.py` is the same for all of them. The five networks of the loop and the pose map form `Models`:
+runtime's device (`outputs` returns all of a model's outputs, for the face detectors). Each backend casts
+inputs to the dtypes its model declares, so the loop in `pipeline.py` is the same for all of them. The five
+networks of the loop, the face detector over the same backend and the pose map form `Models`:
 
     appearance   image (1,3,224,224), id_embedding (1,512)                    -> (1,64,1024)
     motion       face_images, pose_images (n,3,256,256), head_bucket, exp_bucket (1,) int32 -> (n,64,1024)
@@ -11,8 +12,8 @@ runtime's device. Each backend casts inputs to the dtypes its model declares, so
     unet         sample (B,F,8,h,w), timestep (1,), appearance_tokens (B,64,1024),
                  motion_tokens (B,F,64,1024), pose_map (C0,h,w), added_time_ids (B,3) -> (B,F,4,h,w)
 
-These are the names and shapes of the exported ONNX models (see `hyportrait.export`); the torch backend
-wraps the PyTorch modules to the same contract.
+These are the names and shapes of the exported ONNX models (`hyportrait.networks.contract`); the torch
+backend wraps the PyTorch modules to the same contract.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from torch import nn
 from hyportrait.cuda_graphs import CudaGraphs
 from hyportrait.errors import BackendError, InputError, OutOfMemoryError
 from hyportrait.networks.contract import LOOP_MODELS, dtype, numpy_dtype
+from hyportrait.networks.face_detector import FaceDetector
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 MODEL_NAMES = LOOP_MODELS
@@ -36,15 +38,19 @@ class Session(Protocol):
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor: ...
 
+    def outputs(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
 
 @dataclass
 class Models:
-    """The networks of the loop, each behind a Session, plus the pose guider's constant map (C0, h, w)."""
+    """The networks of the loop, each behind a Session, the face detector running on the same backend, plus
+    the pose guider's constant map (C0, h, w)."""
     appearance: Session
     motion: Session
     vae_encoder: Session
     vae_decoder: Session
     unet: Session
+    face_detector: FaceDetector
     pose_map: torch.Tensor
     backend: str
     device: torch.device
@@ -76,6 +82,10 @@ class TorchSession:
 
     def _cast(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.dtypes[k]) if k in self.dtypes else v for k, v in inputs.items()}
+
+    def outputs(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self(**inputs)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
     @torch.no_grad()
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
@@ -158,6 +168,16 @@ class OnnxRuntimeSession:
                 raise out_of_memory(self.name, exc) from None
             raise
 
+    def outputs(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every output, through host memory (for the small detector models, whose inputs come from the host)."""
+        feed = {k: v.to(self.input_dtypes[k]).cpu().numpy() for k, v in inputs.items() if k in self.input_dtypes}
+        try:
+            return tuple(torch.from_numpy(o).to(self.device) for o in self.session.run(None, feed))
+        except Exception as exc:  # onnxruntime's exception types are not importable by name
+            if _is_out_of_memory(exc):
+                raise out_of_memory(self.name, exc) from None
+            raise
+
     def _bind(self, inputs: dict[str, torch.Tensor], out: torch.Tensor | None):
         """An I/O binding of torch tensors; without `out` onnxruntime allocates the output."""
         binding = self.session.io_binding()
@@ -226,12 +246,14 @@ class TensorRTSession:
         self.name = name
         self.engine = engine
 
-    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+    def outputs(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         try:
-            outputs = self.engine.run(inputs)
+            return tuple(self.engine.run(inputs).values())  # in the engine's output order
         except torch.cuda.OutOfMemoryError as exc:
             raise out_of_memory(self.name, exc) from None
-        return next(iter(outputs.values()))
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.outputs(**inputs)[0]
 
 
 def resolve_device(device: str | None, backend: str) -> torch.device:
