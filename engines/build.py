@@ -93,7 +93,7 @@ def build_command(request: BuildRequest, models: Sequence[str] | None = None) ->
         args += ["--calibration", str(Path(request.calibration).resolve())]
     if flags.workspace_bytes:
         args += ["--workspace-gb", f"{flags.workspace_bytes / 2**30:g}"]
-    args += [option for option, on in (("--refit", flags.refit), ("--hardware-compatible", flags.hardware_compatible),
+    args += [option for option, on in (("--hardware-compatible", flags.hardware_compatible),
                                        ("--version-compatible", flags.version_compatible)) if on]
     models = models if models is not None else request.models
     if models:
@@ -182,14 +182,11 @@ def _configure(trt_info: TensorRT, builder, network, profile: dict[str, ShapeRan
             shapes = profile[tensor.name]
             optimization_profile.set_shape(tensor.name, shapes.min, shapes.opt, shapes.max)
     config.add_optimization_profile(optimization_profile)
-    if flags.refit:
-        config.set_flag(trt.BuilderFlag.REFIT)
     if flags.hardware_compatible:
         level = _require(trt, "HardwareCompatibilityLevel", "hardware compatibility", trt_info)
         config.hardware_compatibility_level = level.AMPERE_PLUS
-    if flags.version_compatible:
-        for flag in ("VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"):
-            config.set_flag(_require(trt.BuilderFlag, flag, f"BuilderFlag.{flag}", trt_info))
+    if flags.version_compatible:  # the lean runtime stays in the plan: a later TensorRT needs no other file
+        config.set_flag(_require(trt.BuilderFlag, "VERSION_COMPATIBLE", "BuilderFlag.VERSION_COMPATIBLE", trt_info))
     return config
 
 

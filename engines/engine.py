@@ -49,12 +49,12 @@ class TensorRTEngine:
     """One engine file (with its manifest beside it), run on torch CUDA tensors.
 
     memory: a block shared with other engines (default: one of its own). cuda_graphs: capture and replay a
-    CUDA graph per input-shape key. lean_runtime: path of the TensorRT lean runtime library to run a
-    version-compatible engine (built with EXCLUDE_LEAN_RUNTIME) on a newer TensorRT.
+    CUDA graph per input-shape key (`hyportrait animate --cuda-graph`). A version-compatible engine runs
+    the lean runtime its plan carries (the runtime allows the plan's host code for it).
     """
 
     def __init__(self, path: Path, *, device: torch.device | str = "cuda", memory: DeviceMemory | None = None,
-                 cuda_graphs: bool = False, trt_info: TensorRT | None = None, lean_runtime: Path | None = None):
+                 cuda_graphs: bool = False, trt_info: TensorRT | None = None):
         path = Path(path)
         self.manifest = read_engine_manifest(path)
         trt_info = trt_info or import_tensorrt()
@@ -69,8 +69,8 @@ class TensorRTEngine:
         self.device = torch.device(device)
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
-        if lean_runtime is not None:
-            runtime = runtime.load_runtime(str(lean_runtime))
+        if self.manifest.flags.version_compatible:
+            runtime.engine_host_code_allowed = True
         self._runtime = runtime  # the engine must not outlive its runtime
         self._engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self._engine is None:

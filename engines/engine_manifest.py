@@ -39,9 +39,9 @@ class BuildFlags:
     """Builder settings that change the engine (and so its cache key)."""
     optimization_level: int = 3  # TensorRT's builder optimization level, 0..5
     workspace_bytes: int | None = None  # memory pool limit for tactics; None: TensorRT's default (the GPU's)
-    refit: bool = False  # weights can be replaced without a rebuild (BuilderFlag.REFIT)
     hardware_compatible: bool = False  # HardwareCompatibilityLevel.AMPERE_PLUS
-    version_compatible: bool = False  # VERSION_COMPATIBLE + EXCLUDE_LEAN_RUNTIME: runs on a later lean runtime
+    version_compatible: bool = False  # VERSION_COMPATIBLE: the plan carries its lean runtime, so later
+    # TensorRT versions of the same major version run it
     strongly_typed: bool = True  # always: the ONNX model's types decide each layer's precision
 
 

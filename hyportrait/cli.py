@@ -32,8 +32,8 @@ def _add_animate(sub) -> None:
     p.add_argument("--rewrites", action="store_true",
                    help="torch backend: run the engine rewrites (same up to rounding, faster) instead of the "
                    "faithful modules")
-    p.add_argument("--cuda-graph", action="store_true", help="torch and onnxruntime backends on a GPU: replay "
-                   "the UNet and VAE decoder as CUDA graphs")
+    p.add_argument("--cuda-graph", action="store_true", help="any backend on a GPU: replay the UNet and VAE "
+                   "decoder as CUDA graphs")
     p.add_argument("--compile", action="store_true", help="torch backend: compile the UNet and VAE decoder with "
                    "torch.compile (faster after minutes of compiling at the first window)")
     p.add_argument("--float8", action="store_true", help="torch backend, GPUs of compute capability 8.9+: the "
@@ -106,11 +106,11 @@ def _add_build(sub) -> None:
                    help="builder optimization level (default 3; higher builds longer)")
     p.add_argument("--workspace-gb", type=float, help="memory limit for the builder's tactics (default: the GPU's)")
     p.add_argument("--timing-cache", type=Path, help="timing cache file, loaded and updated (default: OUT/timing.cache)")
-    p.add_argument("--refit", action="store_true", help="refittable engines (weights replaceable without a rebuild)")
     p.add_argument("--hardware-compatible", action="store_true",
                    help="engines that run on any Ampere or newer GPU (slower than GPU-specific ones)")
     p.add_argument("--version-compatible", action="store_true",
-                   help="engines that later TensorRT versions of the same major version can run (lean runtime)")
+                   help="engines that later TensorRT versions of the same major version can run (they carry "
+                   "their lean runtime)")
     p.add_argument("--verbose", action="store_true", help="TensorRT's verbose messages in the build logs")
 
 
@@ -294,7 +294,7 @@ def _build(args) -> int:
     from hyportrait.engines.engine_manifest import BuildFlags
 
     workspace = int(args.workspace_gb * 2**30) if args.workspace_gb else None
-    flags = BuildFlags(optimization_level=args.opt_level, workspace_bytes=workspace, refit=args.refit,
+    flags = BuildFlags(optimization_level=args.opt_level, workspace_bytes=workspace,
                        hardware_compatible=args.hardware_compatible, version_compatible=args.version_compatible)
     request = BuildRequest(onnx_dir=args.onnx, out_dir=args.out, precision=args.precision, profile=args.profile,
                            flags=flags, calibration=args.calibration, timing_cache=args.timing_cache,

@@ -140,7 +140,7 @@ def test_cache_key_changes_with_everything_an_engine_depends_on():
     assert _key() == _key()
     variants = [
         {"onnx_sha256": "b" * 64}, {"quantization": {"calibration_sha256": "c"}}, {"precision": "int8"},
-        {"profile": {"x": ShapeRange((1, 2), (1, 2), (3, 2))}}, {"flags": BuildFlags(refit=True)},
+        {"profile": {"x": ShapeRange((1, 2), (1, 2), (3, 2))}}, {"flags": BuildFlags(hardware_compatible=True)},
         {"flags": BuildFlags(optimization_level=5)}, {"compute_capability": "8.9"},
         {"tensorrt_version": "10.3.1"}, {"flavour": "tensorrt_rtx"},
     ]
@@ -297,7 +297,7 @@ def test_build_all_reuses_current_engines_and_rebuilds_stale_ones(export_dir, ma
     assert [(r.model, r.status) for r in results] == [("vae_decoder", "current"), ("motion", "current")]
     assert calls == []
     # other build flags make both stale: each is rebuilt, and a failure does not stop the next
-    stale = dataclasses.replace(request, flags=BuildFlags(refit=True))
+    stale = dataclasses.replace(request, flags=BuildFlags(version_compatible=True))
     results = build_all(stale, trt_info=_fake_tensorrt(calls), keep_going=True)
     assert [(r.model, r.status) for r in results] == [("vae_decoder", "failed"), ("motion", "failed")]
     assert len(calls) == 2 and "no GPU in this test" in results[0].error
@@ -332,11 +332,11 @@ def test_cli_build_refuses_bad_requests_before_any_work(export_dir, tmp_path, ca
 def test_build_command_records_every_option(tmp_path):
     request = BuildRequest(onnx_dir=tmp_path / "onnx", out_dir=tmp_path / "out", precision="fp8", profile="all",
                            calibration=tmp_path / "c.npz",
-                           flags=BuildFlags(optimization_level=5, workspace_bytes=6 * 2**30, refit=True,
+                           flags=BuildFlags(optimization_level=5, workspace_bytes=6 * 2**30,
                                             hardware_compatible=True, version_compatible=True))
     command = build_command(request, ["unet"])
     assert command == (f"hyportrait build --onnx {tmp_path}/onnx --out {tmp_path}/out --precision fp8 --profile all "
-                       f"--opt-level 5 --calibration {tmp_path}/c.npz --workspace-gb 6 --refit "
+                       f"--opt-level 5 --calibration {tmp_path}/c.npz --workspace-gb 6 "
                        "--hardware-compatible --version-compatible --models unet")
 
 
