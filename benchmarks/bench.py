@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from hyportrait.engines.quality import psnr
+from hyportrait.files import write_json
 from hyportrait.networks.face_detector import MTCNNDetector
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.api import Animator, load_image
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None):
     report = {**report_header(), "size": a.size, "configs": {}}
 
     def save():
-        a.report.write_text(json.dumps(report, indent=2, default=str))
+        write_json(a.report, report)
 
     if not GPU and a.size != "tiny":
         p.error("no GPU: only --size tiny runs on the CPU")

@@ -29,6 +29,7 @@ from torch import nn
 
 from hyportrait.benchmarks.bench import cuda_ms, first_call_seconds, report_header, unet_inputs
 from hyportrait.export.onnx_io import relative_error
+from hyportrait.files import write_json
 from hyportrait.networks.unet import UNetWithPoseMap, weight_sharing_copy
 from hyportrait.networks.vae import VAEClipDecoder
 from hyportrait.networks.weights import random_networks
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None):
     report = {**report_header(), "size": a.size, "networks": {}}
 
     def save():
-        a.report.write_text(json.dumps(report, indent=1) + "\n")
+        write_json(a.report, report)
 
     config = AnimateConfig(device=device, **SIZES[a.size])
     nets = place_networks(random_networks(a.size, seed=0), torch.device(device), dtype)

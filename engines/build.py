@@ -24,7 +24,8 @@ from pathlib import Path
 
 from hyportrait.errors import EngineBuildError, HyportraitError, InputError
 from hyportrait.export.manifest import read_manifest
-from hyportrait.export.onnx_io import atomic_path, ensure_writable
+from hyportrait.export.onnx_io import ensure_writable
+from hyportrait.files import atomic_path
 
 from .engine_manifest import (
     BuildFlags,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import hyportrait
 from hyportrait.errors import EngineMismatchError
-from hyportrait.export.onnx_io import atomic_path
+from hyportrait.files import write_json
 
 from .profiles import Shape, ShapeRange
 
@@ -97,8 +97,7 @@ def build_log_path(engine: Path) -> Path:
 
 def write_engine_manifest(manifest: EngineManifest, engine: Path) -> Path:
     path = manifest_path(engine)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
+    write_json(path, manifest.to_json())
     return path
 
 

@@ -42,10 +42,10 @@ from hyportrait.errors import InputError
 from hyportrait.export.onnx_io import (
     EXTERNAL_DATA_THRESHOLD,
     ModelRecord,
-    atomic_path,
     relative_error,
     sha256_file,
 )
+from hyportrait.files import atomic_path, write_json
 
 PRECISIONS = ("int8", "fp8")
 QUANTIZED_OP_TYPES = ("MatMul", "Conv", "Gemm")
@@ -518,8 +518,7 @@ def _finish_model(model_path: Path, precision: str, selection: NodeSelection) ->
 
 
 def write_report(report: QuantizationReport, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(asdict(report), indent=1) + "\n")
+    write_json(path, asdict(report))
     return path
 
 
@@ -537,8 +536,7 @@ def save_ranges_json(path: Path, amax: dict[str, float], *, origin: str) -> Path
     """Write activation ranges recorded in PyTorch (amax per ONNX tensor name) as a `--calibration` file."""
     path = Path(path)
     document = {"format": RANGES_FORMAT, "method": TORCH_METHOD, "origin": origin, "amax": dict(sorted(amax.items()))}
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(document, indent=1) + "\n")
+    write_json(path, document)
     return path
 
 

@@ -167,6 +167,43 @@ def _distill_prepare(args) -> int:
     print(f"{len(report['added'])} clips added ({report['examples_added']} examples), "
           f"{report['in_data_before']} already in the data, {len(report['skipped'])} skipped "
           f"(see {args.out / REPORT}); {report['examples']} examples in {args.out}")
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="compare every engine (or another export's models) with onnxruntime on the "
+                       "same random and recorded inputs (polygraphy's comparator), output by output")
+    p.add_argument("--engines", required=True, type=Path, help="engine folder (`hyportrait build`), or another "
+                   "export folder whose models onnxruntime runs")
+    p.add_argument("--onnx", required=True, type=Path, help="the export the engines were built from: the reference")
+    p.add_argument("--models", nargs="+", metavar="MODEL", help="compare only these models (default: all exported)")
+    p.add_argument("--inputs", type=Path, metavar="FILE.npz",
+                   help="recorded UNet inputs (`hyportrait calibrate --out FILE.npz`), compared beside random ones")
+    p.add_argument("--recorded-only", action="store_true", help="no random inputs for the models that --inputs "
+                   "records (a full-size UNet runs long)")
+    p.add_argument("--rtol", type=float, help="relative tolerance (default 1e-3 for an fp32 export, 2e-2 fp16)")
+    p.add_argument("--atol", type=float, help="absolute tolerance (default as --rtol)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where onnxruntime runs the reference (cuda: its CUDA provider; default cpu)")
+    p.add_argument("--report", type=Path, metavar="FILE.json", help="also write the comparison as JSON")
+
+
+def _verify(args) -> int:
+    from hyportrait.engines.verify import verify
+    from hyportrait.errors import InputError, VerifyError
+    from hyportrait.files import write_json
+
+    providers = ["CPUExecutionProvider"] if args.device == "cpu" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if args.recorded_only and not args.inputs:
+        raise InputError("--recorded-only needs --inputs FILE.npz")
+    report = verify(args.engines, args.onnx, models=args.models, recorded=args.inputs,
+                    random=not args.recorded_only, rtol=args.rtol, atol=args.atol, providers=providers)
+    print(report.table())
+    if args.report:
+        print(f"wrote {write_json(args.report, report.to_json())}")
+    failed = [e for e in report.errors if not e.passed]
+    if failed or not report.errors:
+        raise VerifyError(f"{len(failed)} of {len(report.errors)} outputs differ from onnxruntime beyond rtol "
+                          f"{report.rtol:g} / atol {report.atol:g}: "
+                          + ", ".join(sorted({f"{e.model}.{e.output}" for e in failed}))
+                          if report.errors else "no model was compared")
     return 0
 
 
@@ -327,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_calibrate(sub)
     _add_distill(sub)
     _add_serve(sub)
+    _add_verify(sub)
     sub.add_parser("bench", help="speed and accuracy of every runtime configuration on this GPU "
                    "(hyportrait bench --help)", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
@@ -338,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return {"animate": _animate, "weights": _weights, "export": _export, "build": _build,
-                "calibrate": _calibrate, "distill": _distill, "serve": _serve}[args.command](args)
+                "calibrate": _calibrate, "distill": _distill, "serve": _serve, "verify": _verify}[args.command](args)
     except HyportraitError as exc:
         print(f"hyportrait: error [{exc.code}]: {exc.message}", file=sys.stderr)
         return 2

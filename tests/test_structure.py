@@ -2,7 +2,8 @@
 
 Layers: networks < export < engines < runtime < (benchmarks, distill, serve, the CLI). A module imports only
 its own layer and those below it, lazily imported modules included; `hyportrait.errors` and
-`hyportrait.cuda_graphs` (and the package root, which holds the version) sit under every layer.
+`hyportrait.files` and `hyportrait.cuda_graphs` (and the package root, which holds the version) sit under every
+layer.
 """
 import ast
 import warnings
@@ -25,7 +26,7 @@ from hyportrait.runtime.models import exported_face_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"networks": 0, "export": 1, "engines": 2, "runtime": 3, "benchmarks": 4, "distill": 4, "serve": 4}
-UNDER_EVERY_LAYER = {"hyportrait", "hyportrait.errors", "hyportrait.cuda_graphs"}  # the root holds the version
+UNDER_EVERY_LAYER = {"hyportrait", "hyportrait.errors", "hyportrait.files", "hyportrait.cuda_graphs"}
 TOP = 4
 
 
