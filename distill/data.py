@@ -24,17 +24,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from hyportrait.errors import HyportraitError
+from hyportrait.errors import DataError
 from hyportrait.files import atomic_path, write_json
 
 FORMAT = "hyportrait-distill-v1"
 MANIFEST = "manifest.json"
 FIELDS = ("latents", "image_latent", "appearance", "motion")
-
-
-class DataError(HyportraitError):
-    """A training-data folder that is missing, empty, of another format, or whose shards do not match it."""
-    code = "bad_data"
 
 
 def _sha256(path: Path) -> str:

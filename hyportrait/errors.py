@@ -73,3 +73,8 @@ class OutOfMemoryError(HyportraitError):
 class VerifyError(HyportraitError):
     """Engines whose outputs differ from onnxruntime's beyond the tolerance (`hyportrait verify`)."""
     code = "verify_failed"
+
+
+class DataError(HyportraitError):
+    """A training-data folder that is missing, empty, of another format, or whose shards do not match it."""
+    code = "bad_data"
