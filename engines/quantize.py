@@ -344,7 +344,8 @@ def _as_float8(model_path: Path, source: onnx.ModelProto, ranges, large: bool) -
             scale = np.asarray(max(_amax(ranges, name) / FP8_MAX, np.finfo(scale_dtype).tiny), dtype=scale_dtype)
         replace(scale_name, scale)
         replace(zero_name, np.zeros(numpy_helper.to_array(initializers[zero_name]).shape, float8))
-    if large:
+    if large:  # onnx appends to an existing data file: the int8 weights' file goes first
+        model_path.with_name(f"{model_path.name}.data").unlink(missing_ok=True)
         onnx.save_model(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{model_path.name}.data")
     else:

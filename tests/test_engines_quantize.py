@@ -177,6 +177,10 @@ def test_large_models_keep_their_weights_in_one_data_file(unet, feeds, ranges, t
     # the int8 weights are in the data file; scales, zero points and biases under 1 KB stay inline
     assert (tmp_path / "unet.int8.onnx.data").stat().st_size > 2 * (tmp_path / "unet.int8.onnx").stat().st_size
     assert 0 < report.evaluation["max_relative_error"] < MAX_ERROR["int8"]
+    # fp8 rewrites onnxruntime's int8 model: one byte a weight again, in one data file of its own
+    assert quantize_model(source, "fp8", ranges, calibration={"origin": "random"}).data_file == "unet.fp8.onnx.data"
+    sizes = [(tmp_path / f"unet.{precision}.onnx.data").stat().st_size for precision in ("int8", "fp8")]
+    assert abs(sizes[1] - sizes[0]) < 0.05 * sizes[0], sizes
 
 
 def test_torch_ranges_are_the_onnxruntime_ranges(unet, feeds, ranges):
