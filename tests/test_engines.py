@@ -357,7 +357,7 @@ def test_manifest_json_is_plain_data(tmp_path):
 # ----------------------------------------------------------------------------------- hyportrait verify
 
 
-def test_verify_compares_every_output_on_random_and_recorded_inputs(export_dir, manifest, tmp_path):
+def test_verify_compares_every_output_on_random_and_recorded_inputs(tiny_export, manifest, tmp_path):
     from hyportrait.engines.verify import verify
 
     unet = manifest.models["unet"]
@@ -365,7 +365,7 @@ def test_verify_compares_every_output_on_random_and_recorded_inputs(export_dir, 
     recorded = {f"step3/{t.name}": rng.standard_normal([1 if d == "batch" else d for d in t.shape]).astype(np.float32)
                 for t in unet.inputs}
     np.savez(tmp_path / "unet_inputs.npz", **recorded)
-    report = verify(export_dir, export_dir, models=["unet", "mtcnn_onet"], recorded=tmp_path / "unet_inputs.npz",
+    report = verify(tiny_export, tiny_export, models=["unet", "mtcnn_onet"], recorded=tmp_path / "unet_inputs.npz",
                     random=False)
     assert report.passed and report.rtol == 1e-3
     assert {(e.model, e.output, e.inputs) for e in report.errors} == {
@@ -375,20 +375,20 @@ def test_verify_compares_every_output_on_random_and_recorded_inputs(export_dir, 
     assert all(e.max_abs == 0 for e in report.errors)  # the same model on the same inputs
 
 
-def test_verify_command_fails_on_a_perturbed_model(export_dir, manifest, tmp_path, capsys):
+def test_verify_command_fails_on_a_perturbed_model(tiny_export, manifest, tmp_path, capsys):
     import onnx
     from onnx import numpy_helper
 
     perturbed = tmp_path / "perturbed"
     perturbed.mkdir()
     for name in ("manifest.json", "mtcnn_onet.onnx", "mtcnn_rnet.onnx"):
-        shutil.copy(export_dir / name, perturbed / name)
+        shutil.copy(tiny_export / name, perturbed / name)
     model = onnx.load(perturbed / "mtcnn_onet.onnx")
     weight = next(w for w in model.graph.initializer if numpy_helper.to_array(w).ndim == 4)
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.05, weight.name))
     onnx.save(model, perturbed / "mtcnn_onet.onnx")
     report = tmp_path / "verify.json"
-    assert main(["verify", "--engines", str(perturbed), "--onnx", str(export_dir), "--models", "mtcnn_rnet",
+    assert main(["verify", "--engines", str(perturbed), "--onnx", str(tiny_export), "--models", "mtcnn_rnet",
                  "mtcnn_onet", "--report", str(report)]) == 2
     out, err = capsys.readouterr()
     assert "error [verify_failed]:" in err and "mtcnn_onet.box_offsets" in err and "mtcnn_rnet" not in err
@@ -396,5 +396,5 @@ def test_verify_command_fails_on_a_perturbed_model(export_dir, manifest, tmp_pat
     result = json.loads(report.read_text())
     assert not result["passed"]
     assert {e["model"] for e in result["errors"] if not e["passed"]} == {"mtcnn_onet"}
-    assert main(["verify", "--engines", str(tmp_path), "--onnx", str(export_dir)]) == 2
+    assert main(["verify", "--engines", str(tmp_path), "--onnx", str(tiny_export)]) == 2
     assert "neither an engine folder" in capsys.readouterr().err
