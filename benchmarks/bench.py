@@ -40,11 +40,12 @@ import numpy as np
 import torch
 
 from hyportrait.engines.quality import psnr
+from hyportrait.files import write_json
 from hyportrait.networks.face_detector import MTCNNDetector
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.api import Animator, load_image
 from hyportrait.runtime.backends import Models
-from hyportrait.runtime.models import onnx_models, torch_models
+from hyportrait.runtime.models import ModelOptions, load_models
 from hyportrait.runtime.pipeline import (
     AnimateConfig,
     build_conditioning,
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None):
 
     def save():
         a.report.parent.mkdir(parents=True, exist_ok=True)
-        a.report.write_text(json.dumps(report, indent=2, default=str))
+        write_json(a.report, report)
 
     if not GPU and a.size != "tiny":
         p.error("no GPU: only --size tiny runs on the CPU")
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None):
              "fast": AnimateConfig.fast(device=DEVICE, **{**sizes, "num_steps": 4})}
     crop = modes["quality"].size
     # fp32 references of each mode on the short clip (the networks are cast in place: fp32 first)
-    fp32 = torch_models(nets, device=DEVICE, dtype=torch.float32, size=crop)
+    fp32 = load_models("torch", nets, DEVICE, ModelOptions(precision="fp32", size=crop))
     cache = a.reference_cache
     references = dict(np.load(cache)) if cache and cache.is_file() else {}
     for mode, config in modes.items():
@@ -336,19 +337,19 @@ def main(argv: list[str] | None = None):
     onnx_folder = ensure_onnx(a.onnx or a.report.with_name(f"{a.report.stem}-onnx"), nets) if wants_onnx else None
     # the CPU dry run compiles with dynamo alone: inductor's C++ compile of every variant takes minutes there
     compiler = True if GPU else "eager"
-    half = torch.float16 if GPU else torch.float32  # (fp16 convolutions on a CPU take seconds even at tiny size)
+    precision = "fp16" if GPU else "fp32"  # (fp16 convolutions on a CPU take seconds even at tiny size)
+
+    def torch_built(**options):
+        return lambda: load_models("torch", nets, DEVICE, ModelOptions(precision=precision, size=crop, **options))
 
     builders = {
-        "reference": lambda: torch_models(nets, device=DEVICE, dtype=half, size=crop, faithful=True),
-        "torch": lambda: torch_models(nets, device=DEVICE, dtype=half, size=crop, faithful=False),
-        "torch+graphs": lambda: torch_models(nets, device=DEVICE, dtype=half, size=crop, faithful=False,
-                                             cuda_graph=True),
-        "torch+compile": lambda: torch_models(nets, device=DEVICE, dtype=half, size=crop, faithful=False,
-                                              cuda_graph=True, compile=compiler),
-        "torch+compile+fp8": lambda: torch_models(nets, device=DEVICE, dtype=half, size=crop,
-                                                  faithful=False, cuda_graph=True, compile=compiler, float8=True),
-        "onnxruntime": lambda: onnx_models(onnx_folder, torch.device(DEVICE)),
-        "onnxruntime+graphs": lambda: onnx_models(onnx_folder, torch.device(DEVICE), cuda_graph=True),
+        "reference": torch_built(),
+        "torch": torch_built(faithful=False),
+        "torch+graphs": torch_built(faithful=False, cuda_graph=True),
+        "torch+compile": torch_built(faithful=False, cuda_graph=True, compile=compiler),
+        "torch+compile+fp8": torch_built(faithful=False, cuda_graph=True, compile=compiler, float8=True),
+        "onnxruntime": lambda: load_models("onnxruntime", onnx_folder, DEVICE),
+        "onnxruntime+graphs": lambda: load_models("onnxruntime", onnx_folder, DEVICE, ModelOptions(cuda_graph=True)),
     }
     for name, build in builders.items():
         wanted = [m for m in modes if not a.configs or f"{name}:{m}" in a.configs]

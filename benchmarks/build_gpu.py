@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 import traceback
 from collections.abc import Callable
@@ -48,9 +47,11 @@ from hyportrait.engines.quantize import (
 from hyportrait.engines.tensorrt_module import TensorRTMissingError, import_tensorrt
 from hyportrait.export.export_all import network_specs
 from hyportrait.export.export_face_detector import mtcnn_specs
-from hyportrait.export.export_unet import LATENT_SIZE, unet_spec
+from hyportrait.export.export_unet import unet_spec
 from hyportrait.export.manifest import MANIFEST_FILE, Manifest, read_manifest, write_manifest
 from hyportrait.export.onnx_io import export_onnx
+from hyportrait.files import write_json
+from hyportrait.networks.contract import LATENT_SIZE
 from hyportrait.networks.weights import random_networks
 
 SMALL_FIRST = ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "pose_guider", "vae_encoder", "vae_decoder", "motion",
@@ -89,7 +90,7 @@ class Run:
             entry["step_seconds"] = round(time.perf_counter() - tic, 1)
             self.log(f"{section} {name}: {'error: ' + entry['error'][:300] if entry.get('error') else 'done'}")
         self.report.setdefault(section, {})[name] = entry
-        self.path.write_text(json.dumps(self.report, indent=1, default=str) + "\n")
+        write_json(self.path, self.report)
         return None if entry.get("error") or "skipped" in entry else entry
 
 

@@ -18,6 +18,7 @@ from hyportrait.benchmarks.bench import report_header
 from hyportrait.export.export_all import network_specs
 from hyportrait.export.export_face_detector import mtcnn_specs
 from hyportrait.export.onnx_io import default_input_sets, export_onnx, module_references, validate_onnx
+from hyportrait.files import write_json
 from hyportrait.networks.weights import random_networks
 
 
@@ -86,7 +87,7 @@ def main():
             entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         report["models"][spec.name] = entry
         print(spec.name, json.dumps(entry), flush=True)
-        a.report.write_text(json.dumps(report, indent=2))
+        write_json(a.report, report)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,12 @@ from torch import nn
 
 from hyportrait.benchmarks.bench import cuda_ms, first_call_seconds, report_header, unet_inputs
 from hyportrait.export.onnx_io import relative_error
+from hyportrait.files import write_json
 from hyportrait.networks.unet import UNetWithPoseMap, weight_sharing_copy
 from hyportrait.networks.vae import VAEClipDecoder
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.backends import TorchSession
-from hyportrait.runtime.models import place_networks, torch_models
+from hyportrait.runtime.models import ModelOptions, load_models, place_networks
 from hyportrait.runtime.pipeline import AnimateConfig
 
 SIZES = {"official": {}, "tiny": {"size": 64, "window": 4, "decode_chunk": 2}}
@@ -152,11 +153,12 @@ def main(argv: list[str] | None = None):
     report = {**report_header(), "size": a.size, "networks": {}}
 
     def save():
-        a.report.write_text(json.dumps(report, indent=1) + "\n")
+        write_json(a.report, report)
 
     config = AnimateConfig(device=device, **SIZES[a.size])
     nets = place_networks(random_networks(a.size, seed=0), torch.device(device), dtype)
-    models = torch_models(nets, device=device, dtype=dtype, size=config.size)  # for the UNet's inputs
+    # for the UNet's inputs
+    models = load_models("torch", nets, device, ModelOptions(precision="fp16" if gpu else "fp32", size=config.size))
     latent = config.size // 8
 
     def make_unet():

@@ -41,7 +41,7 @@ from hyportrait.networks.weights import random_networks
 from hyportrait.runtime import distributed
 from hyportrait.runtime.api import Animator, Prepared
 from hyportrait.runtime.distributed import GuidanceParallelUNet, ParallelAnimator
-from hyportrait.runtime.models import torch_models
+from hyportrait.runtime.models import ModelOptions, load_models
 from hyportrait.runtime.pipeline import FAST_MODE, AnimateConfig, build_conditioning, sample_latents
 
 from .bench import report_header
@@ -103,8 +103,8 @@ def bench_worker(group, options: dict) -> dict | None:
     base = AnimateConfig(**size["config"], device=str(group.device), precision="fp16" if dtype == torch.float16
                          else "fp32")
     tic = time.perf_counter()
-    models = torch_models(random_networks(options["size"]), device=group.device, dtype=dtype, size=base.size,
-                          faithful=False, cuda_graph=True)
+    models = load_models("torch", random_networks(options["size"]), group.device,
+                         ModelOptions(precision=base.precision, size=base.size, faithful=False, cuda_graph=True))
     report = {"setup_s": time.perf_counter() - tic, "long": {}, "demo": {}}
     counts = list(range(1, group.size + 1))
     groups = group.subgroups(counts)

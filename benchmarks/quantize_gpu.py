@@ -55,7 +55,7 @@ from hyportrait.export.manifest import Manifest, read_manifest, write_manifest
 from hyportrait.export.onnx_io import export_onnx, relative_error
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.api import Animator
-from hyportrait.runtime.models import torch_models
+from hyportrait.runtime.models import ModelOptions, load_models
 
 STEPS = ("export", "animate", "quantize", "build", "quality")
 GPU = torch.cuda.is_available()
@@ -71,8 +71,8 @@ def networks(size: str):
     """The random networks (seed 0) and, on them, the runtime's torch sessions with the engine rewrites."""
     nets = random_networks(size, seed=0)
     config = SIZES[size]
-    models = torch_models(nets, device=DEVICE, dtype=torch.float16 if GPU else torch.float32,
-                          size=config.get("size", 512), faithful=False)
+    models = load_models("torch", nets, DEVICE, ModelOptions(precision="fp16" if GPU else "fp32",
+                                                             size=config.get("size", 512), faithful=False))
     return nets, models
 
 

@@ -45,7 +45,7 @@ import torch
 from hyportrait.benchmarks.bench import report_header
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.api import Animator
-from hyportrait.runtime.models import torch_models
+from hyportrait.runtime.models import ModelOptions, load_models
 from hyportrait.runtime.pipeline import AnimateConfig, decode_segments, motion_tokens, sample_segments
 from hyportrait.runtime.preprocess import DrivingPreprocessor
 from hyportrait.runtime.video import VideoWriter, read_frames
@@ -123,8 +123,9 @@ def animators(a, size: str, plan: dict) -> tuple[Animator, Animator]:
         fast = Animator(backend="torch", weights=a.weights, lora=a.lora, faithful=False, device=DEVICE,
                         mode="fast", **config)
     else:
-        models = torch_models(random_networks(size), device=DEVICE, dtype=torch.float16 if GPU else torch.float32,
-                              size=config.get("size", 512), faithful=False)
+        models = load_models("torch", random_networks(size), DEVICE,
+                             ModelOptions(precision="fp16" if GPU else "fp32", size=config.get("size", 512),
+                                          faithful=False))
         fast = Animator(models, mode="fast", **config)
     return fast, Animator(fast.models, mode="quality", **{**config, "num_steps": plan["quality_steps"]})
 
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         del fast, quality
         torch.cuda.empty_cache()
-        tiny = Animator(torch_models(random_networks("tiny"), device=DEVICE, dtype=torch.float16, size=64),
+        tiny = Animator(load_models("torch", random_networks("tiny"), DEVICE, ModelOptions(precision="fp16", size=64)),
                         mode="fast", **plan["tiny_config"])
         tiny_chunks = list(DrivingPreprocessor(tiny.detector).chunks(read_frames(SAMPLE_VIDEO), tiny.config.window))
     for name, frames_at_once in (("segmented", tiny.config.window), ("whole clip", 0)):

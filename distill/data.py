@@ -24,17 +24,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from hyportrait.errors import HyportraitError
-from hyportrait.export.onnx_io import atomic_path
+from hyportrait.errors import DataError
+from hyportrait.files import atomic_path, write_json
 
 FORMAT = "hyportrait-distill-v1"
 MANIFEST = "manifest.json"
 FIELDS = ("latents", "image_latent", "appearance", "motion")
-
-
-class DataError(HyportraitError):
-    """A training-data folder that is missing, empty, of another format, or whose shards do not match it."""
-    code = "bad_data"
 
 
 def _sha256(path: Path) -> str:
@@ -43,11 +38,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_json(path: Path, value: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(value, indent=1))
 
 
 def _shape_of(example: dict[str, torch.Tensor]) -> dict[str, list]:
@@ -111,7 +101,7 @@ class ShardWriter:
                                         "sources": sorted(set(self.pending_sources))})
         self.manifest["examples"] += len(self.pending)
         self.manifest["sources"].update(self.pending_info)
-        _write_json(self.out / MANIFEST, self.manifest)
+        write_json(self.out / MANIFEST, self.manifest)
         self.pending, self.pending_sources, self.pending_info = [], [], {}
 
     def __enter__(self):
@@ -121,7 +111,7 @@ class ShardWriter:
         if exc_type is None:
             self._flush()
             if not self.manifest["shards"]:
-                _write_json(self.out / MANIFEST, self.manifest)
+                write_json(self.out / MANIFEST, self.manifest)
 
 
 def write_dataset(examples: Iterable[tuple[dict[str, torch.Tensor], str]], out: str | Path, config: dict,

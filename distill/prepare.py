@@ -14,7 +14,6 @@ clips already in the data.
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -24,7 +23,8 @@ import numpy as np
 import torch
 
 from hyportrait.errors import InputError, VideoError
-from hyportrait.export.onnx_io import atomic_path, ensure_writable
+from hyportrait.export.onnx_io import ensure_writable
+from hyportrait.files import write_json
 from hyportrait.networks.contract import CROP_SIZE, MOTION_SIZE, WINDOW
 from hyportrait.networks.weights import ARCFACE_FILE, CHECKPOINTS, CONFIG_FILES, DETECTOR_FILE
 from hyportrait.runtime.api import Animator, Prepared
@@ -201,8 +201,7 @@ def prepare_data(videos: Path, out: Path, weights: Path | None = None, config: P
                 bar.update(1)
                 bar.set_postfix(examples=report["examples_added"], skipped=len(report["skipped"]))
     report["examples"] = writer.manifest["examples"]
-    with atomic_path(out / REPORT) as tmp:
-        tmp.write_text(json.dumps(report, indent=1))
+    write_json(out / REPORT, report)
     if not report["examples"]:
         raise DataError(f"no clip of {videos} gave an example: {out / REPORT} says why")
     return report

@@ -18,7 +18,6 @@ position error <= 1.5 x the reference's; each control must fail it. The last pri
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from hyportrait.export.onnx_io import atomic_path
+from hyportrait.files import atomic_path, write_json
 from hyportrait.networks.unet import UNetConfig, UNetWithAdapters
 from hyportrait.runtime.pipeline import AnimateConfig
 
@@ -232,8 +231,7 @@ def run_toy(out: str | Path, size: str | ToySize = "cpu", phases: int | None = N
              "rows": [{"run": r.name, "unet_calls": r.unet_calls, "error_vs_reference": r.error,
                        "position_error": r.position_error, "passes": verdicts.get(r.name)} for r in rows],
              "student_passes": student_ok, "controls_fail": controls_fail, "verdict": student_ok and controls_fail}
-    with atomic_path(out / "table.json") as tmp:
-        tmp.write_text(json.dumps(table, indent=1))
+    write_json(out / "table.json", table)
     side_by_side(rows, out / "frames.png")
     print_fn(f"{'run':32s} {'UNet calls':>10s} {'error vs ref':>13s} {'position err':>13s}  pass line")
     for r in rows:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import os
 import subprocess
 import time
@@ -24,7 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from hyportrait.errors import HyportraitError, WeightsError
-from hyportrait.export.onnx_io import atomic_path
+from hyportrait.files import atomic_path, write_json
 from hyportrait.runtime.pipeline import AnimateConfig
 from hyportrait.runtime.sampling import (
     c_noise,
@@ -543,8 +542,7 @@ def train(config: TrainConfig, data_path: str | Path, run: str | Path, unet, pos
         output = _save_output(trainer, run)
         record.update(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), steps=config.steps,
                       final_loss=loss_value, output=output.name)
-        with atomic_path(run / "run.json") as tmp:
-            tmp.write_text(json.dumps(record, indent=1, default=str))
+        write_json(run / "run.json", record)
     if world > 1:
         dist.barrier()
     return TrainResult(run, config.steps, loss_value, output)

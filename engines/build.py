@@ -22,9 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hyportrait.errors import HyportraitError, InputError
+from hyportrait.errors import EngineBuildError, HyportraitError, InputError
 from hyportrait.export.manifest import read_manifest
-from hyportrait.export.onnx_io import atomic_path, ensure_writable
+from hyportrait.export.onnx_io import ensure_writable
+from hyportrait.files import atomic_path
 
 from .engine_manifest import (
     BuildFlags,
@@ -43,15 +44,6 @@ from .tensorrt_module import TensorRT, current_gpu, import_tensorrt
 PRECISIONS = ("fp16", "fp32", "int8", "fp8")
 QUANTIZED_MODELS = ("unet",)  # the one model whose compute int8/fp8 pays for
 TIMING_CACHE_FILE = "timing.cache"
-
-
-class EngineBuildError(HyportraitError):
-    code = "build_failed"
-
-    def __init__(self, message: str, errors: Sequence[str] = (), stage: str = "build"):
-        super().__init__(message)
-        self.errors = list(errors)  # the parser's and TensorRT's own error messages
-        self.stage = stage  # "parse", "configure" or "build"
 
 
 @dataclass(frozen=True)
@@ -102,7 +94,7 @@ def build_command(request: BuildRequest, models: Sequence[str] | None = None) ->
         args += ["--calibration", str(Path(request.calibration).resolve())]
     if flags.workspace_bytes:
         args += ["--workspace-gb", f"{flags.workspace_bytes / 2**30:g}"]
-    args += [option for option, on in (("--refit", flags.refit), ("--hardware-compatible", flags.hardware_compatible),
+    args += [option for option, on in (("--hardware-compatible", flags.hardware_compatible),
                                        ("--version-compatible", flags.version_compatible)) if on]
     models = models if models is not None else request.models
     if models:
@@ -191,14 +183,11 @@ def _configure(trt_info: TensorRT, builder, network, profile: dict[str, ShapeRan
             shapes = profile[tensor.name]
             optimization_profile.set_shape(tensor.name, shapes.min, shapes.opt, shapes.max)
     config.add_optimization_profile(optimization_profile)
-    if flags.refit:
-        config.set_flag(trt.BuilderFlag.REFIT)
     if flags.hardware_compatible:
         level = _require(trt, "HardwareCompatibilityLevel", "hardware compatibility", trt_info)
         config.hardware_compatibility_level = level.AMPERE_PLUS
-    if flags.version_compatible:
-        for flag in ("VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"):
-            config.set_flag(_require(trt.BuilderFlag, flag, f"BuilderFlag.{flag}", trt_info))
+    if flags.version_compatible:  # the lean runtime stays in the plan: a later TensorRT needs no other file
+        config.set_flag(_require(trt.BuilderFlag, "VERSION_COMPATIBLE", "BuilderFlag.VERSION_COMPATIBLE", trt_info))
     return config
 
 

@@ -16,30 +16,18 @@ from pathlib import Path
 
 import torch
 
-from hyportrait.errors import EngineMismatchError, HyportraitError, InputError
+from hyportrait.cuda_graphs import CudaGraphs
+from hyportrait.errors import EngineMismatchError, EngineRunError, InputError
+from hyportrait.networks.contract import DTYPES
 
 from .engine_manifest import check_engine, engine_path, read_engine_manifest
 from .tensorrt_module import TensorRT, current_gpu, import_tensorrt
 
-# TensorRT DataType member -> torch dtype of the tensors bound to it
-_TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
-                 "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8,
-                 "FP8": torch.float8_e4m3fn}
-
-
-class EngineRunError(HyportraitError):
-    code = "engine_failed"
-
-
-def shape_key(inputs: dict[str, torch.Tensor]) -> tuple:
-    """What a captured CUDA graph depends on: every input's name and shape (dtypes are the engine's)."""
-    return tuple(sorted((name, tuple(tensor.shape)) for name, tensor in inputs.items()))
-
 
 def torch_dtype(trt, data_type) -> torch.dtype:
-    for name, dtype in _TORCH_DTYPES.items():
-        if getattr(trt.DataType, name, None) == data_type:
-            return dtype
+    for row in DTYPES:  # the torch dtype of the tensors bound to a TensorRT DataType
+        if getattr(trt.DataType, row.tensorrt, None) == data_type:
+            return row.torch
     raise EngineRunError(f"no torch dtype for TensorRT's {data_type}")
 
 
@@ -57,23 +45,16 @@ class DeviceMemory:
             self.block = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
 
 
-@dataclass
-class _CapturedRun:
-    graph: torch.cuda.CUDAGraph
-    inputs: dict[str, torch.Tensor]
-    outputs: dict[str, torch.Tensor]
-
-
 class TensorRTEngine:
     """One engine file (with its manifest beside it), run on torch CUDA tensors.
 
     memory: a block shared with other engines (default: one of its own). cuda_graphs: capture and replay a
-    CUDA graph per input-shape key. lean_runtime: path of the TensorRT lean runtime library to run a
-    version-compatible engine (built with EXCLUDE_LEAN_RUNTIME) on a newer TensorRT.
+    CUDA graph per input-shape key (`hyportrait animate --cuda-graph`). A version-compatible engine runs
+    the lean runtime its plan carries (the runtime allows the plan's host code for it).
     """
 
     def __init__(self, path: Path, *, device: torch.device | str = "cuda", memory: DeviceMemory | None = None,
-                 cuda_graphs: bool = False, trt_info: TensorRT | None = None, lean_runtime: Path | None = None):
+                 cuda_graphs: bool = False, trt_info: TensorRT | None = None):
         path = Path(path)
         self.manifest = read_engine_manifest(path)
         trt_info = trt_info or import_tensorrt()
@@ -88,8 +69,8 @@ class TensorRTEngine:
         self.device = torch.device(device)
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
-        if lean_runtime is not None:
-            runtime = runtime.load_runtime(str(lean_runtime))
+        if self.manifest.flags.version_compatible:
+            runtime.engine_host_code_allowed = True
         self._runtime = runtime  # the engine must not outlive its runtime
         self._engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self._engine is None:
@@ -105,7 +86,8 @@ class TensorRTEngine:
         self.memory.reserve(self.device_memory_bytes)
         self._bound_block: int | None = None
         self.cuda_graphs = cuda_graphs
-        self._graphs: dict[tuple, _CapturedRun] = {}
+        # each capture's warm-up enqueue does the set-up work of a new shape, which a capture must not contain
+        self._graphs = CudaGraphs(lambda inputs: self._enqueue(inputs, torch.cuda.current_stream(self.device)))
 
     def run(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Outputs by name for inputs by name (cast to the engine's dtypes and moved to its device), on the
@@ -119,7 +101,7 @@ class TensorRTEngine:
         self._bind_memory()
         with torch.no_grad():
             if self.cuda_graphs:
-                return self._replay(inputs)
+                return self._graphs(inputs)
             return self._enqueue(inputs, torch.cuda.current_stream(self.device))
 
     def _bind_memory(self) -> None:
@@ -142,29 +124,6 @@ class TensorRTEngine:
         if not context.execute_async_v3(stream.cuda_stream):
             raise EngineRunError(f"{self.name}: TensorRT failed to enqueue the engine")
         return outputs
-
-    def _replay(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        key = shape_key(inputs)
-        captured = self._graphs.get(key) or self._capture(key, inputs)
-        for name, tensor in inputs.items():
-            captured.inputs[name].copy_(tensor)
-        captured.graph.replay()
-        return {name: tensor.clone() for name, tensor in captured.outputs.items()}
-
-    def _capture(self, key: tuple, inputs: dict[str, torch.Tensor]) -> _CapturedRun:
-        static = {name: tensor.clone() for name, tensor in inputs.items()}
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            # the first enqueue after a shape change does set-up work that a capture must not contain
-            self._enqueue(static, side)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread-local: with several GPUs on one video, NCCL's watchdog thread may query events during a capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            outputs = self._enqueue(static, torch.cuda.current_stream(self.device))
-        self._graphs[key] = _CapturedRun(graph, static, outputs)
-        return self._graphs[key]
 
 
 def _execution_context(trt, engine, *, eager_kernels: bool):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import hyportrait
 from hyportrait.errors import EngineMismatchError
-from hyportrait.export.onnx_io import atomic_path
+from hyportrait.files import write_json
 
 from .profiles import Shape, ShapeRange
 
@@ -39,9 +39,9 @@ class BuildFlags:
     """Builder settings that change the engine (and so its cache key)."""
     optimization_level: int = 3  # TensorRT's builder optimization level, 0..5
     workspace_bytes: int | None = None  # memory pool limit for tactics; None: TensorRT's default (the GPU's)
-    refit: bool = False  # weights can be replaced without a rebuild (BuilderFlag.REFIT)
     hardware_compatible: bool = False  # HardwareCompatibilityLevel.AMPERE_PLUS
-    version_compatible: bool = False  # VERSION_COMPATIBLE + EXCLUDE_LEAN_RUNTIME: runs on a later lean runtime
+    version_compatible: bool = False  # VERSION_COMPATIBLE: the plan carries its lean runtime, so later
+    # TensorRT versions of the same major version run it
     strongly_typed: bool = True  # always: the ONNX model's types decide each layer's precision
 
 
@@ -97,8 +97,7 @@ def build_log_path(engine: Path) -> Path:
 
 def write_engine_manifest(manifest: EngineManifest, engine: Path) -> Path:
     path = manifest_path(engine)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
+    write_json(path, manifest.to_json())
     return path
 
 

@@ -18,47 +18,33 @@ The other models do not depend on the mode:
     appearance   fixed (exported static)
     pose_guider  fixed: one window of pose frames at 8 x the latent size
     mtcnn_pnet   one pyramid level: each side from the detector's 12-pixel cell to its first scale (12/20) of
-                 the largest image side the engine serves, MAX_DETECTOR_IMAGE_SIDE; opt the 512 crop's level
-    mtcnn_rnet, mtcnn_onet  a batch of 1..MAX_FACE_CROPS candidate crops (the runtime chunks larger batches)
-    yoloface     short side 416, long side up to 416 x MAX_ASPECT_RATIO, multiples of 32 (the official resize)
+                 the largest image side the engine serves (contract.DETECTOR); opt the 512 crop's level
+    mtcnn_rnet, mtcnn_onet  a batch of 1..max_face_crops candidate crops (the detector chunks larger batches)
+    yoloface     short side 416, long side up to 416 x yolo_max_aspect_ratio, multiples of 32 (the official resize)
+The sizes and limits themselves are the contract's (hyportrait.networks.contract).
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from hyportrait.errors import HyportraitError
-from hyportrait.export.export_vae import MAX_DECODE_FRAMES
+from hyportrait.errors import ProfileError
 from hyportrait.export.manifest import Manifest
 from hyportrait.export.onnx_io import ModelRecord
-from hyportrait.networks.face_detector import MTCNNDetector, YoloFaceDetector
-from hyportrait.networks.motion import MAX_FRAMES as MOTION_CHUNK
+from hyportrait.networks.contract import (
+    CROP_SIZE,
+    DECODE_FRAMES,
+    DETECTOR,
+    LATENT_FACTOR,
+    MOTION_FRAMES,
+    UNET_BATCH,
+    AxisRange,
+)
 
 PROFILES = ("quality", "fast", "all")
-UNET_BATCH = {"quality": (1, 3, 3), "fast": (1, 1, 1)}  # (min, opt, max) guidance branches per UNet call
-MAX_DETECTOR_IMAGE_SIDE = 2048  # larger images are downscaled by the caller before detection
-MAX_FACE_CROPS = 256  # R-Net / O-Net candidates per call
-MAX_ASPECT_RATIO = 2.5  # YoloFace inputs: long side / short side
-LATENT_FACTOR = 8  # the VAE's downsampling
 
 Shape = tuple[int, ...]
-
-
-class ProfileError(HyportraitError):
-    code = "bad_profile"
-
-
-@dataclass(frozen=True)
-class AxisRange:
-    min: int
-    opt: int
-    max: int
-
-    def __post_init__(self):
-        if not 1 <= self.min <= self.opt <= self.max:
-            raise ValueError(f"need 1 <= min <= opt <= max, got {self.min}, {self.opt}, {self.max}")
 
 
 @dataclass(frozen=True)
@@ -113,22 +99,19 @@ def runtime_sizes(manifest: Manifest) -> RuntimeSizes:
     return RuntimeSizes(frames, height, width)
 
 
-def _fixed(value: int) -> AxisRange:
-    return AxisRange(value, value, value)
+_fixed = AxisRange.fixed
 
 
 def _pnet_side_range() -> AxisRange:
-    """P-Net input sides over the detector's own pyramid (its default minimum face size and scale factor)."""
-    defaults = inspect.signature(MTCNNDetector.__init__).parameters
-    first_scale = MTCNNDetector.cell_size / defaults["min_face_size"].default
-    crop_level = int(512 * first_scale)  # the source crop is re-detected at 512 x 512
-    return AxisRange(MTCNNDetector.cell_size, crop_level, int(MAX_DETECTOR_IMAGE_SIDE * first_scale))
+    """P-Net input sides over the detector's pyramid (its default minimum face size)."""
+    first_scale = DETECTOR.mtcnn_cell / DETECTOR.mtcnn_min_face
+    crop_level = int(CROP_SIZE * first_scale)  # the source crop is re-detected at 512 x 512
+    return AxisRange(DETECTOR.mtcnn_cell, crop_level, int(DETECTOR.max_image_side * first_scale))
 
 
 def _yoloface_side_range() -> AxisRange:
-    short = YoloFaceDetector.input_short_side
-    longest = math.ceil(short * MAX_ASPECT_RATIO / 32) * 32
-    return AxisRange(short, short, longest)
+    short, stride = DETECTOR.yolo_short_side, DETECTOR.yolo_stride
+    return AxisRange(short, short, math.ceil(short * DETECTOR.yolo_max_aspect_ratio / stride) * stride)
 
 
 def axis_rules(model: str, profile: str, sizes: RuntimeSizes) -> dict[str, AxisRange]:
@@ -137,22 +120,24 @@ def axis_rules(model: str, profile: str, sizes: RuntimeSizes) -> dict[str, AxisR
         raise ProfileError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
     if model == "unet":
         if profile == "all":
-            lows, _, highs = zip(*UNET_BATCH.values())
-            return {"batch": AxisRange(min(lows), UNET_BATCH["quality"][1], max(highs))}
-        return {"batch": AxisRange(*UNET_BATCH[profile])}
+            ranges = UNET_BATCH.values()
+            return {"batch": AxisRange(min(r.min for r in ranges), UNET_BATCH["quality"].opt,
+                                       max(r.max for r in ranges))}
+        return {"batch": UNET_BATCH[profile]}
+    crops = DETECTOR.max_face_crops
     rules = {
-        "vae_decoder": {"frames": AxisRange(1, MAX_DECODE_FRAMES, MAX_DECODE_FRAMES),
+        "vae_decoder": {"frames": DECODE_FRAMES,
                         "latent_height": _fixed(sizes.latent_height), "latent_width": _fixed(sizes.latent_width)},
         "vae_encoder": {"batch": _fixed(1), "height": _fixed(sizes.pixel_height),
                         "width": _fixed(sizes.pixel_width)},
-        "motion": {"frames": AxisRange(1, MOTION_CHUNK, MOTION_CHUNK)},
+        "motion": {"frames": MOTION_FRAMES},
         "appearance": {},
         "pose_guider": {"frames": _fixed(sizes.frames), "height": _fixed(sizes.pixel_height),
                         "width": _fixed(sizes.pixel_width)},
         "mtcnn_pnet": {"height": _pnet_side_range(), "width": _pnet_side_range()},
         # opt: typical candidate counts after P-Net and after R-Net on a portrait
-        "mtcnn_rnet": {"boxes": AxisRange(1, 32, MAX_FACE_CROPS)},
-        "mtcnn_onet": {"boxes": AxisRange(1, 8, MAX_FACE_CROPS)},
+        "mtcnn_rnet": {"boxes": AxisRange(1, 32, crops)},
+        "mtcnn_onet": {"boxes": AxisRange(1, 8, crops)},
         "yoloface": {"height": _yoloface_side_range(), "width": _yoloface_side_range()},
     }
     if model not in rules:

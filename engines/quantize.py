@@ -7,9 +7,10 @@ Scheme (what TensorRT's explicit quantization expects):
   (skip connections, the norm beside a shortcut convolution) read it unquantized.
 - Scales come from a min/max calibration: onnxruntime's MinMax calibrator over recorded input sets, or the
   same amax recorded in PyTorch (`torch_quant.py`, where onnxruntime cannot run the model). int8 maps amax
-  to 127; fp8 (e4m3fn) maps amax to 448, as TensorRT does. onnxruntime itself would derive fp8 scales from
-  a Gaussian fit of each tensor, which on the test UNet gives a larger error, so the fp8 scales are passed
-  to it as overrides.
+  to 127; fp8 (e4m3fn) maps amax to 448, as TensorRT does. onnxruntime places the Q/DQ nodes (as int8) and
+  `_as_float8` then sets the float8 types, scales and weights: onnxruntime's own float8 path would fit a
+  Gaussian to each tensor (a larger error on the test UNet) and quantize weights channel by channel in
+  Python (14 minutes at the official size), and it cannot be steered otherwise without patching it.
 - Kept in the source precision: every other op (normalisations, softmax, activations, the sinusoidal
   embeddings) and the sensitive MatMul/Conv/Gemm nodes of `select_nodes` (first and last convolution, the
   time-embedding MLPs, the attention matmuls of two activations). The list, with reasons, goes into the
@@ -28,8 +29,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,15 +42,16 @@ from hyportrait.errors import InputError
 from hyportrait.export.onnx_io import (
     EXTERNAL_DATA_THRESHOLD,
     ModelRecord,
-    atomic_path,
     relative_error,
     sha256_file,
 )
+from hyportrait.files import atomic_path, write_json
 
 PRECISIONS = ("int8", "fp8")
 QUANTIZED_OP_TYPES = ("MatMul", "Conv", "Gemm")
 QDQ_OPSET = 19
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
+_QUANTIZED_SUFFIX = "_quantized"  # onnxruntime's name for a quantized weight: the float weight's + this
 SCHEME = ("qdq-v2: MatMul/Conv/Gemm inputs (only they read the dequantized activations), weights per channel, "
           "activations per tensor, symmetric, amax scales")
 # (graph scope segment, why nodes under it stay unquantized)
@@ -280,39 +281,6 @@ def tensor_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
     return types
 
 
-def _weight_axis(node: onnx.NodeProto) -> int:
-    """The output-channel axis onnxruntime quantizes this node's weight along."""
-    if node.op_type == "Gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return 0 if trans_b else 1
-    return 1 if node.op_type == "MatMul" else 0
-
-
-def fp8_overrides(model: onnx.ModelProto, selection: NodeSelection, ranges) -> dict[str, list[dict]]:
-    """onnxruntime TensorQuantOverrides giving amax / 448 scales: per tensor for activations (in the tensor's
-    own float type, as QuantizeLinear-19 requires), per output channel for weights."""
-    zero = np.array(0, dtype=ml_dtypes.float8_e4m3fn)
-    initializers = {t.name: t for t in model.graph.initializer}
-    dtypes = tensor_dtypes(model)
-    chosen = set(selection.quantized)
-    overrides = {}
-    for node in model.graph.node:
-        if node.name not in chosen:
-            continue
-        for name in node.input[:2]:
-            if name in initializers:
-                axis = _weight_axis(node)
-                weight = numpy_helper.to_array(initializers[name]).astype(np.float32)
-                amax = np.abs(np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)).max(axis=1)
-                overrides[name] = [{"axis": axis, "scale": np.float32(max(a, 1e-12) / FP8_MAX), "zero_point": zero}
-                                   for a in amax]
-            elif name:
-                dtype = dtypes.get(name, np.dtype(np.float32))
-                scale = np.asarray(max(_amax(ranges, name) / FP8_MAX, np.finfo(dtype).tiny), dtype=dtype)
-                overrides[name] = [{"scale": scale, "zero_point": zero}]
-    return overrides
-
-
 def activation_inputs(model: onnx.ModelProto, selection: NodeSelection) -> dict[str, list[str]]:
     """The activation (non-constant) inputs of the nodes to quantize: tensor name -> the nodes reading it."""
     constants = _constants(model.graph)
@@ -345,37 +313,43 @@ def ranges_from_amax(model: onnx.ModelProto, amax: dict[str, float]):
         for name, value in amax.items()})
 
 
-@contextmanager
-def _vectorized_float8() -> Iterator[None]:
-    """onnxruntime quantizes a float8 weight one output channel at a time, each through a freshly built onnx
-    ReferenceEvaluator, and checks every float8 byte for NaN in a Python loop: at the official size (1.5 B
-    weights in 710k channels) 834 s on a 2-core CPU where int8 takes 132 s (136 s with this). Here both do
-    the same arithmetic vectorized (bit-identical: what the reference QuantizeLinear computes, x / scale in
-    the operands' type saturated to +-448; what the NaN check tests)."""
-    from unittest import mock
+def _as_float8(model_path: Path, source: onnx.ModelProto, ranges, large: bool) -> None:
+    """onnxruntime's int8 Q/DQ model of `source` turned float8 e4m3fn, with amax / 448 scales (as TensorRT
+    maps them): activations per tensor (scales in the tensor's own float type, as QuantizeLinear-19
+    requires), weights per output channel along the axis onnxruntime chose, quantized here from the float
+    weights of `source` in one vectorised cast (onnxruntime's own float8 weight path runs a reference
+    evaluator per channel: 834 s at the official size on 2 cores, where this takes seconds)."""
+    model = onnx.load(str(model_path))
+    initializers = {t.name: t for t in model.graph.initializer}
+    weights = {t.name: t for t in source.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    float8 = ml_dtypes.float8_e4m3fn
 
-    from onnxruntime.quantization import onnx_model, quant_utils
+    def replace(name: str, array: np.ndarray) -> None:
+        initializers[name].CopyFrom(numpy_helper.from_array(array, name))
 
-    reference = quant_utils.quantize_nparray
-    float8 = onnx.TensorProto.FLOAT8E4M3FN
-
-    def quantize_nparray(qType, arr, scale, zero_point, low=None, high=None):
-        if qType != float8:
-            return reference(qType, arr, scale, zero_point, low, high)
-        if zero_point != 0 or arr.dtype not in (np.float32, np.float16):
-            raise ValueError(f"float8 quantization takes a zero point of 0 and float inputs, got {zero_point!r}, "
-                             f"{arr.dtype}")
-        return numpy_helper.saturate_cast(np.asarray(arr / scale), ml_dtypes.float8_e4m3fn)
-
-    def check_init(self, init, test=None):
-        if init.data_type == float8 and init.HasField("raw_data") and \
-                np.any(np.frombuffer(init.raw_data, np.uint8) & 127 == 127):
-            raise ValueError(f"Initializer {init.name!r} has nan.")
-        return init
-
-    with mock.patch.object(quant_utils, "quantize_nparray", quantize_nparray), \
-            mock.patch.object(onnx_model.ONNXModel, "_check_init", check_init):
-        yield
+    for dq in (node for node in model.graph.node if node.op_type == "DequantizeLinear"):
+        quantized, scale_name, zero_name = dq.input[:3]
+        scale_dtype = numpy_helper.to_array(initializers[scale_name]).dtype
+        if quantized in initializers:  # a weight, per output channel
+            weight = numpy_helper.to_array(weights[quantized.removesuffix(_QUANTIZED_SUFFIX)]).astype(np.float32)
+            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+            amax = np.abs(np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)).max(axis=1)
+            scale = (np.maximum(amax, 1e-12) / FP8_MAX).astype(scale_dtype)
+            shape = [1] * weight.ndim
+            shape[axis] = -1
+            replace(quantized, numpy_helper.saturate_cast(weight / scale.astype(np.float32).reshape(shape), float8))
+        else:  # an activation: its QuantizeLinear shares the scale and zero point
+            name = producers[quantized].input[0]
+            scale = np.asarray(max(_amax(ranges, name) / FP8_MAX, np.finfo(scale_dtype).tiny), dtype=scale_dtype)
+        replace(scale_name, scale)
+        replace(zero_name, np.zeros(numpy_helper.to_array(initializers[zero_name]).shape, float8))
+    if large:  # onnx appends to an existing data file: the int8 weights' file goes first
+        model_path.with_name(f"{model_path.name}.data").unlink(missing_ok=True)
+        onnx.save_model(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{model_path.name}.data")
+    else:
+        onnx.save_model(model, str(model_path))
 
 
 def _quantize_static(source: Path, output: Path, precision: str, selection: NodeSelection, ranges,
@@ -384,32 +358,22 @@ def _quantize_static(source: Path, output: Path, precision: str, selection: Node
         CalibrationMethod,
         QuantFormat,
         QuantType,
-        TensorData,
-        TensorsData,
         quantize_static,
         save_tensors_data,
     )
 
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
              "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OP_TYPES)}
-    if precision == "int8":
-        qtype, method = QuantType.QInt8, CalibrationMethod.MinMax
-    else:
-        # onnxruntime requires its Distribution method for float8; every scale is overridden, so only the
-        # ranges' container type matters
-        qtype, method = QuantType.QFLOAT8E4M3FN, CalibrationMethod.Distribution
-        extra["TensorQuantOverrides"] = fp8_overrides(model, selection, ranges)
-        ranges = TensorsData(method, {name: TensorData(lowest=d.range_value[0], highest=d.range_value[1],
-                                                       avg=np.zeros((), np.float32), std=np.ones((), np.float32))
-                                      for name, d in ranges.items()})
     cache = output.parent / "calibration.json"  # onnxruntime reads precomputed ranges from its cache file
     save_tensors_data(ranges, cache)
-    with _vectorized_float8():
-        quantize_static(str(source), str(output), None, quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(QUANTIZED_OP_TYPES), nodes_to_quantize=selection.quantized,
-                        per_channel=True, activation_type=qtype, weight_type=qtype, calibrate_method=method,
-                        use_external_data_format=large, calibration_cache_path=str(cache),
-                        extra_options=extra)
+    # float8 too is placed as int8 first: the same nodes, axes and shared pairs, then its types and scales
+    quantize_static(str(source), str(output), None, quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(QUANTIZED_OP_TYPES), nodes_to_quantize=selection.quantized,
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large,
+                    calibration_cache_path=str(cache), extra_options=extra)
+    if precision == "fp8":
+        _as_float8(output, model, ranges, large)
 
 
 def _session(model_path: Path, providers: Sequence | None):
@@ -518,8 +482,7 @@ def _finish_model(model_path: Path, precision: str, selection: NodeSelection) ->
 
 
 def write_report(report: QuantizationReport, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(asdict(report), indent=1) + "\n")
+    write_json(path, asdict(report))
     return path
 
 
@@ -537,8 +500,7 @@ def save_ranges_json(path: Path, amax: dict[str, float], *, origin: str) -> Path
     """Write activation ranges recorded in PyTorch (amax per ONNX tensor name) as a `--calibration` file."""
     path = Path(path)
     document = {"format": RANGES_FORMAT, "method": TORCH_METHOD, "origin": origin, "amax": dict(sorted(amax.items()))}
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(document, indent=1) + "\n")
+    write_json(path, document)
     return path
 
 

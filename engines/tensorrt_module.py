@@ -11,15 +11,11 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
-from hyportrait.errors import HyportraitError
+from hyportrait.errors import TensorRTMissingError
 
 # flavour -> its module names, flavours in preference order. PyPI's standalone TensorRT-RTX wheels
 # (tensorrt-rtx-cu13-bindings) install the module as tensorrt_rtx_bindings.
 FLAVOUR_MODULES = {"tensorrt": ("tensorrt",), "tensorrt_rtx": ("tensorrt_rtx", "tensorrt_rtx_bindings")}
-
-
-class TensorRTMissingError(HyportraitError):
-    code = "tensorrt_missing"
 
 
 @dataclass(frozen=True)

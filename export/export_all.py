@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hyportrait.errors import InputError
+from hyportrait.networks.contract import LATENT_SIZE
 from hyportrait.networks.lora import merge_lora
 from hyportrait.networks.weights import (
     ARCFACE_FILE,
@@ -33,7 +34,7 @@ from .export_arcface import copy_arcface
 from .export_face_detector import mtcnn_specs, yoloface_spec
 from .export_motion import motion_spec
 from .export_pose_guider import pose_guider_spec, write_pose_constant
-from .export_unet import LATENT_SIZE, unet_spec
+from .export_unet import unet_spec
 from .export_vae import vae_decoder_spec, vae_encoder_spec
 from .manifest import MANIFEST_FILE, Manifest, write_manifest
 from .onnx_io import (

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hyportrait.networks.appearance import AppearanceEncoder
+from hyportrait.networks.contract import MODELS
 from hyportrait.networks.weights import CHECKPOINTS, Networks
 
 from .onnx_io import ExportSpec
@@ -28,11 +29,4 @@ def appearance_spec(nets: Networks) -> ExportSpec:
     inputs = {"image": torch.randn(1, 3, size, size, generator=gen),
               "id_embedding": F.normalize(torch.randn(1, config.id_dim, generator=gen), dim=-1)}
     paths = {spec.name: spec.path for spec in CHECKPOINTS}
-    return ExportSpec(
-        name="appearance",
-        module=encoder,
-        inputs=inputs,
-        outputs=["appearance_tokens"],
-        dynamic_axes={},
-        sources=(paths["dino"], paths["image_proj"]),
-    )
+    return ExportSpec.of(MODELS["appearance"], encoder, inputs, sources=(paths["dino"], paths["image_proj"]))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from hyportrait.networks.contract import MODELS
 from hyportrait.networks.face_detector import MTCNNDetector, PNetAnySize, YoloFaceWithGrids
 from hyportrait.networks.weights import DETECTOR_FILE
 
@@ -33,24 +34,13 @@ def mtcnn_specs(detector: MTCNNDetector | None = None, seed: int = 0) -> list[Ex
     def images(n: int, height: int, width: int) -> torch.Tensor:
         return (torch.rand(n, 3, height, width, generator=gen) * 255 - 127.5) / 128  # the detector's scaling
 
-    batch = {0: "boxes"}
     return [
-        ExportSpec(
-            name="mtcnn_pnet", module=PNetAnySize(detector.pnet).eval(),
-            inputs={"image": images(1, 64, 48)}, outputs=["box_offsets", "face_prob"],
-            dynamic_axes={"image": {2: "height", 3: "width"}, "box_offsets": {2: "cells_y", 3: "cells_x"},
-                          "face_prob": {1: "cells_y", 2: "cells_x"}},
-            sources=(MTCNN_SOURCE,), extra_inputs=[{"image": images(1, 37, 51)}], allow_fp16=False),
-        ExportSpec(
-            name="mtcnn_rnet", module=detector.rnet.eval(),
-            inputs={"patches": images(4, 24, 24)}, outputs=["box_offsets", "face_prob"],
-            dynamic_axes={"patches": batch, "box_offsets": batch, "face_prob": batch},
-            sources=(MTCNN_SOURCE,), extra_inputs=[{"patches": images(1, 24, 24)}], allow_fp16=False),
-        ExportSpec(
-            name="mtcnn_onet", module=detector.onet.eval(),
-            inputs={"patches": images(4, 48, 48)}, outputs=["box_offsets", "landmarks", "face_prob"],
-            dynamic_axes={"patches": batch, "box_offsets": batch, "landmarks": batch, "face_prob": batch},
-            sources=(MTCNN_SOURCE,), extra_inputs=[{"patches": images(1, 48, 48)}], allow_fp16=False),
+        ExportSpec.of(MODELS["mtcnn_pnet"], PNetAnySize(detector.pnet).eval(), {"image": images(1, 64, 48)},
+                      sources=(MTCNN_SOURCE,), extra_inputs=[{"image": images(1, 37, 51)}]),
+        ExportSpec.of(MODELS["mtcnn_rnet"], detector.rnet.eval(), {"patches": images(4, 24, 24)},
+                      sources=(MTCNN_SOURCE,), extra_inputs=[{"patches": images(1, 24, 24)}]),
+        ExportSpec.of(MODELS["mtcnn_onet"], detector.onet.eval(), {"patches": images(4, 48, 48)},
+                      sources=(MTCNN_SOURCE,), extra_inputs=[{"patches": images(1, 48, 48)}]),
     ]
 
 
@@ -63,9 +53,7 @@ def yoloface_spec(path: Path, seed: int = 0) -> ExportSpec:
     def image(height: int, width: int) -> torch.Tensor:
         return torch.rand(1, 3, height, width, generator=gen)
 
-    return ExportSpec(
-        # scripted: tracing cannot step into a loaded TorchScript model; the exporter takes a scripted graph
-        name="yoloface", module=torch.jit.script(YoloFaceWithGrids(model).eval()),
-        inputs={"image": image(416, 416)}, outputs=["detections"],
-        dynamic_axes={"image": {2: "height", 3: "width"}, "detections": {1: "anchors"}},
-        sources=(DETECTOR_FILE,), extra_inputs=[{"image": image(416, 736)}], allow_fp16=False)
+    # scripted: tracing cannot step into a loaded TorchScript model; the exporter takes a scripted graph
+    return ExportSpec.of(MODELS["yoloface"], torch.jit.script(YoloFaceWithGrids(model).eval()),
+                         {"image": image(416, 416)}, sources=(DETECTOR_FILE,),
+                         extra_inputs=[{"image": image(416, 736)}])

@@ -9,8 +9,8 @@ backend can run the same model.
 """
 import torch
 
-from hyportrait.networks.contract import MOTION_SIZE
-from hyportrait.networks.motion import MAX_FRAMES, MotionEncoder
+from hyportrait.networks.contract import MODELS, MOTION_SIZE, WINDOW
+from hyportrait.networks.motion import MotionEncoder
 from hyportrait.networks.weights import CHECKPOINTS, Networks
 
 from .onnx_io import ExportSpec
@@ -30,15 +30,6 @@ def motion_spec(nets: Networks) -> ExportSpec:
             "exp_bucket": torch.randint(num_buckets, (1,), generator=gen, dtype=torch.int32),
         }
 
-    frames_axis = {0: "frames"}
     paths = {spec.name: spec.path for spec in CHECKPOINTS}
-    return ExportSpec(
-        name="motion",
-        module=encoder,
-        inputs=inputs(MAX_FRAMES),
-        outputs=["motion_tokens"],
-        dynamic_axes={"face_images": frames_axis, "pose_images": frames_axis, "motion_tokens": frames_axis},
-        sources=(paths["expression"], paths["headpose"], paths["motion_refiner"]),
-        extra_inputs=[inputs(7)],
-        allow_fp16=False,  # the reference runs the motion networks in fp32 whatever the precision
-    )
+    return ExportSpec.of(MODELS["motion"], encoder, inputs(WINDOW), extra_inputs=[inputs(7)],
+                         sources=(paths["expression"], paths["headpose"], paths["motion_refiner"]))

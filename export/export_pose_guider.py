@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hyportrait.networks.contract import CROP_SIZE
+from hyportrait.files import atomic_path
+from hyportrait.networks.contract import CROP_SIZE, MODELS
 from hyportrait.networks.pose_guider import PoseFrameEncoder
 from hyportrait.networks.weights import CHECKPOINTS, Networks
 
-from .onnx_io import ExportSpec, atomic_path, sha256_file
+from .onnx_io import ExportSpec, sha256_file
 
 POSE_SOURCE = next(spec.path for spec in CHECKPOINTS if spec.name == "pose_guider")
 POSE_CONSTANT_FILE = "pose_constant.npy"
@@ -30,16 +31,9 @@ def pose_guider_spec(nets: Networks, image_size: int = 64, seed: int = 0) -> Exp
     def images(frames: int, height: int, width: int) -> torch.Tensor:
         return torch.rand(frames, channels, height, width, generator=gen) * 2 - 1
 
-    return ExportSpec(
-        name="pose_guider",
-        module=PoseFrameEncoder(nets.pose_guider).eval(),
-        inputs={"pose_images": images(2, image_size, image_size)},
-        outputs=["pose_features"],
-        dynamic_axes={"pose_images": {0: "frames", 2: "height", 3: "width"},
-                      "pose_features": {0: "frames", 2: "feature_height", 3: "feature_width"}},
-        sources=(POSE_SOURCE,),
-        extra_inputs=[{"pose_images": images(3, image_size + 16, image_size - 8)}],
-    )
+    return ExportSpec.of(MODELS["pose_guider"], PoseFrameEncoder(nets.pose_guider).eval(),
+                         {"pose_images": images(2, image_size, image_size)}, sources=(POSE_SOURCE,),
+                         extra_inputs=[{"pose_images": images(3, image_size + 16, image_size - 8)}])
 
 
 def write_pose_constant(nets: Networks, out_dir: Path, size: int = CROP_SIZE) -> dict:

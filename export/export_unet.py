@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import torch
 
+from hyportrait.networks.contract import LATENT_SIZE, MODELS, TOKENS
 from hyportrait.networks.unet import UNetWithAdapters, UNetWithPoseMap, weight_sharing_copy
 from hyportrait.networks.weights import CHECKPOINTS, Networks
 
 from .onnx_io import ExportSpec
-
-# latent size of the 512x512 crops; the tiny UNet's smallest (three downsamplings)
-LATENT_SIZE = {"official": 64, "tiny": 8}
-TOKENS = 64  # appearance and motion tokens per frame
 
 
 def unet_spec(nets: Networks, dedup: bool = True, batch: int = 3, frames: int | None = None,
@@ -74,17 +71,13 @@ def unet_spec(nets: Networks, dedup: bool = True, batch: int = 3, frames: int | 
             "added_time_ids": time_ids,
         }
 
+    paths = {spec.name: spec.path for spec in CHECKPOINTS}
+    rest = {"sources": (paths["unet"],), "extra_inputs": [inputs(1)] if batch != 1 else [inputs(2)]}
+    if pose_map and shared_appearance:  # the engine contract
+        return ExportSpec.of(MODELS["unet"], module, inputs(batch), **rest)
     batched = ["sample", "appearance_tokens", "motion_tokens", "added_time_ids", "v_prediction"]
     batched += [] if pose_map else ["pose_features"]
-    paths = {spec.name: spec.path for spec in CHECKPOINTS}
+    contract = MODELS["unet"]
     return ExportSpec(
-        name="unet",
-        module=module,
-        inputs=inputs(batch),
-        outputs=["v_prediction"],
-        dynamic_axes={name: {0: "batch"} for name in batched},
-        sources=(paths["unet"],),
-        extra_inputs=[inputs(1)] if batch != 1 else [inputs(2)],
-        # both only feed sinusoidal embeddings, computed in fp32 anyway; fp32 keeps e.g. 0.02 augmentation exact
-        fp32_inputs=("timestep", "added_time_ids"),
-    )
+        name="unet", module=module, inputs=inputs(batch), outputs=list(contract.output_names),
+        dynamic_axes={name: {0: "batch"} for name in batched}, fp32_inputs=contract.fp32_inputs, **rest)

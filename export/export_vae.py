@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import torch
 
+from hyportrait.networks.contract import DECODE_CHUNK, MODELS
 from hyportrait.networks.vae import VAEClipDecoder, VAEImageEncoder
 from hyportrait.networks.weights import CHECKPOINTS, Networks
 
 from .onnx_io import ExportSpec
 
 VAE_SOURCE = next(spec.path for spec in CHECKPOINTS if spec.name == "vae")
-MAX_DECODE_FRAMES = 8  # the official decode chunk
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -32,17 +32,9 @@ def vae_encoder_spec(nets: Networks, image_size: int = 64, seed: int = 0) -> Exp
     def image(batch: int, height: int, width: int) -> torch.Tensor:
         return torch.rand(batch, 3, height, width, generator=gen) * 2 - 1
 
-    axes = {0: "batch", 2: "height", 3: "width"}
-    return ExportSpec(
-        name="vae_encoder",
-        module=VAEImageEncoder(nets.vae).eval(),
-        inputs={"image": image(1, image_size, image_size)},
-        outputs=["latent_mean"],
-        dynamic_axes={"image": axes, "latent_mean": {0: "batch", 2: "latent_height", 3: "latent_width"}},
-        sources=(VAE_SOURCE,),
-        extra_inputs=[{"image": image(2, image_size + 16, image_size - 16)}],
-        allow_fp16=False,
-    )
+    return ExportSpec.of(
+        MODELS["vae_encoder"], VAEImageEncoder(nets.vae).eval(), {"image": image(1, image_size, image_size)},
+        sources=(VAE_SOURCE,), extra_inputs=[{"image": image(2, image_size + 16, image_size - 16)}])
 
 
 def vae_decoder_spec(nets: Networks, latent_size: int = 8, seed: int = 0) -> ExportSpec:
@@ -53,13 +45,7 @@ def vae_decoder_spec(nets: Networks, latent_size: int = 8, seed: int = 0) -> Exp
         # the sampler's latents: a unit-variance latent times the scaling factor
         return torch.randn(frames, 4, height, width, generator=gen) * scale
 
-    return ExportSpec(
-        name="vae_decoder",
-        module=VAEClipDecoder(nets.vae).eval(),
-        inputs={"latents": latents(MAX_DECODE_FRAMES, latent_size, latent_size)},
-        outputs=["frames"],
-        dynamic_axes={"latents": {0: "frames", 2: "latent_height", 3: "latent_width"},
-                      "frames": {0: "frames", 2: "height", 3: "width"}},
-        sources=(VAE_SOURCE,),
-        extra_inputs=[{"latents": latents(3, latent_size + 2, latent_size)}],
-    )
+    return ExportSpec.of(
+        MODELS["vae_decoder"], VAEClipDecoder(nets.vae).eval(),
+        {"latents": latents(DECODE_CHUNK, latent_size, latent_size)},
+        sources=(VAE_SOURCE,), extra_inputs=[{"latents": latents(3, latent_size + 2, latent_size)}])

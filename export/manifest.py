@@ -11,8 +11,9 @@ from pathlib import Path
 
 import hyportrait
 from hyportrait.errors import InputError, describe
+from hyportrait.files import write_json
 
-from .onnx_io import OPSET, ModelRecord, TensorRecord, atomic_path
+from .onnx_io import OPSET, ModelRecord, TensorRecord
 
 MANIFEST_FILE = "manifest.json"
 EXPORTER = "torch.onnx.export (TorchScript-based, dynamo=False)"
@@ -60,8 +61,7 @@ class Manifest:
 def write_manifest(manifest: Manifest, out_dir: Path) -> Path:
     """Write `out_dir/manifest.json` atomically."""
     path = Path(out_dir) / MANIFEST_FILE
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
+    write_json(path, manifest.to_json())
     return path
 
 

@@ -17,8 +17,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hyportrait.errors import HyportraitError, InputError
+from hyportrait.errors import ExportError, InputError
+from hyportrait.networks.contract import ModelContract
 
 # 18: the newest opset the TorchScript exporter supports fully; TensorRT 8.6+ and onnxruntime 1.14+ read it.
 OPSET = 18
@@ -37,10 +37,6 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # a margin for the graph itself
 FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 1e-2
 _NORMS = (nn.GroupNorm, nn.LayerNorm)
-
-
-class ExportError(HyportraitError):
-    code = "export_failed"
 
 
 @dataclass
@@ -54,6 +50,15 @@ class ExportSpec:
     extra_inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)  # more sets to validate on
     fp32_inputs: tuple[str, ...] = ()  # floating inputs that stay fp32 in an fp16 export (e.g. the timestep)
     allow_fp16: bool = True  # False: the reference runs it in fp32, so an fp16 export keeps it fp32
+
+    @classmethod
+    def of(cls, contract: ModelContract, module: nn.Module, inputs: dict[str, torch.Tensor], **rest) -> ExportSpec:
+        """The spec of a contract's model: output names, dynamic axes and dtypes from the contract."""
+        if tuple(inputs) != contract.input_names:
+            raise ValueError(f"{contract.name}: example inputs {list(inputs)}, the contract's "
+                             f"{list(contract.input_names)}")
+        return cls(contract.name, module, inputs, list(contract.output_names), contract.dynamic_axes,
+                   fp32_inputs=contract.fp32_inputs, allow_fp16=contract.allow_fp16, **rest)
 
 
 @dataclass
@@ -93,21 +98,6 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     return precision
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path next to `path` to write into; renamed to `path` when the block succeeds, removed
-    when it raises, so `path` is never seen half-written."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.partial-")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def ensure_writable(out_dir: Path) -> Path:

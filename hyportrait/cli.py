@@ -37,8 +37,8 @@ def _add_animate(sub) -> None:
     p.add_argument("--rewrites", action="store_true",
                    help="torch backend: run the engine rewrites (same up to rounding, faster) instead of the "
                    "faithful modules")
-    p.add_argument("--cuda-graph", action="store_true", help="torch and onnxruntime backends on a GPU: replay "
-                   "the UNet and VAE decoder as CUDA graphs")
+    p.add_argument("--cuda-graph", action="store_true", help="any backend on a GPU: replay the UNet and VAE "
+                   "decoder as CUDA graphs")
     p.add_argument("--compile", action="store_true", help="torch backend: compile the UNet and VAE decoder with "
                    "torch.compile (faster after minutes of compiling at the first window)")
     p.add_argument("--float8", action="store_true", help="torch backend, GPUs of compute capability 8.9+: the "
@@ -118,11 +118,11 @@ def _add_build(sub) -> None:
                    help="builder optimization level (default 3; higher builds longer)")
     p.add_argument("--workspace-gb", type=float, help="memory limit for the builder's tactics (default: the GPU's)")
     p.add_argument("--timing-cache", type=Path, help="timing cache file, loaded and updated (default: OUT/timing.cache)")
-    p.add_argument("--refit", action="store_true", help="refittable engines (weights replaceable without a rebuild)")
     p.add_argument("--hardware-compatible", action="store_true",
                    help="engines that run on any Ampere or newer GPU (slower than GPU-specific ones)")
     p.add_argument("--version-compatible", action="store_true",
-                   help="engines that later TensorRT versions of the same major version can run (lean runtime)")
+                   help="engines that later TensorRT versions of the same major version can run (they carry "
+                   "their lean runtime)")
     p.add_argument("--verbose", action="store_true", help="TensorRT's verbose messages in the build logs")
 
 
@@ -245,6 +245,43 @@ def _distill_prepare(args) -> int:
     print(f"{len(report['added'])} clips added ({report['examples_added']} examples), "
           f"{report['in_data_before']} already in the data, {len(report['skipped'])} skipped "
           f"(see {args.out / REPORT}); {report['examples']} examples in {args.out}")
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="compare every engine (or another export's models) with onnxruntime on the "
+                       "same random and recorded inputs (polygraphy's comparator), output by output")
+    p.add_argument("--engines", required=True, type=Path, help="engine folder (`hyportrait build`), or another "
+                   "export folder whose models onnxruntime runs")
+    p.add_argument("--onnx", required=True, type=Path, help="the export the engines were built from: the reference")
+    p.add_argument("--models", nargs="+", metavar="MODEL", help="compare only these models (default: all exported)")
+    p.add_argument("--inputs", type=Path, metavar="FILE.npz",
+                   help="recorded UNet inputs (`hyportrait calibrate --out FILE.npz`), compared beside random ones")
+    p.add_argument("--recorded-only", action="store_true", help="no random inputs for the models that --inputs "
+                   "records (a full-size UNet runs long)")
+    p.add_argument("--rtol", type=float, help="relative tolerance (default 1e-3 for an fp32 export, 2e-2 fp16)")
+    p.add_argument("--atol", type=float, help="absolute tolerance (default as --rtol)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where onnxruntime runs the reference (cuda: its CUDA provider; default cpu)")
+    p.add_argument("--report", type=Path, metavar="FILE.json", help="also write the comparison as JSON")
+
+
+def _verify(args) -> int:
+    from hyportrait.engines.verify import verify
+    from hyportrait.errors import InputError, VerifyError
+    from hyportrait.files import write_json
+
+    providers = ["CPUExecutionProvider"] if args.device == "cpu" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if args.recorded_only and not args.inputs:
+        raise InputError("--recorded-only needs --inputs FILE.npz")
+    report = verify(args.engines, args.onnx, models=args.models, recorded=args.inputs,
+                    random=not args.recorded_only, rtol=args.rtol, atol=args.atol, providers=providers)
+    print(report.table())
+    if args.report:
+        print(f"wrote {write_json(args.report, report.to_json())}")
+    failed = [e for e in report.errors if not e.passed]
+    if failed or not report.errors:
+        raise VerifyError(f"{len(failed)} of {len(report.errors)} outputs differ from onnxruntime beyond rtol "
+                          f"{report.rtol:g} / atol {report.atol:g}: "
+                          + ", ".join(sorted({f"{e.model}.{e.output}" for e in failed}))
+                          if report.errors else "no model was compared")
     return 0
 
 
@@ -423,7 +460,7 @@ def _build(args) -> int:
     if args.workspace_gb is not None and not 0 < args.workspace_gb < 2**20:  # also refuses nan
         raise InputError(f"--workspace-gb must be a positive number of GB, got {args.workspace_gb}")
     workspace = int(args.workspace_gb * 2**30) if args.workspace_gb else None
-    flags = BuildFlags(optimization_level=args.opt_level, workspace_bytes=workspace, refit=args.refit,
+    flags = BuildFlags(optimization_level=args.opt_level, workspace_bytes=workspace,
                        hardware_compatible=args.hardware_compatible, version_compatible=args.version_compatible)
     request = BuildRequest(onnx_dir=args.onnx, out_dir=args.out, precision=args.precision, profile=args.profile,
                            flags=flags, calibration=args.calibration, timing_cache=args.timing_cache,
@@ -508,6 +545,7 @@ def _main(argv: list[str]) -> int:
     _add_calibrate(sub)
     _add_distill(sub)
     _add_serve(sub)
+    _add_verify(sub)
     sub.add_parser("bench", help="speed and accuracy of every runtime configuration on this GPU "
                    "(hyportrait bench --help)", add_help=False)
     if argv[:1] == ["bench"]:  # its own options: benchmarks/bench.py parses them
@@ -518,7 +556,7 @@ def _main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         return {"animate": _animate, "weights": _weights, "export": _export, "build": _build,
-                "calibrate": _calibrate, "distill": _distill, "serve": _serve}[args.command](args)
+                "calibrate": _calibrate, "distill": _distill, "serve": _serve, "verify": _verify}[args.command](args)
     except HyportraitError as exc:
         print(f"hyportrait: error [{exc.code}]: {exc.message}", file=sys.stderr)
         return 2

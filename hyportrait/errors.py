@@ -49,3 +49,49 @@ def describe(exc: BaseException) -> str:
     "Permission denied"), for messages that already name the file."""
     reason = getattr(exc, "strerror", None)
     return (reason or str(exc)).strip().rstrip(".")[:300] or type(exc).__name__
+
+
+class ExportError(HyportraitError):
+    """A model that would not export, or whose export differs from its PyTorch module."""
+    code = "export_failed"
+
+
+class ProfileError(HyportraitError):
+    """An export whose shapes cannot serve an engine profile."""
+    code = "bad_profile"
+
+
+class EngineBuildError(HyportraitError):
+    code = "build_failed"
+
+    def __init__(self, message: str, errors=(), stage: str = "build"):
+        super().__init__(message)
+        self.errors = list(errors)  # the parser's and TensorRT's own error messages
+        self.stage = stage  # "parse", "configure" or "build"
+
+
+class EngineRunError(HyportraitError):
+    code = "engine_failed"
+
+
+class TensorRTMissingError(HyportraitError):
+    code = "tensorrt_missing"
+
+
+class BackendError(HyportraitError):
+    """A backend this machine cannot run: no GPU for a GPU backend, no CUDA provider, a model it cannot load."""
+    code = "backend_unavailable"
+
+
+class OutOfMemoryError(HyportraitError):
+    code = "out_of_memory"
+
+
+class VerifyError(HyportraitError):
+    """Engines whose outputs differ from onnxruntime's beyond the tolerance (`hyportrait verify`)."""
+    code = "verify_failed"
+
+
+class DataError(HyportraitError):
+    """A training-data folder that is missing, empty, of another format, or whose shards do not match it."""
+    code = "bad_data"

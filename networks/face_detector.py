@@ -1,7 +1,10 @@
 """Face boxes and 5-point landmarks for preprocessing.
 
 Two detectors share one interface, `FaceDetector.detect(rgb_uint8_image) -> list[Face]`, largest face first, and
-`detect_batch(images)` for many images at once (driving frames: one network call per stage for a whole chunk):
+`detect_batch(images)` for many images at once (driving frames: one network call per stage for a whole chunk).
+Each runs its networks as PyTorch modules by default, or as any callables with the exported models' contract
+(`networks/contract.py`: the runtime passes onnxruntime sessions or TensorRT engines), the pre- and
+post-processing staying the same:
 - `YoloFaceDetector`: the official `yoloface_v5m.pt` TorchScript model, with the official wrapper's pre- and
   post-processing (short side 416, sides rounded up to a multiple of 32, conf 0.5, NMS IoU 0.45).
 - `MTCNNDetector`: the out-of-the-box fallback: our PyTorch P/R/O-Nets holding the weights that ship inside
@@ -33,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hyportrait.errors import InputError, WeightsError, describe
+
+from .contract import DETECTOR, MODELS, MTCNN_MODELS
 
 log = logging.getLogger(__name__)
 
@@ -121,28 +126,37 @@ class YoloFaceDetector(FaceDetector):
     (cx, cy, w, h, objectness, 5 landmark (x, y), face class score) in input pixels. The official wrapper only
     ever passes N = 1, so batches are tried once and given up when the model turns out not to take them."""
 
-    input_short_side = 416
+    input_short_side = DETECTOR.yolo_short_side
     strides = (8, 16, 32)
 
-    def __init__(self, path: str | Path, conf_threshold: float = 0.5, iou_threshold: float = 0.45,
-                 device: str | torch.device = "cpu"):
+    def __init__(self, path: str | Path | None = None, conf_threshold: float = 0.5, iou_threshold: float = 0.45,
+                 device: str | torch.device = "cpu", *,
+                 exported: Callable[[torch.Tensor], Sequence[torch.Tensor]] | None = None):
+        """path: the official TorchScript file; or exported: the exported model (`yoloface` of the contract:
+        image (1, 3, h1, w1) -> (detections,), its grids built inside) run by a backend."""
         self.device = torch.device(device)
         self.conf_threshold = conf_threshold
         self.iou_threshold = iou_threshold
+        self._grids: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.exported = exported
+        if exported is not None:
+            self.model = lambda image, grids: exported(image)[0]
+            self.takes_batches = not MODELS["yoloface"].batch_one
+            return
         try:
             with warnings.catch_warnings():  # the official file is TorchScript; torch 2.13 deprecates the loader
                 warnings.simplefilter("ignore", DeprecationWarning)
                 self.model = torch.jit.load(str(path), map_location=self.device).eval()
         except (RuntimeError, ValueError) as e:
             raise WeightsError(f"cannot load the YoloFace TorchScript model {path}: {e}") from e
-        self._grids: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.takes_batches = True  # until a batched call shows otherwise
 
     @classmethod
     def input_size(cls, height: int, width: int) -> tuple[int, int]:
         """Network input (h1, w1): short side scaled to 416, each side then rounded up to a multiple of 32."""
         r = cls.input_short_side / min(height, width)
-        return int(height * r + 31) // 32 * 32, int(width * r + 31) // 32 * 32
+        stride = DETECTOR.yolo_stride
+        return int(height * r + stride - 1) // stride * stride, int(width * r + stride - 1) // stride * stride
 
     def _grids_for(self, h1: int, w1: int) -> list[torch.Tensor]:
         if (h1, w1) not in self._grids:
@@ -495,11 +509,15 @@ class MTCNNDetector(FaceDetector):
     levels stacked, their R-/O-Net crops concatenated), and thresholds and NMS run per image. A batch's
     convolutions may round differently from one image's: boxes and landmarks move by ~1e-3 px at most."""
 
-    cell_size = 12
+    cell_size = DETECTOR.mtcnn_cell
     cell_stride = 2
 
-    def __init__(self, min_face_size: int = 20, scale_factor: float = 0.709,
-                 thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8), device: str | torch.device = "cpu"):
+    def __init__(self, min_face_size: int = DETECTOR.mtcnn_min_face, scale_factor: float = 0.709,
+                 thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8), device: str | torch.device = "cpu",
+                 *, exported: dict[str, Callable[[torch.Tensor], Sequence[torch.Tensor]]] | None = None):
+        """exported: the exported nets (`mtcnn_pnet`, `mtcnn_rnet`, `mtcnn_onet` of the contract, each a
+        callable from its input tensor to its outputs in the contract's order) run by a backend, instead of
+        the PyTorch modules; their calls keep to the contract's batch limits."""
         self.min_face_size = min_face_size
         self.scale_factor = scale_factor
         self.thresholds = thresholds
@@ -507,6 +525,11 @@ class MTCNNDetector(FaceDetector):
         # input pixels per network call: a CPU is fastest on calls that stay in its caches, a GPU on few calls
         # (its time goes to kernel launches); the bound also caps memory when a batch has many candidates
         self.max_pixels_per_call = 2**17 if self.device.type == "cpu" else 2**23
+        self.max_rows: dict[str, int] = {}  # rows per call of an exported net (none: any)
+        if exported is not None:
+            self.pnet, self.rnet, self.onet = (exported[name] for name in MTCNN_MODELS)
+            self.max_rows = {name: 1 if MODELS[name].batch_one else DETECTOR.max_face_crops for name in MTCNN_MODELS}
+            return
         weights = mtcnn_weights_dir()
         self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
         for net, name in ((self.pnet, "pnet"), (self.rnet, "rnet"), (self.onet, "onet")):
@@ -532,15 +555,17 @@ class MTCNNDetector(FaceDetector):
         height, width = images[0].shape[:2]
         boxes = self._propose(images)
         normalized = _normalize(torch.from_numpy(np.stack(images)).to(self.device).float())
-        boxes = self._next_stage(self.rnet, 24, self._refine, normalized, boxes)
-        rows = self._next_stage(self.onet, 48, self._output, normalized, boxes)
+        boxes = self._next_stage("mtcnn_rnet", 24, self._refine, normalized, boxes)
+        rows = self._next_stage("mtcnn_onet", 48, self._output, normalized, boxes)
         return [self._faces(image_rows, height, width) for image_rows in rows]
 
-    def _run(self, net: nn.Module, count: int, inputs: Callable[[slice], torch.Tensor],
+    def _run(self, stage: str, count: int, inputs: Callable[[slice], torch.Tensor],
              pixels_each: int) -> list[np.ndarray]:
-        """`net` on `inputs(rows)` for consecutive slices of `count` rows of `pixels_each` pixels, at most
-        `max_pixels_per_call` pixels a call; the outputs joined as float64 arrays."""
-        step = max(self.max_pixels_per_call // pixels_each, 1)
+        """Net `stage` ("mtcnn_pnet", ...) on `inputs(rows)` for consecutive slices of `count` rows of
+        `pixels_each` pixels, at most `max_pixels_per_call` pixels (and an exported net's rows) a call; the
+        outputs joined as float64 arrays."""
+        net = {"mtcnn_pnet": self.pnet, "mtcnn_rnet": self.rnet, "mtcnn_onet": self.onet}[stage]
+        step = min(max(self.max_pixels_per_call // pixels_each, 1), self.max_rows.get(stage, count) or 1)
         with fp32_convolutions():
             calls = [[o.float().cpu().numpy() for o in net(inputs(slice(start, start + step)))]
                      for start in range(0, count, step)]
@@ -568,7 +593,7 @@ class MTCNNDetector(FaceDetector):
         """P-Net on one pyramid level of all images, (N, h, w, 3) -> box offsets (N, 4, h', w'), face
         probabilities (N, h', w')."""
         x = torch.from_numpy(level).to(self.device).permute(0, 3, 1, 2).contiguous()
-        return self._run(self.pnet, len(x), lambda rows: x[rows], x.shape[2] * x.shape[3])
+        return self._run("mtcnn_pnet", len(x), lambda rows: x[rows], x.shape[2] * x.shape[3])
 
     def _candidates(self, levels: list[tuple[np.ndarray, np.ndarray]], scales: np.ndarray) -> np.ndarray:
         """One image's P-Net outputs at each level -> candidate squares after NMS per level, then over all."""
@@ -590,9 +615,9 @@ class MTCNNDetector(FaceDetector):
         boxes = _sort_by_score(np.concatenate([boxes, prob[ys, xs, None]], axis=1))
         return boxes[mtcnn_nms(boxes, 0.5)]
 
-    def _next_stage(self, net: nn.Module, size: int, finish: Callable[..., np.ndarray], images: torch.Tensor,
+    def _next_stage(self, stage: str, size: int, finish: Callable[..., np.ndarray], images: torch.Tensor,
                     boxes: list[np.ndarray]) -> list[np.ndarray]:
-        """`net` on the size x size crops of all images' boxes (in as few calls as `max_pixels_per_call`
+        """Net `stage` on the size x size crops of all images' boxes (in as few calls as `max_pixels_per_call`
         allows), then `finish(image_boxes, *net_outputs)` thresholds and suppresses per image."""
         counts = [len(image_boxes) for image_boxes in boxes]
         if not sum(counts):
@@ -602,7 +627,7 @@ class MTCNNDetector(FaceDetector):
         def crops(rows: slice) -> torch.Tensor:
             return crop_and_resize(images, all_boxes[rows], image_of_box[rows], size)
 
-        outputs = self._run(net, len(all_boxes), crops, size * size)
+        outputs = self._run(stage, len(all_boxes), crops, size * size)
         per_image = [np.split(output, np.cumsum(counts)[:-1]) for output in outputs]
         return [finish(image_boxes, *image_outputs) for image_boxes, *image_outputs in zip(boxes, *per_image)]
 

@@ -8,12 +8,9 @@ clamped to [0, 127] by the caller (the official bucket computation).
 import torch
 from torch import nn
 
-from .contract import WINDOW
 from .expression_encoder import ExpressionEncoder
 from .headpose_encoder import HeadPoseEncoder
 from .motion_refiner import IntensityAwareMotionRefiner, assemble_motion_tokens
-
-MAX_FRAMES = WINDOW  # one chunk: the bucket ids are computed per 25-frame window
 
 
 class MotionEncoder(nn.Module):

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
@@ -38,13 +38,13 @@ import torch
 
 from hyportrait.errors import HyportraitError, InputError, OptionError, describe
 from hyportrait.networks.arcface import load_arcface, zero_identity_embedding
-from hyportrait.networks.face_detector import load_face_detector
+from hyportrait.networks.contract import PRECISIONS
 
 from .backends import Models, resolve_device
 from .inputs import load_image
+from .models import ModelOptions, load_models
 from .paste_back import PasteBack
 from .pipeline import (
-    DTYPES,
     FAST_MODE,
     AnimateConfig,
     BusyTimes,
@@ -207,7 +207,7 @@ class Animator:
     mode: "quality" (the official sampler) or "fast" (LCM, 4 steps, no guidance: for a UNet with an LCM LoRA
     merged, `lora=` on the torch backend or `hyportrait export --lora`).
     faithful (torch only): True runs the modules as the official code does (the reference, bit-identical);
-    False the engine rewrites (same up to rounding, faster). cuda_graph (torch and onnxruntime, GPU): replay
+    False the engine rewrites (same up to rounding, faster). cuda_graph (any backend, GPU): replay
     the UNet and VAE decoder as CUDA graphs. compile (torch only): compile the UNet and VAE decoder with
     `torch.compile` (True: inductor, or a torch.compile backend's name; the first window and decode of each
     shape wait for the compiler). float8 (torch only, GPUs of compute capability 8.9+): the UNet's transformer
@@ -228,7 +228,7 @@ class Animator:
         unknown = set(options) - {f.name for f in fields(AnimateConfig)} - {"precision", "device"}
         if unknown:
             raise InputError(f"unknown option(s) {', '.join(sorted(unknown))}")
-        if precision is not None and precision not in DTYPES:
+        if precision is not None and precision not in PRECISIONS:
             raise OptionError("precision", f"must be fp16 or fp32, got {precision!r}")
         # every value is checked before any network loads; the segment against the window only once the models,
         # which may fix the window, are known
@@ -242,7 +242,13 @@ class Animator:
         self._lock = threading.Lock()
         precision = precision or ("fp16" if self.device.type == "cuda" else "fp32")  # fp16 is slow on CPUs
         settings = dict(FAST_MODE) if mode == "fast" else {}
-        if backend == "torch" and not isinstance(models, Models):
+        model_options = ModelOptions(precision=precision, lora=None if lora is None else Path(lora),
+                                     faithful=faithful, cuda_graph=cuda_graph, compile=compile, float8=float8)
+        if isinstance(models, Models):  # networks the caller built
+            self.models = models
+            self.config = self._fixed_size_config(settings, options)
+            arcface_folder = None
+        elif backend == "torch":
             if models is not None:
                 raise InputError("the torch backend loads `weights` (a weights folder), not `models`")
             if weights is None:
@@ -251,40 +257,19 @@ class Animator:
                       "not a face. Pass the official pretrained_weights/ folder for real results.", file=sys.stderr)
             settings.update(options)
             self.config = make_config(settings, precision=precision, device=str(self.device))
-            try:
-                self.models = self._torch_models(weights, lora, faithful=faithful, cuda_graph=cuda_graph,
-                                                 compile=compile, float8=float8)
-            except ValueError as exc:  # float8 on a GPU without fp8 GEMMs
-                raise InputError(str(exc)) from None
+            self.models = load_models(backend, weights, self.device,
+                                      replace(model_options, size=self.config.size))
             arcface_folder = weights
         else:
-            if lora is not None:
-                raise InputError("a LoRA is merged at export time (`hyportrait export --lora`), not at run time")
-            for option, asked in (("compile", compile), ("float8", float8)):
-                if asked and not isinstance(models, Models):
-                    raise InputError(f"{option} applies to the torch backend; the {backend} backend runs its "
-                                     "models as exported or built")
-            self.models = self._loaded_models(models, backend, cuda_graph)
+            self.models = load_models(backend, models, self.device, model_options)
             if self.models.random_weights:
                 settings.setdefault("num_steps", RANDOM_MODEL_DEFAULTS["num_steps"])
             self.config = self._fixed_size_config(settings, options)
             # ArcFace (arcface.onnx) is copied into the export folder
-            arcface_folder = None if isinstance(models, Models) else models
-        self.detector = load_face_detector(Path(weights) if backend == "torch" and weights else None,
-                                           device=self.device)
+            arcface_folder = models
+        self.detector = self.models.face_detector
         self.arcface = load_arcface(Path(arcface_folder) if arcface_folder else None)
         self.load_seconds = time.perf_counter() - tic
-
-    def _loaded_models(self, models, backend: str, cuda_graph: bool) -> Models:
-        if isinstance(models, Models):
-            return models
-        if models is None:
-            raise InputError(f"the {backend} backend needs `models`: a folder made by "
-                             + ("`hyportrait export`" if backend == "onnxruntime" else "`hyportrait build`"))
-        from .models import engine_models, onnx_models
-
-        return (onnx_models(Path(models), self.device, cuda_graph=cuda_graph) if backend == "onnxruntime"
-                else engine_models(Path(models), self.device))
 
     def _fixed_size_config(self, settings: dict, options: dict) -> AnimateConfig:
         """The config of models whose crop size and window are fixed (by an export, or by the caller)."""
@@ -301,19 +286,6 @@ class Animator:
         settings = {"size": size, **fixed, **settings, **options}
         return make_config(settings, precision="fp16" if models.dtype == torch.float16 else "fp32",
                            device=str(self.device))
-
-    def _torch_models(self, weights, lora, **options) -> Models:
-        from hyportrait.networks.lora import merge_lora
-        from hyportrait.networks.weights import load_networks, random_networks
-
-        from .models import torch_models
-
-        nets = load_networks(weights) if weights else random_networks("tiny")
-        if lora is not None:
-            if not Path(lora).exists():
-                raise InputError(f"LoRA {lora} does not exist")
-            merge_lora(nets.unet, lora)
-        return torch_models(nets, device=self.device, dtype=self.config.dtype, size=self.config.size, **options)
 
     def with_options(self, **options) -> Animator:
         """These networks with other sampling options (any `AnimateConfig` field): a view sharing the networks,

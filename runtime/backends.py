@@ -1,8 +1,9 @@
 """How a network is called: one small interface over PyTorch modules, onnxruntime sessions and TensorRT engines.
 
 A `Session` takes named torch tensors and returns the model's single output as a torch tensor on the
-runtime's device. Each backend casts inputs to the dtypes its model declares, so the loop in
-`pipeline.py` is the same for all of them. The five networks of the loop and the pose map form `Models`:
+runtime's device (`outputs` returns all of a model's outputs, for the face detectors). Each backend casts
+inputs to the dtypes its model declares, so the loop in `pipeline.py` is the same for all of them. The five
+networks of the loop, the face detector over the same backend and the pose map form `Models`:
 
     appearance   image (1,3,224,224), id_embedding (1,512)                    -> (1,64,1024)
     motion       face_images, pose_images (n,3,256,256), head_bucket, exp_bucket (1,) int32 -> (n,64,1024)
@@ -11,8 +12,8 @@ runtime's device. Each backend casts inputs to the dtypes its model declares, so
     unet         sample (B,F,8,h,w), timestep (1,), appearance_tokens (B,64,1024),
                  motion_tokens (B,F,64,1024), pose_map (C0,h,w), added_time_ids (B,3) -> (B,F,4,h,w)
 
-These are the names and shapes of the exported ONNX models (see `hyportrait.export`); the torch backend
-wraps the PyTorch modules to the same contract.
+These are the names and shapes of the exported ONNX models (`hyportrait.networks.contract`); the torch
+backend wraps the PyTorch modules to the same contract.
 """
 from __future__ import annotations
 
@@ -20,22 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
-from hyportrait.errors import HyportraitError, InputError, OptionError
+from hyportrait.cuda_graphs import CudaGraphs
+from hyportrait.errors import BackendError, InputError, OptionError, OutOfMemoryError
+from hyportrait.networks.contract import LOOP_MODELS, dtype, numpy_dtype
+from hyportrait.networks.face_detector import FaceDetector
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-MODEL_NAMES = ("appearance", "motion", "vae_encoder", "vae_decoder", "unet")
-
-
-class BackendError(HyportraitError):
-    code = "backend_unavailable"
-
-
-class OutOfMemoryError(HyportraitError):
-    code = "out_of_memory"
+MODEL_NAMES = LOOP_MODELS
 
 
 class Session(Protocol):
@@ -43,15 +38,19 @@ class Session(Protocol):
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor: ...
 
+    def outputs(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
 
 @dataclass
 class Models:
-    """The networks of the loop, each behind a Session, plus the pose guider's constant map (C0, h, w)."""
+    """The networks of the loop, each behind a Session, the face detector running on the same backend, plus
+    the pose guider's constant map (C0, h, w)."""
     appearance: Session
     motion: Session
     vae_encoder: Session
     vae_decoder: Session
     unet: Session
+    face_detector: FaceDetector
     pose_map: torch.Tensor
     backend: str
     device: torch.device
@@ -71,9 +70,8 @@ def out_of_memory(what: str, exc: BaseException) -> OutOfMemoryError:
 class TorchSession:
     """A PyTorch module called with the loop's named inputs, cast to the dtypes it computes in.
 
-    cuda_graph: capture one CUDA graph per input-shape key after a warm-up call and replay it (inputs are
-    copied into the graph's static buffers; the output is cloned out of it). Only for modules whose
-    computation depends on input shapes alone.
+    cuda_graph: capture one CUDA graph per input-shape key and replay it (`hyportrait.cuda_graphs`). Only
+    for modules whose computation depends on input shapes alone.
     """
 
     def __init__(self, name: str, module: nn.Module, dtypes: dict[str, torch.dtype], *, cuda_graph: bool = False):
@@ -81,50 +79,28 @@ class TorchSession:
         self.module = module
         self.dtypes = dtypes
         self.cuda_graph = cuda_graph
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+        self._graphs = CudaGraphs(lambda inputs: self.module(**inputs)) if cuda_graph else None
 
     def _cast(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.dtypes[k]) if k in self.dtypes else v for k, v in inputs.items()}
+
+    def outputs(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self(**inputs)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
     @torch.no_grad()
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         inputs = self._cast(inputs)
         try:
-            if not self.cuda_graph:
-                return self.module(**inputs)
-            return self._replay(inputs)
+            return self._graphs(inputs) if self._graphs else self.module(**inputs)
         except torch.cuda.OutOfMemoryError as exc:
             raise out_of_memory(self.name, exc) from None
-
-    def _replay(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        key = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
-        if key not in self._graphs:
-            static = {k: v.clone() for k, v in inputs.items()}
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up outside the capture (cuDNN/cuBLAS pick their kernels)
-                self.module(**static)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            # thread-local (as inductor's CUDA graphs): NCCL's watchdog thread may query its events during a
-            # capture when several GPUs work on one video (runtime/distributed.py)
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                output = self.module(**static)
-            self._graphs[key] = (graph, static, output)
-        graph, static, output = self._graphs[key]
-        for k, v in inputs.items():
-            static[k].copy_(v)
-        graph.replay()
-        return output.clone()
 
 
 # --- onnxruntime --------------------------------------------------------------------------------------------
 
-_ORT_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int32)": torch.int32,
-                 "tensor(int64)": torch.int64, "tensor(double)": torch.float64, "tensor(uint8)": torch.uint8,
-                 "tensor(bool)": torch.bool}
-_TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32,
-                   torch.int64: np.int64, torch.float64: np.float64, torch.uint8: np.uint8, torch.bool: np.bool_}
+def _torch_dtype(onnxruntime_type: str) -> torch.dtype:
+    return dtype(onnxruntime=onnxruntime_type).torch
 
 
 def _is_out_of_memory(exc: Exception) -> bool:
@@ -176,7 +152,7 @@ class OnnxRuntimeSession:
             if _is_out_of_memory(exc):
                 raise out_of_memory(f"loading {path.name}", exc) from None
             raise BackendError(f"onnxruntime cannot load {path}: {str(exc)[:500]}") from None
-        self.input_dtypes = {i.name: _ORT_TO_TORCH[i.type] for i in self.session.get_inputs()}
+        self.input_dtypes = {i.name: _torch_dtype(i.type) for i in self.session.get_inputs()}
         self.output = self.session.get_outputs()[0]
         self._shapes: dict[tuple, tuple[int, ...]] = {}
         self._graphs: dict[tuple, tuple] = {}
@@ -193,16 +169,26 @@ class OnnxRuntimeSession:
                 raise out_of_memory(self.name, exc) from None
             raise
 
+    def outputs(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every output, through host memory (for the small detector models, whose inputs come from the host)."""
+        feed = {k: v.to(self.input_dtypes[k]).cpu().numpy() for k, v in inputs.items() if k in self.input_dtypes}
+        try:
+            return tuple(torch.from_numpy(o).to(self.device) for o in self.session.run(None, feed))
+        except Exception as exc:  # onnxruntime's exception types are not importable by name
+            if _is_out_of_memory(exc):
+                raise out_of_memory(self.name, exc) from None
+            raise
+
     def _bind(self, inputs: dict[str, torch.Tensor], out: torch.Tensor | None):
         """An I/O binding of torch tensors; without `out` onnxruntime allocates the output."""
         binding = self.session.io_binding()
         index = self.device.index or 0
         for k, v in inputs.items():
-            binding.bind_input(k, "cuda", index, _TORCH_TO_NUMPY[v.dtype], list(v.shape), v.data_ptr())
+            binding.bind_input(k, "cuda", index, numpy_dtype(v.dtype), list(v.shape), v.data_ptr())
         if out is None:
             binding.bind_output(self.output.name, "cuda", index)
         else:
-            binding.bind_output(self.output.name, "cuda", index, _TORCH_TO_NUMPY[out.dtype], list(out.shape),
+            binding.bind_output(self.output.name, "cuda", index, numpy_dtype(out.dtype), list(out.shape),
                                 out.data_ptr())
         return binding
 
@@ -218,7 +204,7 @@ class OnnxRuntimeSession:
         return torch.from_numpy(value.numpy()).to(self.device)
 
     def _empty_output(self, key: tuple) -> torch.Tensor:
-        return torch.empty(self._shapes[key], dtype=_ORT_TO_TORCH[self.output.type], device=self.device)
+        return torch.empty(self._shapes[key], dtype=_torch_dtype(self.output.type), device=self.device)
 
     def _run_bound(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         key = tuple((k, tuple(v.shape)) for k, v in inputs.items())
@@ -261,12 +247,14 @@ class TensorRTSession:
         self.name = name
         self.engine = engine
 
-    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+    def outputs(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         try:
-            outputs = self.engine.run(inputs)
+            return tuple(self.engine.run(inputs).values())  # in the engine's output order
         except torch.cuda.OutOfMemoryError as exc:
             raise out_of_memory(self.name, exc) from None
-        return next(iter(outputs.values()))
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.outputs(**inputs)[0]
 
 
 def resolve_device(device: str | None, backend: str) -> torch.device:

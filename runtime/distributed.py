@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hyportrait.errors import HyportraitError, InputError
+from hyportrait.errors import BackendError, HyportraitError, InputError
 
 from .api import Animator, Prepared
-from .backends import BackendError, Models
+from .backends import Models
 from .pipeline import GUIDANCE_BRANCHES, Conditioning, decode_chunks, decoded_chunk, kept_frames
 
 SCHEMES = ("window", "guidance")

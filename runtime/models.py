@@ -1,5 +1,8 @@
 """Where the loop's networks come from: PyTorch modules, an ONNX export folder, or a TensorRT engine folder.
 
+- `load_models(backend, source, device, options)`: the one entry point (the CLI, the Animator API and the
+  benchmarks go through it): a weights folder for torch (None: tiny random networks), an export folder for
+  onnxruntime, an engine folder for tensorrt.
 - `torch_models(nets, ...)`: the PyTorch modules. `faithful=True` calls them exactly as the official
   inference does (the reference: bit-identical); `faithful=False` runs the engine rewrites of the export
   (K/V of shared contexts projected once, DINO's constant position table and pruned adapters), the same up
@@ -7,11 +10,17 @@
 - `onnx_models(folder, device)`: the models of `hyportrait export` (manifest.json) with onnxruntime.
 - `engine_models(folder, device)`: the engines of `hyportrait build` with TensorRT.
 
+The face detector runs on the same backend as the other networks: the official YoloFace when the weights
+folder (torch) or the export (onnxruntime, TensorRT) has it, else MTCNN; so one command makes the same
+crops on every backend.
+
 Only the torch backend imports the PyTorch network definitions (and with them diffusers): the onnxruntime
 and TensorRT backends run without diffusers installed.
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +30,27 @@ from torch import nn
 from hyportrait.errors import InputError, describe
 from hyportrait.export.manifest import MANIFEST_FILE, Manifest, read_manifest
 from hyportrait.export.onnx_io import ModelRecord
+from hyportrait.networks import contract
+from hyportrait.networks.contract import CROP_SIZE, MODELS, MTCNN_MODELS, PRECISIONS, YOLOFACE_MODEL
+from hyportrait.networks.face_detector import (
+    FaceDetector,
+    MTCNNDetector,
+    YoloFaceDetector,
+    load_face_detector,
+)
 
 from .backends import (
+    BACKENDS,
     MODEL_NAMES,
     Models,
     OnnxRuntimeSession,
+    Session,
     TensorRTSession,
     TorchSession,
 )
 from .float8 import check_float8_device, float8_linears
 
 POSE_CONSTANT_FILE = "pose_constant.npy"
-# onnxruntime's names of the manifest's (numpy) dtypes
-ORT_TYPE_NAMES = {"float32": "float", "float64": "double"}
 
 
 class ReferenceUNet(nn.Module):
@@ -78,8 +95,62 @@ def place_networks(nets, device, dtype: torch.dtype):
     return nets
 
 
+@dataclass(frozen=True)
+class ModelOptions:
+    """How `load_models` builds the networks. Options of one backend only are refused on the others."""
+    precision: str = "fp32"  # torch: the compute precision (exports and engines fix their own)
+    size: int = CROP_SIZE  # torch: the generated crop (the pose map is computed for it)
+    lora: Path | None = None  # torch: a PEFT LoRA merged into the UNet (exports merge theirs at export)
+    faithful: bool = True  # torch: the official module calls (False: the engine rewrites)
+    cuda_graph: bool = False  # every backend on a GPU: the UNet and VAE decoder replayed as CUDA graphs
+    compile: bool | str = False  # torch: torch.compile of the UNet and VAE decoder
+    float8: bool = False  # torch: the UNet's transformer linears as fp8 GEMMs
+
+
+def load_models(backend: str, source, device: torch.device | str, options: ModelOptions = ModelOptions()) -> Models:
+    """The networks of `backend` from `source`: the official weights folder (torch; None: tiny random
+    networks; or `Networks` already built, e.g. the benchmarks' random official-size ones), a
+    `hyportrait export` folder (onnxruntime) or a `hyportrait build` folder (tensorrt)."""
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    device = torch.device(device)
+    if backend == "torch":
+        from hyportrait.networks.lora import merge_lora
+        from hyportrait.networks.weights import load_networks, random_networks
+
+        folder = Path(source) if isinstance(source, (str, os.PathLike)) else None
+        if folder is not None:
+            nets = load_networks(folder)
+        else:
+            nets = source if source is not None else random_networks("tiny")
+        if options.lora is not None:
+            if not Path(options.lora).exists():
+                raise InputError(f"LoRA {options.lora} does not exist")
+            merge_lora(nets.unet, options.lora)
+        try:
+            return torch_models(nets, device=device, dtype=PRECISIONS[options.precision],
+                                size=options.size, faithful=options.faithful, cuda_graph=options.cuda_graph,
+                                compile=options.compile, float8=options.float8,
+                                face_detector=load_face_detector(folder, device))
+        except ValueError as exc:  # float8 on a GPU without fp8 GEMMs
+            raise InputError(str(exc)) from None
+    if options.lora is not None:
+        raise InputError("a LoRA is merged at export time (`hyportrait export --lora`), not at run time")
+    for option in ("compile", "float8"):
+        if getattr(options, option):
+            raise InputError(f"{option} applies to the torch backend; the {backend} backend runs its models as "
+                             "exported or built")
+    if source is None:
+        raise InputError(f"the {backend} backend needs `models`: a folder made by "
+                         + ("`hyportrait export`" if backend == "onnxruntime" else "`hyportrait build`"))
+    if backend == "onnxruntime":
+        return onnx_models(Path(source), device, cuda_graph=options.cuda_graph)
+    return engine_models(Path(source), device, cuda_graph=options.cuda_graph)
+
+
 def torch_models(nets, *, device, dtype: torch.dtype, size: int, faithful: bool = True,
-                 cuda_graph: bool = False, compile: bool | str = False, float8: bool = False) -> Models:
+                 cuda_graph: bool = False, compile: bool | str = False, float8: bool = False,
+                 face_detector: FaceDetector | None = None) -> Models:
     """The networks as torch Sessions (they are moved to `device` and `dtype` in place).
 
     size: the generated crop (px); the pose map is computed for it. cuda_graph: replay the UNet and the
@@ -87,7 +158,8 @@ def torch_models(nets, *, device, dtype: torch.dtype, size: int, faithful: bool 
     `torch.compile`, True for inductor or the name of a torch.compile backend (one specialisation per input
     shape: with inductor the first call of each shape takes minutes at full size). float8: the UNet's transformer
     linears as fp8 GEMMs (runtime/float8.py; GPUs of compute capability 8.9+, best compiled), on a copy of
-    the UNet that shares the fp16 weights. nets: `hyportrait.networks.weights.Networks`.
+    the UNet that shares the fp16 weights. nets: `hyportrait.networks.weights.Networks`. face_detector:
+    the PyTorch detector (default MTCNN, as without the official YoloFace file).
     """
     from hyportrait.networks.appearance import AppearanceEncoder
     from hyportrait.networks.motion import MotionEncoder
@@ -127,6 +199,7 @@ def torch_models(nets, *, device, dtype: torch.dtype, size: int, faithful: bool 
         vae_encoder=TorchSession("vae_encoder", VAEImageEncoder(nets.vae).eval(), {"image": vae_dtype}),
         vae_decoder=TorchSession("vae_decoder", vae_decoder, {"latents": dtype}, cuda_graph=graphs),
         unet=TorchSession("unet", unet.eval(), unet_dtypes, cuda_graph=graphs),
+        face_detector=face_detector or MTCNNDetector(device=device),
         pose_map=pose_map, backend="torch", device=device, dtype=dtype,
         description=f"torch {'faithful' if faithful else 'rewritten'} {str(dtype).removeprefix('torch.')}"
                     + (" float8-linears" if float8 else "") + (f" compiled ({backend})" if compile else "")
@@ -168,7 +241,38 @@ def _pose_map(folder: Path, device, unet: ModelRecord) -> torch.Tensor:
 def _unet_sample(unet: ModelRecord) -> tuple[torch.dtype, int]:
     """The latents' dtype and the frame window of an exported UNet (its `sample` input is (B, F, 8, h, w))."""
     sample = _input(unet, "sample")
-    return (torch.float16 if sample.dtype == "float16" else torch.float32), int(sample.shape[1])
+    try:
+        return contract.dtype(name=sample.dtype).torch, int(sample.shape[1])
+    except KeyError:
+        raise InputError(f"the export's manifest.json gives the UNet's sample the unknown dtype {sample.dtype!r}: "
+                         "the folder was edited; export it again") from None
+
+
+def detector_models(manifest: Manifest) -> tuple[str, ...]:
+    """The face-detector models of an export: YoloFace when it was exported, else the three MTCNN nets."""
+    names = (YOLOFACE_MODEL,) if YOLOFACE_MODEL in manifest.models else MTCNN_MODELS
+    missing = [name for name in names if name not in manifest.models]
+    if missing:
+        raise InputError(f"the export lacks the face-detector models {', '.join(missing)} (re-export it)")
+    return names
+
+
+@dataclass(frozen=True)
+class ExportedNet:
+    """A detector model run by a backend's session: its one input tensor -> its outputs in contract order."""
+    session: Session
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        (input_name,) = MODELS[self.session.name].input_names
+        return self.session.outputs(**{input_name: x})
+
+
+def exported_face_detector(sessions: dict[str, Session], device: torch.device) -> FaceDetector:
+    """The face detector of an export's sessions (any backend): YoloFace when they hold it, else MTCNN, with
+    the same pre- and post-processing as the PyTorch detectors."""
+    if YOLOFACE_MODEL in sessions:
+        return YoloFaceDetector(device=device, exported=ExportedNet(sessions[YOLOFACE_MODEL]))
+    return MTCNNDetector(device=device, exported={name: ExportedNet(sessions[name]) for name in MTCNN_MODELS})
 
 
 def _check_session(session: OnnxRuntimeSession, record: ModelRecord, folder: Path) -> None:
@@ -179,7 +283,7 @@ def _check_session(session: OnnxRuntimeSession, record: ModelRecord, folder: Pat
     for tensor in record.inputs:
         shape, kind = actual.get(tensor.name, (None, None))
         stated = [d if isinstance(d, int) else "?" for d in tensor.shape]
-        if shape != stated or kind != f"tensor({ORT_TYPE_NAMES.get(tensor.dtype, tensor.dtype)})":
+        if shape != stated or kind != next((t.onnxruntime for t in contract.DTYPES if t.name == tensor.dtype), None):
             raise InputError(f"{folder / MANIFEST_FILE} says {record.name} takes {tensor.name} {tensor.dtype} "
                              f"{tensor.shape}, but {record.file} takes "
                              + (f"{kind} {shape}" if shape else "no such input")
@@ -196,29 +300,42 @@ def onnx_models(folder: Path, device, cuda_graph: bool = False) -> Models:
     folder, device = Path(folder), torch.device(device)
     manifest = _read_export_manifest(folder)
     records = manifest.models
-    dtype, window = _unet_sample(records["unet"])
+    latent_dtype, window = _unet_sample(records["unet"])
     pose_map = _pose_map(folder, device, records["unet"])  # the cheap checks before any session is made
     sessions = {}
-    for name in MODEL_NAMES:
+    for name in MODEL_NAMES + detector_models(manifest):
         sessions[name] = OnnxRuntimeSession(name, folder / records[name].file, device,
                                             cuda_graph=cuda_graph and name in ("unet", "vae_decoder"))
         _check_session(sessions[name], records[name], folder)
-    return Models(**sessions, pose_map=pose_map, backend="onnxruntime",
-                  device=device, dtype=dtype, window=window, random_weights=manifest.weights.startswith("random:"),
+    return Models(**{name: sessions[name] for name in MODEL_NAMES},
+                  face_detector=exported_face_detector(sessions, device), pose_map=pose_map,
+                  backend="onnxruntime", device=device, dtype=latent_dtype, window=window,
+                  random_weights=manifest.weights.startswith("random:"),
                   description=f"onnxruntime {manifest.precision} {folder}"
                   + (" cuda-graphs" if cuda_graph and device.type == "cuda" else ""))
 
 
-def engine_models(folder: Path, device) -> Models:
+def engine_models(folder: Path, device, cuda_graph: bool = False) -> Models:
     """The TensorRT engines of `folder` (made by `hyportrait build`), each checked against this GPU and
-    TensorRT before it is loaded."""
-    from hyportrait.engines.engine import load_engines  # TensorRT is imported only for this backend
+    TensorRT before it is loaded. cuda_graph: the UNet and the VAE decoder replayed as CUDA graphs."""
+    # TensorRT is imported only for this backend
+    from hyportrait.engines.engine import load_engines
+    from hyportrait.engines.engine_manifest import engine_path, read_engine_manifest
 
     folder, device = Path(folder), torch.device(device)
-    engines = load_engines(folder, MODEL_NAMES, device=device)
-    onnx_folder = Path(engines.onnx_folder) if engines.onnx_folder else folder
+    unet_engine = engine_path(folder, "unet")
+    if not unet_engine.is_file():
+        raise InputError(f"{folder} has no engine for unet: build them with "
+                         f"`hyportrait build --onnx EXPORT_FOLDER --out {folder}`")
+    onnx_folder = Path(read_engine_manifest(unet_engine).onnx_dir or folder)
+    manifest = _read_export_manifest(onnx_folder)
+    graphs = ("unet", "vae_decoder") if cuda_graph else ()
+    engines = load_engines(folder, MODEL_NAMES + detector_models(manifest), device=device, cuda_graphs=graphs)
     sessions = {name: TensorRTSession(name, engine) for name, engine in engines.engines.items()}
-    unet = _read_export_manifest(onnx_folder).models["unet"]
-    dtype, window = _unet_sample(unet)
-    return Models(**sessions, pose_map=_pose_map(onnx_folder, device, unet), backend="tensorrt", device=device,
-                  dtype=dtype, window=window, description=f"tensorrt {folder}")
+    unet = manifest.models["unet"]
+    latent_dtype, window = _unet_sample(unet)
+    return Models(**{name: sessions[name] for name in MODEL_NAMES},
+                  face_detector=exported_face_detector(sessions, device),
+                  pose_map=_pose_map(onnx_folder, device, unet), backend="tensorrt", device=device,
+                  dtype=latent_dtype, window=window, description=f"tensorrt {folder}"
+                  + (" cuda-graphs" if cuda_graph else ""))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from hyportrait.errors import OptionError
-from hyportrait.networks.contract import CROP_SIZE, WINDOW
+from hyportrait.networks.contract import CROP_SIZE, PRECISIONS, WINDOW
 
 from .backends import Models
 from .sampling import (
@@ -43,7 +43,6 @@ from .windows import pad_motion_tokens, padded_motion
 
 Precision = Literal["fp16", "fp32"]
 Sampler = Literal["euler", "lcm"]
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 VAE_SCALE = 0.18215
 # fast mode also encodes faster: libx264 "medium" takes about 10.5 ms per 512 px frame for the two output videos
 # on the H100 host, "veryfast" 4.4-6.3 ms (benchmarks/RESULTS.md, session 4), at the same CRF (larger files)
@@ -106,8 +105,8 @@ class AnimateConfig:
                 raise OptionError(option, f"must be a whole number, got {value!r}")
             if not (math.isfinite(value) and low <= value <= high):
                 raise OptionError(option, f"must be between {low} and {high}, got {value}")
-        if self.precision not in DTYPES:
-            raise OptionError("precision", f"must be one of {sorted(DTYPES)}, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise OptionError("precision", f"must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if not 0 <= self.overlap < self.window:
             raise OptionError("overlap", f"must be in [0, window), got {self.overlap}")
         if self.size % 64:
@@ -128,7 +127,7 @@ class AnimateConfig:
 
     @property
     def dtype(self) -> torch.dtype:
-        return DTYPES[self.precision]
+        return PRECISIONS[self.precision]
 
 
     @classmethod

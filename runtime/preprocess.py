@@ -24,12 +24,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hyportrait.errors import InputError, NoFaceError, VideoError
-from hyportrait.networks.contract import CROP_SIZE, MOTION_SIZE, WINDOW
+from hyportrait.networks.contract import ARCFACE_SIZE, CROP_SIZE, DINO_SIZE, MOTION_SIZE, WINDOW
 from hyportrait.networks.face_detector import HOST_THREADS, Face, FaceDetector, check_rgb_image, sort_by_area
 
-DINO_SIZE = 224
-ARCFACE_SIZE = 112
-CHUNK_FRAMES = WINDOW  # official `n_sample_frames`: motion features and bucket ids are computed per chunk
 CROP_EXPAND = 1.0  # the face box grows by 100 % of its size on each side before squaring
 EXPRESSION_EXPAND = 0.45  # the landmark extent grows 45 % of the way toward the frame-0 face box
 
@@ -347,7 +344,7 @@ class DrivingPreprocessor:
             face_found=face_found,
         )
 
-    def chunks(self, frames: Iterable[np.ndarray], chunk_frames: int = CHUNK_FRAMES) -> Iterator[DrivingChunk]:
+    def chunks(self, frames: Iterable[np.ndarray], chunk_frames: int = WINDOW) -> Iterator[DrivingChunk]:
         """Process a frame stream into chunks of `chunk_frames` (the last may be shorter). Frames are pulled
         lazily, one chunk at a time, and each chunk holds only its own frames' arrays."""
         stream = iter(frames)

@@ -9,7 +9,6 @@ removed with their folders.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import threading
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from hyportrait.errors import HyportraitError
+from hyportrait.files import write_json
 from hyportrait.runtime.api import RANDOM_MODEL_DEFAULTS
 from hyportrait.runtime.pipeline import FAST_MODE, X264_PRESETS, AnimateConfig
 
@@ -178,10 +178,8 @@ class Job:
         if not self.folder.is_dir():
             return
         record = {**self.public(), "settings": self.settings}
-        tmp = self.folder / "job.json.tmp"
         try:
-            tmp.write_text(json.dumps(record, indent=1))
-            os.replace(tmp, self.folder / "job.json")
+            write_json(self.folder / "job.json", record)
         except FileNotFoundError:  # a DELETE removed the folder meanwhile: nothing to record
             pass
 

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,10 +14,11 @@ import pytest
 import torch
 
 from hyportrait.cli import main
+from hyportrait.cuda_graphs import shape_key
 from hyportrait.engines import build as build_module
 from hyportrait.engines import engine as engine_module
 from hyportrait.engines.build import BuildRequest, build_all, build_command
-from hyportrait.engines.engine import TensorRTEngine, load_engines, shape_key
+from hyportrait.engines.engine import TensorRTEngine, load_engines
 from hyportrait.engines.engine_manifest import (
     BuildFlags,
     EngineManifest,
@@ -29,7 +31,6 @@ from hyportrait.engines.engine_manifest import (
     write_engine_manifest,
 )
 from hyportrait.engines.profiles import (
-    MAX_DETECTOR_IMAGE_SIDE,
     ProfileError,
     ShapeRange,
     manifest_profiles,
@@ -40,6 +41,7 @@ from hyportrait.engines.quality import psnr
 from hyportrait.engines.tensorrt_module import TensorRT, TensorRTMissingError, import_tensorrt
 from hyportrait.errors import EngineMismatchError, InputError
 from hyportrait.export.manifest import read_manifest
+from hyportrait.networks.contract import DETECTOR
 
 H100 = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 
@@ -77,7 +79,8 @@ def test_quality_profile_of_every_exported_model(manifest):
     pnet = profiles["mtcnn_pnet"]["image"]
     # the detector's pyramid: 12-pixel cells up to its first scale 12/20 of the largest image side
     assert pnet.min == (1, 3, 12, 12) and pnet.opt == (1, 3, 307, 307)
-    assert pnet.max == (1, 3, int(MAX_DETECTOR_IMAGE_SIDE * 0.6), int(MAX_DETECTOR_IMAGE_SIDE * 0.6))
+    side = int(DETECTOR.max_image_side * 0.6)
+    assert pnet.max == (1, 3, side, side)
     assert profiles["mtcnn_onet"]["patches"].min == (1, 3, 48, 48)
 
 
@@ -130,7 +133,7 @@ def test_cache_key_changes_with_everything_an_engine_depends_on():
     assert _key() == _key()
     variants = [
         {"onnx_sha256": "b" * 64}, {"quantization": {"calibration_sha256": "c"}}, {"precision": "int8"},
-        {"profile": {"x": ShapeRange((1, 2), (1, 2), (3, 2))}}, {"flags": BuildFlags(refit=True)},
+        {"profile": {"x": ShapeRange((1, 2), (1, 2), (3, 2))}}, {"flags": BuildFlags(hardware_compatible=True)},
         {"flags": BuildFlags(optimization_level=5)}, {"compute_capability": "8.9"},
         {"tensorrt_version": "10.3.1"}, {"flavour": "tensorrt_rtx"},
     ]
@@ -244,10 +247,11 @@ def test_tensorrt_engine_checks_before_deserializing(tmp_path, monkeypatch):
         load_engines(tmp_path, ["unet", "vae_decoder", "motion"], trt_info=fake)
 
 
-def test_shape_key_is_the_inputs_names_and_shapes():
+def test_shape_key_is_the_inputs_names_shapes_and_dtypes():
     a = {"x": torch.zeros(2, 3), "t": torch.zeros(1)}
-    assert shape_key(a) == shape_key({"t": torch.ones(1), "x": torch.ones(2, 3, dtype=torch.float16)})
+    assert shape_key(a) == shape_key({"t": torch.ones(1), "x": torch.ones(2, 3)})
     assert shape_key(a) != shape_key({"x": torch.zeros(3, 2), "t": torch.zeros(1)})
+    assert shape_key(a) != shape_key({"t": torch.ones(1), "x": torch.ones(2, 3, dtype=torch.float16)})
 
 
 # ----------------------------------------------------------------------------------- build_all and the CLI
@@ -286,7 +290,7 @@ def test_build_all_reuses_current_engines_and_rebuilds_stale_ones(tiny_export, m
     assert [(r.model, r.status) for r in results] == [("vae_decoder", "current"), ("motion", "current")]
     assert calls == []
     # other build flags make both stale: each is rebuilt, and a failure does not stop the next
-    stale = dataclasses.replace(request, flags=BuildFlags(refit=True))
+    stale = dataclasses.replace(request, flags=BuildFlags(version_compatible=True))
     results = build_all(stale, trt_info=_fake_tensorrt(calls), keep_going=True)
     assert [(r.model, r.status) for r in results] == [("vae_decoder", "failed"), ("motion", "failed")]
     assert len(calls) == 2 and "no GPU in this test" in results[0].error
@@ -321,11 +325,11 @@ def test_cli_build_refuses_bad_requests_before_any_work(tiny_export, tmp_path, c
 def test_build_command_records_every_option(tmp_path):
     request = BuildRequest(onnx_dir=tmp_path / "onnx", out_dir=tmp_path / "out", precision="fp8", profile="all",
                            calibration=tmp_path / "c.npz",
-                           flags=BuildFlags(optimization_level=5, workspace_bytes=6 * 2**30, refit=True,
+                           flags=BuildFlags(optimization_level=5, workspace_bytes=6 * 2**30,
                                             hardware_compatible=True, version_compatible=True))
     command = build_command(request, ["unet"])
     assert command == (f"hyportrait build --onnx {tmp_path}/onnx --out {tmp_path}/out --precision fp8 --profile all "
-                       f"--opt-level 5 --calibration {tmp_path}/c.npz --workspace-gb 6 --refit "
+                       f"--opt-level 5 --calibration {tmp_path}/c.npz --workspace-gb 6 "
                        "--hardware-compatible --version-compatible --models unet")
 
 
@@ -348,3 +352,49 @@ def test_manifest_json_is_plain_data(tmp_path):
     assert data["profile"]["sample"] == {"min": [1, 25, 8, 64, 64], "opt": [1, 25, 8, 64, 64],
                                          "max": [1, 25, 8, 64, 64]}
     assert data["flags"]["strongly_typed"] is True and data["tensorrt_flavour"] == "tensorrt"
+
+
+# ----------------------------------------------------------------------------------- hyportrait verify
+
+
+def test_verify_compares_every_output_on_random_and_recorded_inputs(tiny_export, manifest, tmp_path):
+    from hyportrait.engines.verify import verify
+
+    unet = manifest.models["unet"]
+    rng = np.random.default_rng(0)
+    recorded = {f"step3/{t.name}": rng.standard_normal([1 if d == "batch" else d for d in t.shape]).astype(np.float32)
+                for t in unet.inputs}
+    np.savez(tmp_path / "unet_inputs.npz", **recorded)
+    report = verify(tiny_export, tiny_export, models=["unet", "mtcnn_onet"], recorded=tmp_path / "unet_inputs.npz",
+                    random=False)
+    assert report.passed and report.rtol == 1e-3
+    assert {(e.model, e.output, e.inputs) for e in report.errors} == {
+        ("unet", "v_prediction", "recorded step3"),
+        *(("mtcnn_onet", output, inputs) for output in ("box_offsets", "landmarks", "face_prob")
+          for inputs in ("random opt", "random min"))}
+    assert all(e.max_abs == 0 for e in report.errors)  # the same model on the same inputs
+
+
+def test_verify_command_fails_on_a_perturbed_model(tiny_export, manifest, tmp_path, capsys):
+    import onnx
+    from onnx import numpy_helper
+
+    perturbed = tmp_path / "perturbed"
+    perturbed.mkdir()
+    for name in ("manifest.json", "mtcnn_onet.onnx", "mtcnn_rnet.onnx"):
+        shutil.copy(tiny_export / name, perturbed / name)
+    model = onnx.load(perturbed / "mtcnn_onet.onnx")
+    weight = next(w for w in model.graph.initializer if numpy_helper.to_array(w).ndim == 4)
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.05, weight.name))
+    onnx.save(model, perturbed / "mtcnn_onet.onnx")
+    report = tmp_path / "verify.json"
+    assert main(["verify", "--engines", str(perturbed), "--onnx", str(tiny_export), "--models", "mtcnn_rnet",
+                 "mtcnn_onet", "--report", str(report)]) == 2
+    out, err = capsys.readouterr()
+    assert "error [verify_failed]:" in err and "mtcnn_onet.box_offsets" in err and "mtcnn_rnet" not in err
+    assert "FAILED" in out
+    result = json.loads(report.read_text())
+    assert not result["passed"]
+    assert {e["model"] for e in result["errors"] if not e["passed"]} == {"mtcnn_onet"}
+    assert main(["verify", "--engines", str(tmp_path), "--onnx", str(tiny_export)]) == 2
+    assert "neither an engine folder" in capsys.readouterr().err

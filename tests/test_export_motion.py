@@ -9,10 +9,11 @@ import torch
 
 from hyportrait.export.export_motion import motion_spec
 from hyportrait.export.onnx_io import validate_onnx
+from hyportrait.networks.contract import WINDOW
 from hyportrait.networks.expression_encoder import ExpressionEncoder, ExpressionEncoderConfig
 from hyportrait.networks.headpose_encoder import HeadPoseEncoder, HeadPoseEncoderConfig
 from hyportrait.networks.init_weights import randomize_weights
-from hyportrait.networks.motion import MAX_FRAMES, MotionEncoder
+from hyportrait.networks.motion import MotionEncoder
 from hyportrait.networks.motion_refiner import (
     IntensityAwareMotionRefiner,
     MotionRefinerConfig,
@@ -46,7 +47,7 @@ def frame_counts(spec) -> list[int]:
 
 
 def test_spec_inputs(spec):
-    assert frame_counts(spec) == [MAX_FRAMES, 7]
+    assert frame_counts(spec) == [WINDOW, 7]
     for inputs in [spec.inputs, *spec.extra_inputs]:
         assert inputs["face_images"].shape[1:] == inputs["pose_images"].shape[1:] == (3, 256, 256)
         assert 0 <= inputs["pose_images"].min() and inputs["pose_images"].max() <= 1

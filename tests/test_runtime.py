@@ -408,3 +408,29 @@ def test_calibrate_command_needs_an_export(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "error [bad_input]" in err and "no manifest.json" in err
     assert not (tmp_path / "c.npz").exists()
+
+
+def test_every_backend_detects_faces_with_the_same_detector_and_makes_the_same_crops(torch_animator, ort_animator):
+    """The onnxruntime backend runs the export's MTCNN nets (not the PyTorch ones) and crops as torch does."""
+    from hyportrait.networks.face_detector import MTCNNDetector, PNet
+    from hyportrait.runtime.api import load_image
+    from hyportrait.runtime.backends import OnnxRuntimeSession
+    from hyportrait.runtime.models import ExportedNet
+    from hyportrait.runtime.preprocess import DrivingPreprocessor, preprocess_source
+    from hyportrait.runtime.video import read_frames
+
+    torch_detector, ort_detector = torch_animator.models.face_detector, ort_animator.models.face_detector
+    assert isinstance(torch_detector.pnet, PNet)
+    assert isinstance(ort_detector, MTCNNDetector)
+    for net, name in ((ort_detector.pnet, "mtcnn_pnet"), (ort_detector.rnet, "mtcnn_rnet"),
+                      (ort_detector.onet, "mtcnn_onet")):  # the export's models, run by onnxruntime
+        assert isinstance(net, ExportedNet) and isinstance(net.session, OnnxRuntimeSession)
+        assert net.session.name == name
+    image = load_image(SAMPLE_IMAGE)
+    sources = [preprocess_source(image, detector) for detector in (torch_detector, ort_detector)]
+    assert sources[0].crop_box == sources[1].crop_box
+    np.testing.assert_array_equal(sources[0].ref_image, sources[1].ref_image)
+    frames = list(read_frames(SAMPLE_VIDEO, limit=FRAMES))
+    chunks = [next(DrivingPreprocessor(detector).chunks(frames)) for detector in (torch_detector, ort_detector)]
+    np.testing.assert_allclose(chunks[0].landmarks, chunks[1].landmarks, rtol=0, atol=1e-3)
+    np.testing.assert_array_equal(chunks[0].pose_images, chunks[1].pose_images)

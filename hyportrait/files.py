@@ -1,0 +1,31 @@
+"""Files written whole or not at all: a reader never sees a half-written model, manifest or report."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path next to `path` to write into; renamed to `path` when the block succeeds, removed
+    when it raises, so `path` is never seen half-written."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.partial-")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_json(path: Path, data, indent: int = 1) -> Path:
+    """`data` as JSON at `path`, atomically (values JSON cannot hold are written as their str)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=indent, default=str) + "\n")
+    return Path(path)
