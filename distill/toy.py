@@ -33,7 +33,9 @@ from hyportrait.runtime.pipeline import AnimateConfig
 from .data import MANIFEST, write_dataset
 from .train import TrainConfig, sample_student, sample_teacher, train
 
-TOKENS, WIDTH, CHANNELS = 64, 1024, 4
+# Fewer and narrower tokens than the official (64, 1024): the projections of 1024-wide tokens were half of the
+# toy's compute, and the task needs only a few features per frame.
+TOKENS, WIDTH, CHANNELS = 16, 64, 4
 FEATURES = 8  # sin/cos position features carried by the motion tokens and the pose map
 
 
@@ -46,17 +48,26 @@ class ToySize:
     eval_clips: int
     teacher: TrainConfig
     student: TrainConfig
+    # The controls' weights cannot move (learning rate 0; the same-sigma target is the prediction itself, so the
+    # loss and its gradients are 0), so a few steps make the weights a full run would: the run checks they stayed.
+    control_steps: int = 5
 
 
+# The student's recipe, found by a sweep on the CPU toy (benchmarks/RESULTS.md): LoRA on every Linear, the target
+# network the student itself (no EMA lag), a cosine-decayed learning rate and a pseudo-Huber c near the toy's
+# latent scale.
+_STUDENT = TrainConfig(mode="distill", steps=400, batch=8, lr=1e-2, lr_schedule="cosine", rank=16,
+                       lora_targets="all-linear", target="student", huber_c=0.03, phases=4, grid=13,
+                       checkpoint_every=100)
 SIZES = {
     "cpu": ToySize(latent=8, frames=4, channels=32, train_clips=256, eval_clips=8,
-                   teacher=TrainConfig(mode="teacher", steps=300, batch=8, lr=2e-3, checkpoint_every=100),
-                   student=TrainConfig(mode="distill", steps=120, batch=8, lr=1e-2, rank=8, phases=4, grid=13,
-                                       checkpoint_every=40)),
-    "gpu": ToySize(latent=16, frames=8, channels=64, train_clips=2048, eval_clips=32,
-                   teacher=TrainConfig(mode="teacher", steps=1500, batch=32, lr=1e-3, checkpoint_every=500),
-                   student=TrainConfig(mode="distill", steps=600, batch=16, lr=5e-3, rank=32, phases=4,
-                                       grid=13, checkpoint_every=200)),
+                   teacher=TrainConfig(mode="teacher", steps=300, batch=8, lr=2e-3, lr_schedule="cosine",
+                                       checkpoint_every=100),
+                   student=_STUDENT),
+    "gpu": ToySize(latent=16, frames=8, channels=32, train_clips=2048, eval_clips=32,
+                   teacher=TrainConfig(mode="teacher", steps=800, batch=32, lr=2e-3, lr_schedule="cosine",
+                                       checkpoint_every=200),
+                   student=replace(_STUDENT, steps=400, batch=16, rank=32, checkpoint_every=200)),
 }
 
 
@@ -64,7 +75,8 @@ def toy_unet(size: ToySize) -> UNetWithAdapters:
     config = replace(UNetConfig.tiny(), block_out_channels=(size.channels, size.channels),
                      down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
                      up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-                     num_attention_heads=(2, 2), num_frames=size.frames, sample_size=size.latent)
+                     num_attention_heads=(2, 2), num_frames=size.frames, sample_size=size.latent,
+                     cross_attention_dim=WIDTH)
     torch.manual_seed(0)
     return UNetWithAdapters(config)
 
@@ -157,24 +169,26 @@ class Row:
 
 def evaluate(task: Task, teacher: UNetWithAdapters, students: dict[str, UNetWithAdapters], phases: int,
              clips) -> list[Row]:
+    """Each model sampled in fp32 from the same noise (on the GPU when there is one)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch, pos, kinds = _stack(clips)
-    cond = {k: batch[k] for k in ("image_latent", "appearance", "motion")}
-    noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(7))
+    cond = {k: batch[k].to(device) for k in ("image_latent", "appearance", "motion")}
+    noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(7)).to(device)
     a = AnimateConfig()
-    time_ids = torch.tensor([a.fps_condition, a.motion_bucket_id, a.noise_aug_strength])
-    shared = (cond, noise, task.pose_map, time_ids)
+    time_ids = torch.tensor([a.fps_condition, a.motion_bucket_id, a.noise_aug_strength], device=device)
+    shared = (cond, noise, task.pose_map.to(device), time_ids)
     for model in (teacher, *students.values()):
-        model.set_engine_rewrites(True).eval()
+        model.set_engine_rewrites(True).eval().to(device)
     runs = [("reference (teacher 25, guided)", 75, sample_teacher(teacher, *shared, steps=a.num_steps)),
             ("teacher 4, guided", 12, sample_teacher(teacher, *shared, steps=4))]
     for name, model in students.items():
         for steps in ((4, 1) if name == "student" else (4,)) if phases == 1 else (phases,):
             out = sample_student(model, *shared, steps=steps, phases=phases,
-                                 generator=torch.Generator().manual_seed(8))
+                                 generator=torch.Generator(device).manual_seed(8))
             runs.append((f"{name} {steps}, no guidance", steps if phases == 1 else phases, out))
-    reference = runs[0][2]
-    return [Row(name, calls, (out - reference).square().mean().item(), task.position_error(out, pos, kinds), out)
-            for name, calls, out in runs]
+    reference = runs[0][2].cpu()
+    return [Row(name, calls, (out.cpu() - reference).square().mean().item(), task.position_error(out.cpu(), pos, kinds),
+                out.cpu()) for name, calls, out in runs]
 
 
 def passes(row: Row, teacher4: Row, reference: Row) -> bool:
@@ -205,6 +219,7 @@ def run_toy(out: str | Path, size: str | ToySize = "cpu", phases: int | None = N
     """The whole proof: data, teacher, student, the two controls, the table (DIR/table.json, DIR/frames.png).
     Runs already finished in DIR are reused (each trainer run resumes from its checkpoint)."""
     out = Path(out)
+    size_name = size if isinstance(size, str) else "custom"
     size = SIZES[size] if isinstance(size, str) else size
     phases = phases or size.student.phases
     task = Task(size)
@@ -212,8 +227,10 @@ def run_toy(out: str | Path, size: str | ToySize = "cpu", phases: int | None = N
     pose = task.pose_map
     print_fn(f"toy: teacher, {size.teacher.steps} steps on {size.train_clips} clips")
     teacher_run = train(size.teacher, data, out / "teacher", toy_unet(size), pose, weights="toy (random init)")
-    students = {}
-    variants = {"student": {}, "control lr=0": {"lr": 0.0}, "control same-sigma target": {"target": "same-sigma"}}
+    students, steps, moved = {}, {}, {}
+    controls = {"steps": size.control_steps, "checkpoint_every": size.control_steps}
+    variants = {"student": {}, "control lr=0": {"lr": 0.0, **controls},
+                "control same-sigma target": {"target": "same-sigma", **controls}}
     for name, change in variants.items():
         config = replace(size.student, phases=phases, **change)
         print_fn(f"toy: {name}, {config.steps} distillation steps")
@@ -221,13 +238,17 @@ def run_toy(out: str | Path, size: str | ToySize = "cpu", phases: int | None = N
         result = train(config, data, folder, _load_teacher(size, teacher_run.output), pose,
                        weights=str(teacher_run.output))
         students[name] = _merged_student(size, teacher_run.output, result.output)
+        steps[name] = config.steps
+        moved[name] = _adapter_moved(result.output)
     clips = task.clips(size.eval_clips, seed=2)  # held out: another seed than the training data
     rows = evaluate(task, _load_teacher(size, teacher_run.output), students, phases, clips)
     reference, teacher4 = rows[0], rows[1]
     verdicts = {r.name: passes(r, teacher4, reference) for r in rows[2:] if " 4," in r.name}
     student_ok = verdicts["student 4, no guidance"]
     controls_fail = not any(ok for name, ok in verdicts.items() if name.startswith("control"))
-    table = {"size": size.__class__.__name__, "latent": size.latent, "frames": size.frames, "phases": phases,
+    if any(moved[name] for name in variants if name.startswith("control")):  # then control_steps is not enough
+        raise RuntimeError(f"a control's weights moved: {moved}")
+    table = {"size": size_name, "train_steps": {"teacher": size.teacher.steps, **steps}, "latent": size.latent, "frames": size.frames, "phases": phases,
              "rows": [{"run": r.name, "unet_calls": r.unet_calls, "error_vs_reference": r.error,
                        "position_error": r.position_error, "passes": verdicts.get(r.name)} for r in rows],
              "student_passes": student_ok, "controls_fail": controls_fail, "verdict": student_ok and controls_fail}
@@ -242,6 +263,11 @@ def run_toy(out: str | Path, size: str | ToySize = "cpu", phases: int | None = N
     print_fn(f"verdict: {'PASS' if table['verdict'] else 'FAIL'} (student {'passes' if student_ok else 'fails'}, "
              f"controls {'fail as they must' if controls_fail else 'PASS, which they must not'})")
     return table
+
+
+def _adapter_moved(lora: Path) -> bool:
+    """Whether a trained adapter differs from peft's start (every lora_B zero: the teacher unchanged)."""
+    return any(bool(t.any()) for k, t in load_file(str(lora / "adapter_model.safetensors")).items() if "lora_B" in k)
 
 
 def _merged_student(size: ToySize, teacher: Path, lora: Path) -> UNetWithAdapters:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import math
 import os
 import subprocess
 import time
@@ -36,7 +37,10 @@ from hyportrait.runtime.sampling import (
 from . import objective as obj
 from .data import DataError, TrainingData
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# the LCM fork's attention projections; "all-linear" (peft's shorthand) adds every other Linear of the UNet
+LORA_TARGETS = {"attention": ["to_q", "to_k", "to_v", "to_out.0"], "all-linear": "all-linear"}
+LR_SCHEDULES = ("constant", "cosine")
+WARMUP = 0.05  # cosine: the first 5 % of the steps ramp up linearly
 CHECKPOINT = "checkpoint.pt"
 # fields a resumed run may change (how long, how often); any other change is refused
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "val_every"}
@@ -54,9 +58,11 @@ class TrainConfig:
     batch: int = 1  # examples per GPU per micro-step
     accumulate: int = 1  # micro-steps per optimizer step
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # cosine: warm-up, then decay to 0 at the last step
     weight_decay: float = 0.0
     seed: int = 0
     rank: int = 64
+    lora_targets: str = "attention"
     phases: int = 1
     grid: int = obj.GRID_POINTS
     target: str = "ema"  # ema: EMA of the LoRA; student: the student itself (no grad); same-sigma: control
@@ -79,7 +85,21 @@ class TrainConfig:
             raise ValueError(f"mode must be teacher or distill, got {self.mode!r}")
         if self.target not in ("ema", "student", "same-sigma"):
             raise ValueError(f"target must be ema, student or same-sigma, got {self.target!r}")
+        if self.lora_targets not in LORA_TARGETS:
+            raise ValueError(f"lora_targets must be one of {', '.join(LORA_TARGETS)}, got {self.lora_targets!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         obj.phase_edges(self.grid, self.phases)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based): a pure function of the step, so a resumed run
+        continues the schedule with no scheduler state."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        warmup = max(1, round(WARMUP * self.steps))
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        return self.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, self.steps - warmup)))
 
     def changes(self, other: TrainConfig) -> list[str]:
         return [f.name for f in fields(self) if f.name not in RESUMABLE_CHANGES
@@ -313,7 +333,7 @@ class Trainer:
             unet.requires_grad_(False)
             torch.manual_seed(config.seed)  # peft draws lora_A from the global generator: same run, same start
             self.model = get_peft_model(unet, LoraConfig(r=config.rank, lora_alpha=config.rank,
-                                                         target_modules=LORA_TARGETS))
+                                                         target_modules=LORA_TARGETS[config.lora_targets]))
         self.model.to(device).train()
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if config.init_lora:
@@ -516,6 +536,9 @@ def train(config: TrainConfig, data_path: str | Path, run: str | Path, unet, pos
                 loss.backward()
             total += loss.item()
         trainer.mask_stage(step)
+        lr = config.lr_at(step)
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = lr
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
         if trainer.ema:
@@ -527,7 +550,7 @@ def train(config: TrainConfig, data_path: str | Path, run: str | Path, unet, pos
             loss_value = reduced.item() / world
         done = step + 1
         if done % log_every == 0 or done == config.steps:
-            logger.row(done, loss=f"{loss_value:.6g}", lr=config.lr, seconds=f"{time.perf_counter() - tic:.4f}")
+            logger.row(done, loss=f"{loss_value:.6g}", lr=f"{lr:.6g}", seconds=f"{time.perf_counter() - tic:.4f}")
         if held_out is not None and config.val_every and (done % config.val_every == 0 or done == config.steps):
             noise = torch.randn(held_out["latents"].shape, generator=torch.Generator().manual_seed(config.seed))
             sample = trainer.sample(held_out, noise, torch.Generator(device).manual_seed(config.seed))

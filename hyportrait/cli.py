@@ -186,6 +186,10 @@ def _add_distill_train(dsub) -> None:
         t.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=help_text)
     t.add_argument("--target", choices=["ema", "student", "same-sigma"],
                    help="target network: EMA of the LoRA (default), the student itself, or the same-sigma control")
+    t.add_argument("--lora-targets", choices=["attention", "all-linear"],
+                   help="LoRA on the attention projections (default, the LCM fork's) or on every Linear")
+    t.add_argument("--lr-schedule", choices=["constant", "cosine"],
+                   help="constant (default) or cosine decay to 0 after a 5%% warm-up")
     t.add_argument("--init-lora", type=Path, help="start the student from this adapter (same rank and base)")
     t.add_argument("--sigma-weight", choices=["uniform", "animatelcm"], help="per-sigma loss weight")
     t.add_argument("--guidance", type=float, nargs=2, metavar=("MIN", "MAX"),
@@ -217,7 +221,7 @@ def _distill_train(args) -> int:
 
     options = {k: getattr(args, k) for k in ("mode", "steps", "batch", "accumulate", "lr", "rank", "phases",
                "grid", "ema", "spatial_steps", "checkpoint_every", "val_every", "val_examples", "seed",
-               "target", "sigma_weight", "checkpointing") if getattr(args, k) is not None}
+               "target", "sigma_weight", "checkpointing", "lora_targets", "lr_schedule") if getattr(args, k) is not None}
     options.setdefault("checkpointing", torch.cuda.is_available())
     if args.init_lora:
         options["init_lora"] = str(args.init_lora)
