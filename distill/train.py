@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from hyportrait.errors import HyportraitError, WeightsError
+from hyportrait.errors import RunError, WeightsError
 from hyportrait.files import atomic_path, write_json
 from hyportrait.runtime.pipeline import AnimateConfig
 from hyportrait.runtime.sampling import (
@@ -40,11 +40,6 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CHECKPOINT = "checkpoint.pt"
 # fields a resumed run may change (how long, how often); any other change is refused
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "val_every"}
-
-
-class RunError(HyportraitError):
-    """A run folder that cannot be resumed with this command (another config, another LoRA)."""
-    code = "bad_run"
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hyportrait.errors import HyportraitError, InputError, OptionError, describe
+from hyportrait.errors import InputError, OptionError, SourceStalledError, describe
 from hyportrait.networks.arcface import load_arcface, zero_identity_embedding
 from hyportrait.networks.contract import PRECISIONS
 
@@ -67,11 +67,6 @@ from .video import STDIN, LiveSource, VideoInfo, VideoWriter, is_url, open_live,
 RANDOM_MODEL_DEFAULTS = {"num_steps": 4, "size": 128}
 MODES = ("quality", "fast")
 STALL_SECONDS = 10.0  # a live source giving no frame for this long has stalled
-
-
-class SourceStalledError(HyportraitError):
-    """A live driving source gave no frame for the stall timeout."""
-    code = "source_stalled"
 
 
 @dataclass

@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from hyportrait.cli import main as cli
+from hyportrait.errors import SourceStalledError
 from hyportrait.networks.weights import random_networks
-from hyportrait.runtime.api import Animator, SourceStalledError
+from hyportrait.runtime.api import Animator
 from hyportrait.runtime.models import torch_models
 from hyportrait.runtime.pipeline import (
     AnimateConfig,
