@@ -50,6 +50,7 @@ from .pipeline import (
     BusyTimes,
     Conditioning,
     build_conditioning,
+    check_range,
     consumed_in_background,
     decode_frames,
     decode_segments,
@@ -228,7 +229,7 @@ class Animator:
         # every value is checked before any network loads; the segment against the window only once the models,
         # which may fix the window, are known
         make_config({k: v for k, v in options.items() if k != "segment"})
-        AnimateConfig(window=1, overlap=0, segment=options.get("segment", 0))  # its own range
+        check_range("segment", options.get("segment", 0))
         if isinstance(models, Models):  # networks the caller built (e.g. custom sessions, benchmarks)
             backend, device = models.backend, str(models.device)
         self.device = resolve_device(device, backend)
@@ -459,7 +460,7 @@ class Animator:
                     f"{'stream' if live else _stem(video, 'video')}")
             folder = result_folder(Path(out), name)
             tic = time.perf_counter()
-            written = self._write(folder, crops, paste_back, opened.fps, opened.audio_path, busy,
+            written = self._write(folder, crops, paste_back, opened.fps, opened.audio, busy,
                                   progressive=progressive, total=None)
             # decode_encode is wall time; busy_* the seconds each of its threads worked
             timings = dict(preprocess_source=tic - start, decode_encode=time.perf_counter() - tic, **busy.seconds)
