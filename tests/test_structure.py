@@ -118,9 +118,15 @@ def test_the_error_class_check_sees_subclasses_of_subclasses(tmp_path):
 def test_the_readme_lists_every_error_code_of_errors_py():
     coded = {cls.__name__: cls.code for cls in vars(errors).values() if isinstance(cls, type)
              and issubclass(cls, errors.HyportraitError) and cls is not errors.HyportraitError and "code" in vars(cls)}
-    listed = dict(re.findall(r"^\| `([a-z_]+)` \| `(\w+)` \|", (ROOT / "README.md").read_text(), re.MULTILINE))
+    readme = (ROOT / "README.md").read_text()
+    listed = dict(re.findall(r"^\| `([a-z_]+)` \| `(\w+)` \|", readme, re.MULTILINE))
     assert {name: code for code, name in listed.items()} == coded
     assert len(set(coded.values())) == len(coded)  # one class per code
+    # the codes a ServeError is raised with (the HTTP service's), in its section
+    served = {code for path in packages()["hyportrait.serve"].glob("*.py")
+              for code in re.findall(r'ServeError\(\s*"([a-z_]+)"', path.read_text())}
+    section = readme[readme.index("## Serving over HTTP"):readme.index("### Scale-out on Ray Serve")]
+    assert len(served) > 10 and not {code for code in served if f"`{code}`" not in section}
 
 
 def test_the_exporters_follow_the_contract():
