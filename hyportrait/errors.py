@@ -1,6 +1,7 @@
 """Errors that reach users: each has a stable `code` and a message that names the problem.
 
-The CLI prints these without a traceback; embedders catch `HyportraitError` and switch on `.code`.
+The CLI prints these without a traceback; embedders catch `HyportraitError` and switch on `.code`. Every error
+class of the project is here (tests/test_structure.py checks it, and that README.md's table lists every code).
 """
 
 

@@ -1,6 +1,6 @@
 """Segmented sampling and streaming (issue 15) on tiny random networks: the window plan and the seam, the whole clip
 through the segment loop bit for bit, memory bounded by the segment, and the streaming API and CLI with sources
-that end, fail, stall, or a consumer that stops."""
+that end, fail, stall, or a consumer that stops, and the audio of pipes and URLs in the streamed outputs."""
 import functools
 import gc
 import http.server
@@ -278,7 +278,7 @@ def test_progressive_writer_keeps_its_frames_when_the_block_fails(tmp_path, samp
     assert not (tmp_path / "empty.mp4").exists()
 
 
-def matroska(path, frames: int | None = None, container: str = "matroska", kinds=("video", "audio")) -> bytes:
+def remuxed(path, frames: int | None = None, container: str = "matroska", kinds=("video", "audio")) -> bytes:
     """The sample remuxed to Matroska (or `container`: streamable from a pipe), its streams of `kinds`, cut after
     `frames` video packets mid-packet."""
     buffer = io.BytesIO()
@@ -317,7 +317,7 @@ def test_cli_stream_writes_fragmented_mp4_with_audio(tmp_path, tiny_cli):
 
 
 def test_cli_stream_from_a_pipe_cut_mid_stream_keeps_every_frame_made(tmp_path, tiny_cli, monkeypatch, capsys):
-    data = matroska(SAMPLE_VIDEO, frames=9)
+    data = remuxed(SAMPLE_VIDEO, frames=9)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
     assert cli(["animate", "--image", str(SAMPLE_IMAGE), "--video", "-", "--out", str(tmp_path), "--stream",
                 "--mode", "fast", *CLI_TINY]) == 0
@@ -360,7 +360,7 @@ def assert_audio_follows_the_video(path: Path, frames: int, codec: str):
 
 def test_cli_stream_from_an_mpegts_pipe_carries_its_audio_in_sync(tmp_path, tiny_cli, monkeypatch):
     # MPEG-TS: timestamps that do not start at 0, and ADTS AAC (which MP4 cannot copy: re-encoded)
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(matroska(SAMPLE_VIDEO, container="mpegts"))))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(remuxed(SAMPLE_VIDEO, container="mpegts"))))
     assert cli(["animate", "--image", str(SAMPLE_IMAGE), "--video", "-", "--out", str(tmp_path), "--stream",
                 "--mode", "fast", "--max-frames", "12", *CLI_TINY]) == 0
     for path in outputs(tmp_path):
@@ -388,7 +388,7 @@ def http_server(tmp_path):
 
 def test_cli_stream_from_a_url_carries_its_audio(tmp_path, tiny_cli, http_server):
     url, root = http_server
-    (root / "clip.mkv").write_bytes(matroska(SAMPLE_VIDEO))
+    (root / "clip.mkv").write_bytes(remuxed(SAMPLE_VIDEO))
     out = tmp_path / "out"
     assert cli(["animate", "--image", str(SAMPLE_IMAGE), "--video", f"{url}/clip.mkv", "--out", str(out),
                 "--stream", "--mode", "fast", "--max-frames", "12", *CLI_TINY]) == 0
@@ -400,7 +400,7 @@ def test_cli_stream_from_a_url_carries_its_audio(tmp_path, tiny_cli, http_server
 
 
 def test_a_silent_pipe_gives_silent_outputs(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(matroska(SAMPLE_VIDEO, kinds=("video",)))))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(remuxed(SAMPLE_VIDEO, kinds=("video",)))))
     live = open_live("-")
     assert live.audio is None
     with VideoWriter(tmp_path / "out.mp4", live.fps, audio_from=live.audio, progressive=True) as out:
