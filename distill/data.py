@@ -15,7 +15,6 @@ filling, and a writer opened on an existing folder continues after the sources i
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,19 +24,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hyportrait.errors import DataError
-from hyportrait.files import atomic_path, write_json
+from hyportrait.files import atomic_path, sha256_file, write_json
 
 FORMAT = "hyportrait-distill-v1"
 MANIFEST = "manifest.json"
 FIELDS = ("latents", "image_latent", "appearance", "motion")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _shape_of(example: dict[str, torch.Tensor]) -> dict[str, list]:
@@ -97,7 +88,7 @@ class ShardWriter:
         with atomic_path(self.out / name) as tmp:
             save_file(tensors, str(tmp), metadata={"format": FORMAT})
         self.manifest["shards"].append({"file": name, "examples": len(self.pending),
-                                        "sha256": _sha256(self.out / name),
+                                        "sha256": sha256_file(self.out / name),
                                         "sources": sorted(set(self.pending_sources))})
         self.manifest["examples"] += len(self.pending)
         self.manifest["sources"].update(self.pending_info)
@@ -168,7 +159,7 @@ class TrainingData:
         file = self.path / shard["file"]
         if not file.is_file():
             raise DataError(f"{file}: shard listed in the manifest is missing")
-        if _sha256(file) != shard["sha256"]:
+        if sha256_file(file) != shard["sha256"]:
             raise DataError(f"{file}: corrupt shard (its sha256 differs from the manifest's)")
         try:
             with safe_open(str(file), framework="pt") as f:

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hyportrait.errors import InputError, VideoError
+from hyportrait.errors import DataError, InputError, TooFewFramesError, VideoError
 from hyportrait.export.onnx_io import ensure_writable
-from hyportrait.files import write_json
+from hyportrait.files import sha256_file, write_json
 from hyportrait.networks.contract import CROP_SIZE, MOTION_SIZE, WINDOW
 from hyportrait.networks.weights import ARCFACE_FILE, CHECKPOINTS, CONFIG_FILES, DETECTOR_FILE
 from hyportrait.runtime.api import Animator, Prepared
@@ -32,7 +32,7 @@ from hyportrait.runtime.pipeline import VAE_SCALE, prefetched, vae_images
 from hyportrait.runtime.preprocess import CROP_EXPAND, EXPRESSION_EXPAND, crop_resize, vae_input
 from hyportrait.runtime.video import probe_video, read_frames
 
-from .data import DataError, ShardWriter, _sha256
+from .data import ShardWriter
 
 REPORT = "prepare_report.json"
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".flv", ".ts")
@@ -51,11 +51,6 @@ class PrepareConfig:
         if self.frames < 1 or self.stride < 1 or self.per_shard < 1:
             raise InputError(f"frames, stride and examples per shard must be >= 1, got {self.frames}, "
                              f"{self.stride}, {self.per_shard}")
-
-
-class Skip(InputError):
-    """A clip too short for one example (other clips that give none raise the runtime's own errors)."""
-    code = "too_few_frames"
 
 
 @dataclass
@@ -79,7 +74,7 @@ def weights_identity(weights: Path | None) -> dict:
     if weights is None:
         return {"random": "tiny"}  # random_networks("tiny"): fixed seeds
     names = [spec.path for spec in CHECKPOINTS] + list(CONFIG_FILES) + [DETECTOR_FILE, ARCFACE_FILE]
-    return {"sha256": {name: _sha256(Path(weights) / name) for name in names if (Path(weights) / name).is_file()}}
+    return {"sha256": {name: sha256_file(Path(weights) / name) for name in names if (Path(weights) / name).is_file()}}
 
 
 def find_videos(videos: Path) -> tuple[dict[str, Path], list[str]]:
@@ -118,15 +113,15 @@ def load_clip(animator: Animator, source: str, path: Path, config: PrepareConfig
     info = probe_video(path)
     num_frames = min(info.num_frames, animator.config.max_frames)
     if num_frames < config.frames:
-        raise Skip(f"{num_frames} frames, an example needs {config.frames}")
+        raise TooFewFramesError(f"{num_frames} frames, an example needs {config.frames}")
     index = reference_frame(source, num_frames, config.seed)
     frame = next(itertools.islice(read_frames(path, limit=index + 1), index, None), None)
     if frame is None:
         raise VideoError(f"frame {index} cannot be decoded (the header says {info.num_frames} frames)")
     prepared = animator.prepare(frame, path)
     if prepared.num_frames < config.frames:
-        raise Skip(f"{prepared.num_frames} decodable frames, an example needs {config.frames}")
-    return Clip(source, path, _sha256(path), index, prepared)
+        raise TooFewFramesError(f"{prepared.num_frames} decodable frames, an example needs {config.frames}")
+    return Clip(source, path, sha256_file(path), index, prepared)
 
 
 def _crops(clip: Clip, limit: int) -> Iterator[np.ndarray]:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from hyportrait.errors import HyportraitError, WeightsError
+from hyportrait.errors import RunError, WeightsError
 from hyportrait.files import atomic_path, write_json
 from hyportrait.runtime.pipeline import AnimateConfig
 from hyportrait.runtime.sampling import (
@@ -44,11 +44,6 @@ WARMUP = 0.05  # cosine: the first 5 % of the steps ramp up linearly
 CHECKPOINT = "checkpoint.pt"
 # fields a resumed run may change (how long, how often); any other change is refused
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "val_every"}
-
-
-class RunError(HyportraitError):
-    """A run folder that cannot be resumed with this command (another config, another LoRA)."""
-    code = "bad_run"
 
 
 @dataclass(frozen=True)

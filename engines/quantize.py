@@ -43,9 +43,8 @@ from hyportrait.export.onnx_io import (
     EXTERNAL_DATA_THRESHOLD,
     ModelRecord,
     relative_error,
-    sha256_file,
 )
-from hyportrait.files import atomic_path, write_json
+from hyportrait.files import atomic_path, sha256_file, write_json
 
 PRECISIONS = ("int8", "fp8")
 QUANTIZED_OP_TYPES = ("MatMul", "Conv", "Gemm")

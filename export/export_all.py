@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hyportrait.errors import InputError
+from hyportrait.files import sha256_file
 from hyportrait.networks.contract import LATENT_SIZE
 from hyportrait.networks.lora import merge_lora
 from hyportrait.networks.weights import (
@@ -47,7 +48,6 @@ from .onnx_io import (
     check_precision,
     ensure_writable,
     export_onnx,
-    sha256_file,
     validate_onnx,
 )
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from hyportrait.files import atomic_path
+from hyportrait.files import atomic_path, sha256_file
 from hyportrait.networks.arcface import ARCFACE_FILENAME, ArcFace
-
-from .onnx_io import sha256_file
 
 
 def copy_arcface(weights_dir: Path, out_dir: Path) -> dict:

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hyportrait.files import atomic_path
+from hyportrait.files import atomic_path, sha256_file
 from hyportrait.networks.contract import CROP_SIZE, MODELS
 from hyportrait.networks.pose_guider import PoseFrameEncoder
 from hyportrait.networks.weights import CHECKPOINTS, Networks
 
-from .onnx_io import ExportSpec, sha256_file
+from .onnx_io import ExportSpec
 
 POSE_SOURCE = next(spec.path for spec in CHECKPOINTS if spec.name == "pose_guider")
 POSE_CONSTANT_FILE = "pose_constant.npy"

@@ -11,7 +11,6 @@ and exports the tiny test networks in seconds where the torch.export-based one t
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hyportrait.errors import ExportError, InputError
+from hyportrait.files import sha256_file
 from hyportrait.networks.contract import ModelContract
 
 # 18: the newest opset the TorchScript exporter supports fully; TensorRT 8.6+ and onnxruntime 1.14+ read it.
@@ -84,14 +84,6 @@ class ModelRecord:
     export_seconds: float
     sources: list[str]
     validation: dict | None = None  # filled by the caller after `validate_onnx`
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_precision(precision: str) -> str:

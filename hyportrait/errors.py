@@ -1,10 +1,12 @@
 """Errors that reach users: each has a stable `code` and a message that names the problem.
 
-The CLI prints these without a traceback; embedders catch `HyportraitError` and switch on `.code`.
+The CLI prints these without a traceback; embedders catch `HyportraitError` and switch on `.code`. Every error
+class of the project is here (tests/test_structure.py checks it, and that README.md's table lists every code).
 """
 
 
 class HyportraitError(Exception):
+    """The base of every error the project raises on purpose; subclasses set `code`."""
     code = "error"
 
     def __init__(self, message: str):
@@ -13,18 +15,22 @@ class HyportraitError(Exception):
 
 
 class InputError(HyportraitError):
+    """An input, option or output folder the command cannot use."""
     code = "bad_input"
 
 
 class NoFaceError(InputError):
+    """No face in the source image, or in the first driving frame."""
     code = "no_face"
 
 
 class VideoError(InputError):
+    """A video that is missing, unreadable, has no decodable frames, or cannot be written."""
     code = "bad_video"
 
 
 class WeightsError(HyportraitError):
+    """A weights folder or checkpoint with missing, unexpected or misshapen keys (or an unsafe pickle)."""
     code = "bad_weights"
 
 
@@ -62,6 +68,7 @@ class ProfileError(HyportraitError):
 
 
 class EngineBuildError(HyportraitError):
+    """TensorRT could not parse, configure or build an engine."""
     code = "build_failed"
 
     def __init__(self, message: str, errors=(), stage: str = "build"):
@@ -71,10 +78,12 @@ class EngineBuildError(HyportraitError):
 
 
 class EngineRunError(HyportraitError):
+    """TensorRT refused to run an engine (an input shape, a dtype, the enqueue)."""
     code = "engine_failed"
 
 
 class TensorRTMissingError(HyportraitError):
+    """TensorRT (or TensorRT-RTX) is not installed."""
     code = "tensorrt_missing"
 
 
@@ -84,6 +93,7 @@ class BackendError(HyportraitError):
 
 
 class OutOfMemoryError(HyportraitError):
+    """The GPU ran out of memory."""
     code = "out_of_memory"
 
 
@@ -95,3 +105,40 @@ class VerifyError(HyportraitError):
 class DataError(HyportraitError):
     """A training-data folder that is missing, empty, of another format, or whose shards do not match it."""
     code = "bad_data"
+
+
+class TooFewFramesError(InputError):
+    """A training clip too short for one example (`hyportrait distill prepare` skips it and says so)."""
+    code = "too_few_frames"
+
+
+class RunError(HyportraitError):
+    """A run folder that cannot be resumed with this command (another config, another LoRA)."""
+    code = "bad_run"
+
+
+class SourceStalledError(HyportraitError):
+    """A live driving source gave no frame for the stall timeout."""
+    code = "source_stalled"
+
+
+class DistributedError(HyportraitError):
+    """A collective failed or timed out, or a worker died without a coded error."""
+    code = "distributed_error"
+
+
+class WorkerError(HyportraitError):
+    """A coded error raised on one rank, carried to the launcher: `code` is that error's."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class ServeError(HyportraitError):
+    """A request the HTTP service refuses: `code` is one of the service's stable codes (README, "Serving over
+    HTTP"), `status` the HTTP status it is answered with."""
+
+    def __init__(self, code: str, message: str, status: int = 422, headers: dict | None = None):
+        super().__init__(message)
+        self.code, self.status, self.headers = code, status, headers or {}

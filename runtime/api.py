@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hyportrait.errors import HyportraitError, InputError, OptionError, describe
+from hyportrait.errors import InputError, OptionError, SourceStalledError, describe
 from hyportrait.networks.arcface import load_arcface, zero_identity_embedding
 from hyportrait.networks.contract import PRECISIONS
 
@@ -50,6 +50,7 @@ from .pipeline import (
     BusyTimes,
     Conditioning,
     build_conditioning,
+    check_range,
     consumed_in_background,
     decode_frames,
     decode_segments,
@@ -67,11 +68,6 @@ from .video import STDIN, LiveSource, VideoInfo, VideoWriter, is_url, open_live,
 RANDOM_MODEL_DEFAULTS = {"num_steps": 4, "size": 128}
 MODES = ("quality", "fast")
 STALL_SECONDS = 10.0  # a live source giving no frame for this long has stalled
-
-
-class SourceStalledError(HyportraitError):
-    """A live driving source gave no frame for the stall timeout."""
-    code = "source_stalled"
 
 
 @dataclass
@@ -233,7 +229,7 @@ class Animator:
         # every value is checked before any network loads; the segment against the window only once the models,
         # which may fix the window, are known
         make_config({k: v for k, v in options.items() if k != "segment"})
-        AnimateConfig(window=1, overlap=0, segment=options.get("segment", 0))  # its own range
+        check_range("segment", options.get("segment", 0))
         if isinstance(models, Models):  # networks the caller built (e.g. custom sessions, benchmarks)
             backend, device = models.backend, str(models.device)
         self.device = resolve_device(device, backend)
@@ -464,7 +460,7 @@ class Animator:
                     f"{'stream' if live else _stem(video, 'video')}")
             folder = result_folder(Path(out), name)
             tic = time.perf_counter()
-            written = self._write(folder, crops, paste_back, opened.fps, opened.audio_path, busy,
+            written = self._write(folder, crops, paste_back, opened.fps, opened.audio, busy,
                                   progressive=progressive, total=None)
             # decode_encode is wall time; busy_* the seconds each of its threads worked
             timings = dict(preprocess_source=tic - start, decode_encode=time.perf_counter() - tic, **busy.seconds)

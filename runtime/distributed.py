@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hyportrait.errors import BackendError, HyportraitError, InputError
+from hyportrait.errors import BackendError, DistributedError, HyportraitError, InputError, WorkerError
 
 from .api import Animator, Prepared
 from .backends import Models
@@ -39,19 +39,6 @@ SCHEMES = ("window", "guidance")
 DEFAULT_TIMEOUT_S = 900.0  # a collective waits this long (rank 0 preprocesses, the others wait), then fails
 # the UNet inputs that carry the guidance batch; the others (timestep, pose map) are shared by the branches
 BATCHED_UNET_INPUTS = ("sample", "appearance_tokens", "motion_tokens", "added_time_ids")
-
-
-class DistributedError(HyportraitError):
-    """A collective failed or timed out, or a worker died without a coded error."""
-    code = "distributed_error"
-
-
-class WorkerError(HyportraitError):
-    """A coded error raised on one rank, carried to the launcher."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass

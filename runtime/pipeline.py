@@ -66,6 +66,18 @@ _LIMITS = (
 )
 
 
+def check_range(option: str, value) -> None:
+    """OptionError unless `value` is a number in `option`'s valid range (`_LIMITS`)."""
+    low, high = next((low, high) for name, low, high in _LIMITS if name == option)
+    # bool is an int to Python, but True steps or a seed of False is a caller's mistake
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise OptionError(option, f"must be a number, got {value!r}")
+    if isinstance(low, int) and not isinstance(value, numbers.Integral):
+        raise OptionError(option, f"must be a whole number, got {value!r}")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise OptionError(option, f"must be between {low} and {high}, got {value}")
+
+
 @dataclass
 class AnimateConfig:
     """Sampling options; defaults are the official config (config/hunyuan-portrait.yaml)."""
@@ -96,15 +108,8 @@ class AnimateConfig:
     segment: int = 0  # frames sampled at once, context included (sample_segments); 0: the whole clip (official)
 
     def __post_init__(self):
-        for option, low, high in _LIMITS:
-            value = getattr(self, option)
-            # bool is an int to Python, but True steps or a seed of False is a caller's mistake
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise OptionError(option, f"must be a number, got {value!r}")
-            if isinstance(low, int) and not isinstance(value, numbers.Integral):
-                raise OptionError(option, f"must be a whole number, got {value!r}")
-            if not (math.isfinite(value) and low <= value <= high):
-                raise OptionError(option, f"must be between {low} and {high}, got {value}")
+        for option, *_ in _LIMITS:
+            check_range(option, getattr(self, option))
         if self.precision not in PRECISIONS:
             raise OptionError("precision", f"must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if not 0 <= self.overlap < self.window:

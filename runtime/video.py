@@ -11,6 +11,8 @@ import io
 import os
 import secrets
 import sys
+import threading
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -66,7 +68,12 @@ def _open_file(source, what: str = "video") -> av.container.InputContainer:
 def _open_input(source) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
     """Open `source` for decoding its first video stream; every failure becomes a VideoError naming it."""
     container = _open_file(source)
-    name = _name(source)
+    return container, _video_stream(container, _name(source))
+
+
+def _video_stream(container: av.container.InputContainer, name: str) -> av.video.stream.VideoStream:
+    """The first video stream of an opened source, set up for decoding; a source that is an image, has no video
+    or too large frames is closed and refused with a VideoError naming it."""
     fmt = container.format.name
     if fmt.endswith(_IMAGE_DEMUXER_SUFFIX) or fmt in _IMAGE_DEMUXERS:
         container.close()
@@ -81,7 +88,7 @@ def _open_input(source) -> tuple[av.container.InputContainer, av.video.stream.Vi
         raise VideoError(f"{name} has {width}x{height} frames, more than the {MAX_FRAME_PIXELS} pixels per frame "
                          "accepted (a damaged header, or a video far larger than the 512 px crops need)")
     stream.thread_type = "AUTO"  # frame + slice threads: several times faster decode on multi-core
-    return container, stream
+    return stream
 
 
 def _decode(container, stream, name) -> Iterator[av.VideoFrame]:
@@ -175,13 +182,94 @@ def is_url(source) -> bool:
     return isinstance(source, str) and "://" in source
 
 
+class AudioTap:
+    """The audio of a pipe or URL, demuxed from the same container as its video frames (a pipe cannot be opened
+    twice): the frame reader hands over each audio packet it meets, and every subscriber (a `VideoWriter`'s
+    audio) takes its own copy in stream order when its video has caught up with it.
+
+    Packets whose codec MP4 takes (AAC, MP3, Opus, ...) are kept as they are, to be copied; others are decoded
+    here, once, to be encoded to AAC by each subscriber. Times are the source's seconds; `origin` (the first
+    video frame's, set by the reader) is the outputs' zero.
+    """
+
+    def __init__(self, stream: av.audio.stream.AudioStream):
+        # the reader closes the source when it ends, maybe before a writer adds its audio stream: the codec's
+        # parameters are kept in a stream of an in-memory container of the tap's own, never written
+        self._holder = av.open(io.BytesIO(), "w", format="matroska")
+        self.stream = self._holder.add_stream_from_template(stream)
+        self.copy = _can_copy(self.stream, "mp4")
+        self.origin: float | None = None
+        self._queues: list[deque] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self) -> deque:
+        """A queue of (start s, stop s, `_AudioPacket` or `_AudioSamples`) of every packet put from now on."""
+        queue: deque = deque()
+        with self._lock:
+            self._queues.append(queue)
+        return queue
+
+    def put(self, packet: av.Packet) -> None:
+        """Called by the reader for each audio packet (an empty one at the end flushes the decoder)."""
+        if not self._queues:  # nothing writes this source's audio (e.g. `Animator.frames`)
+            return
+        if self.copy:
+            ts = packet.pts if packet.pts is not None else packet.dts
+            if not packet.size or ts is None:
+                return
+            start = float(ts * packet.time_base)
+            items = [(start, start + float((packet.duration or 0) * packet.time_base), _AudioPacket(
+                bytes(packet), packet.pts, packet.dts, packet.duration, packet.time_base))]
+        else:
+            try:
+                frames = packet.decode()
+            except av.FFmpegError:
+                return  # a damaged audio packet of a live source costs its samples, not the video
+            items = [(start, start + frame.samples / frame.sample_rate, _AudioSamples(
+                frame.to_ndarray(), frame.format.name, frame.layout.name, frame.sample_rate))
+                for frame in frames if frame.pts is not None for start in [float(frame.pts * frame.time_base)]]
+        with self._lock:
+            for queue in self._queues:
+                queue.extend(items)
+
+
+@dataclass(frozen=True)
+class _AudioPacket:
+    """An audio packet's bytes and times, from which each subscriber makes its own packet (muxing consumes one)."""
+    data: bytes
+    pts: int | None
+    dts: int | None
+    duration: int
+    time_base: Fraction
+
+    def packet(self) -> av.Packet:
+        packet = av.Packet(self.data)
+        packet.pts, packet.dts, packet.duration, packet.time_base = self.pts, self.dts, self.duration, self.time_base
+        return packet
+
+
+@dataclass(frozen=True)
+class _AudioSamples:
+    """Decoded audio samples, from which each subscriber makes its own frame (encoding stamps it)."""
+    samples: np.ndarray
+    format: str
+    layout: str
+    rate: int
+
+    def frame(self) -> av.AudioFrame:
+        frame = av.AudioFrame.from_ndarray(self.samples, format=self.format, layout=self.layout)
+        frame.sample_rate = self.rate
+        return frame
+
+
 @dataclass(frozen=True)
 class LiveSource:
     """Driving frames read as they arrive: `frames` yields (RGB uint8 (H, W, 3), seconds since the first
-    frame) pairs; `audio_path` is the file whose audio the outputs can carry (None for a pipe or a URL)."""
+    frame) pairs; `audio` is what the outputs' audio comes from: the file for a file, the `AudioTap` filled
+    while `frames` is read for a pipe or a URL, None for a source without audio."""
     fps: Fraction
     frames: Iterator[tuple[np.ndarray, float]]
-    audio_path: Path | str | bytes | None
+    audio: Path | str | bytes | AudioTap | None
 
 
 def open_live(source, limit: int | None = None) -> LiveSource:
@@ -191,7 +279,7 @@ def open_live(source, limit: int | None = None) -> LiveSource:
     A pipe must carry a container that plays without seeking: Matroska/WebM, MPEG-TS, NUT or fragmented
     MP4 (e.g. `ffmpeg -i in.mp4 -f matroska -`); a plain MP4 needs its index, so it is refused as unreadable.
     A source that fails after its first frame (a pipe cut mid-packet, a camera gone) ends the stream there
-    with a warning: what came before is used.
+    with a warning: what came before is used. The audio of a pipe or URL is demuxed with the frames (`AudioTap`).
     """
     if source == STDIN or is_url(source):
         name = "stdin" if source == STDIN else source
@@ -199,21 +287,32 @@ def open_live(source, limit: int | None = None) -> LiveSource:
             container = av.open(sys.stdin.buffer if source == STDIN else source, "r")
         except av.FFmpegError as e:
             raise VideoError(f"cannot read {name}: not a video stream or it is damaged ({e})") from e
-        if not container.streams.video:
-            container.close()
-            raise VideoError(f"{name} has no video stream")
-        stream, audio = container.streams.video[0], None
+        stream = _video_stream(container, name)
+        audio = AudioTap(container.streams.audio[0]) if container.streams.audio else None
     else:
         container, stream = _open_input(source)
         name, audio = str(source), source if container.streams.audio else None
     fps = stream.average_rate or stream.guessed_rate or stream.base_rate or Fraction(25)
-    return LiveSource(Fraction(fps), _timed_frames(container, stream, name, limit, Fraction(fps)), audio)
+    tap = audio if isinstance(audio, AudioTap) else None
+    return LiveSource(Fraction(fps), _timed_frames(container, stream, name, limit, Fraction(fps), tap), audio)
 
 
-def _timed_frames(container, stream, name, limit, fps) -> Iterator[tuple[np.ndarray, float]]:
+def _demuxed_frames(container, stream, tap: AudioTap | None) -> Iterator[av.VideoFrame]:
+    """The frames of `stream`; with a tap, the audio packets met on the way are handed to it."""
+    if tap is None:
+        yield from container.decode(stream)
+        return
+    for packet in container.demux(stream, container.streams.audio[0]):  # the tap's
+        if packet.stream.index == stream.index:
+            yield from packet.decode()
+        else:
+            tap.put(packet)
+
+
+def _timed_frames(container, stream, name, limit, fps, tap=None) -> Iterator[tuple[np.ndarray, float]]:
     count, origin = 0, None
     with container:
-        frames = container.decode(stream)
+        frames = _demuxed_frames(container, stream, tap)
         while limit is None or count < limit:
             try:
                 frame = next(frames, None)
@@ -226,7 +325,10 @@ def _timed_frames(container, stream, name, limit, fps) -> Iterator[tuple[np.ndar
             if frame is None:
                 break
             seconds = frame.time if frame.time is not None else float(count / fps)
-            origin = seconds if origin is None else origin
+            if origin is None:
+                origin = seconds
+                if tap is not None:
+                    tap.origin = seconds
             yield frame.to_ndarray(format="rgb24"), seconds - origin
             count += 1
     if count == 0:
@@ -242,7 +344,8 @@ def _pad_to_even(frame: np.ndarray) -> np.ndarray:
 
 
 class _AudioCarry:
-    """The first audio stream of a source file, fed into the output up to a given time.
+    """The first audio stream of a source file, or the audio of an `AudioTap`, fed into the output up to a
+    given time.
 
     Packets are copied as they are when the output container takes the codec; otherwise they are
     decoded and re-encoded to AAC. Times are relative to the source's first video frame, so the
@@ -250,12 +353,21 @@ class _AudioCarry:
     """
 
     def __init__(self, source):
-        self.name = _name(source)
+        if isinstance(source, AudioTap):
+            self.name, self.src, self.tap, self.in_stream = "the driving stream", None, source, source.stream
+            self.queue = source.subscribe()
+            return
+        self.name, self.tap = _name(source), None
         self.src = _open_file(source, "audio source")
         self.in_stream = self.src.streams.audio[0] if self.src.streams.audio else None
         video = self.src.streams.video[0] if self.src.streams.video else None
         has_origin = video is not None and video.start_time is not None
-        self.origin = float(video.start_time * video.time_base) if has_origin else 0.0
+        self._origin = float(video.start_time * video.time_base) if has_origin else 0.0
+
+    @property
+    def origin(self) -> float:
+        """The source's seconds at its first video frame (a tap's is known once the first frame is read)."""
+        return self._origin if self.tap is None else self.tap.origin or 0.0
 
     @property
     def present(self) -> bool:
@@ -264,7 +376,7 @@ class _AudioCarry:
     def attach(self, output: av.container.OutputContainer) -> None:
         """Add the audio stream to `output` (after its video stream, so video stays stream 0)."""
         self.output = output
-        self.copy = _can_copy(self.in_stream, output.format.name)
+        self.copy = self.tap.copy if self.tap else _can_copy(self.in_stream, output.format.name)
         if self.copy:
             self.out_stream = output.add_stream_from_template(self.in_stream)
         else:
@@ -272,8 +384,18 @@ class _AudioCarry:
             layout = "mono" if self.in_stream.channels == 1 else "stereo"
             self.out_stream = output.add_stream("aac", rate=self.in_stream.rate, layout=layout)
             self.samples_out = 0
-        self.items = self._timed_items()
+        self.items = self._tapped_items() if self.tap else self._timed_items()
         self.held = None  # the first item not muxed yet, read ahead to see its time
+
+    def _tapped_items(self) -> Iterator[tuple[float, float, av.Packet | av.AudioFrame] | None]:
+        """The tap's items as they come (None while it has none yet): own packets and frames, the outputs' times."""
+        while True:
+            if not self.queue:
+                yield None
+                continue
+            start, stop, item = self.queue.popleft()
+            made = item.packet() if isinstance(item, _AudioPacket) else item.frame()
+            yield start - self.origin, stop - self.origin, made
 
     def _timed_items(self) -> Iterator[tuple[float, float, av.Packet | av.AudioFrame]]:
         """(start second, stop second, packet or frame) in stream order."""
@@ -298,7 +420,7 @@ class _AudioCarry:
         while True:
             if self.held is None:
                 self.held = next(self.items, None)
-                if self.held is None:
+                if self.held is None:  # the source's audio ended (or a tap has no more yet)
                     break
             start, stop, item = self.held
             if start >= end or (stop > end and not final):
@@ -338,7 +460,8 @@ class _AudioCarry:
             self.output.mux(packet)
 
     def close(self) -> None:
-        self.src.close()
+        if self.src is not None:
+            self.src.close()
 
 
 def _can_copy(stream: av.audio.stream.AudioStream, container_format: str) -> bool:
@@ -350,6 +473,8 @@ def _can_copy(stream: av.audio.stream.AudioStream, container_format: str) -> boo
     """
     if container_format == "mp4" and stream.codec_context.name.startswith("pcm_"):
         return False
+    if stream.codec_context.name == "aac" and not stream.codec_context.extradata:
+        return False  # ADTS AAC (MPEG-TS): its config would reach an MP4 only after the header that needs it
     probe = av.open(io.BytesIO(), "w", format=container_format)
     try:
         probe.add_stream_from_template(stream)
@@ -370,7 +495,8 @@ class VideoWriter:
     Use as a context manager. The file is written under a temporary name next to `path` and renamed
     to `path` only when the block ends without an exception; otherwise the temporary file is deleted
     and nothing is left behind. Odd frame sizes are padded to even by replicating the last row/column
-    (yuv420p subsamples chroma 2x2). The audio of `audio_from` (the driving video) is copied without
+    (yuv420p subsamples chroma 2x2). The audio of `audio_from` (the driving video: a path, encoded bytes, or
+    the `AudioTap` of a pipe or URL, whose audio is muxed as it is read) is copied without
     re-encoding when the container takes its codec (else re-encoded to AAC), and cut at the video's end
     (copied audio is cut at packet granularity, so it may overrun by under one audio frame, ~23 ms for
     AAC). A source without audio gives a silent video.

@@ -17,10 +17,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from hyportrait.errors import HyportraitError
+from hyportrait.errors import HyportraitError, ServeError
 from hyportrait.runtime.video import probe_video
 
-from .jobs import Job, JobTable, ServeError, parse_options
+from .jobs import Job, JobTable, parse_options
 from .options import Limits
 from .runner import Runner
 

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from hyportrait.errors import HyportraitError
+from hyportrait.errors import ServeError
 from hyportrait.files import write_json
 from hyportrait.runtime.api import RANDOM_MODEL_DEFAULTS
 from hyportrait.runtime.pipeline import FAST_MODE, X264_PRESETS, AnimateConfig
@@ -28,14 +28,6 @@ ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 FINAL = ("done", "failed", "cancelled")
 # the quality mode's values of the fields fast mode changes (AnimateConfig's defaults are the official config)
 QUALITY_MODE = {name: f.default for f in fields(AnimateConfig) if (name := f.name) in FAST_MODE}
-
-
-class ServeError(HyportraitError):
-    """A refused request: `code` is stable, `status` the HTTP status it is answered with."""
-
-    def __init__(self, code: str, message: str, status: int = 422, headers: dict | None = None):
-        super().__init__(message)
-        self.code, self.status, self.headers = code, status, headers or {}
 
 
 def _number(options: dict, name: str, kind: type, low, high):

@@ -16,10 +16,10 @@ import threading
 import time
 import traceback
 
-from hyportrait.errors import HyportraitError
+from hyportrait.errors import HyportraitError, ServeError
 from hyportrait.runtime.api import Animator
 
-from .jobs import Job, JobTable, ServeError
+from .jobs import Job, JobTable
 from .metrics import Metrics
 from .options import Limits
 

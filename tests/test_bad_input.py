@@ -126,6 +126,8 @@ def test_api_options_are_checked_whatever_their_type():
     assert (caught.value.option, caught.value.code) == ("mode", "bad_input")
     with pytest.raises(OptionError, match="device must be cpu, cuda or cuda:N"):
         Animator(backend="torch", device="cuda:x")
+    with pytest.raises(OptionError, match="segment must be a whole number, got 2.5"):  # before any network loads
+        Animator(backend="torch", device="cpu", segment=2.5)
 
 
 def _png_claiming(width: int, height: int) -> bytes:

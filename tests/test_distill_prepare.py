@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from hyportrait.cli import main
-from hyportrait.distill.data import MANIFEST, DataError, TrainingData
+from hyportrait.distill.data import MANIFEST, TrainingData
 from hyportrait.distill.prepare import REPORT, PrepareConfig, make_animator, prepare_data
+from hyportrait.errors import DataError
 from hyportrait.networks.arcface import zero_identity_embedding
 from hyportrait.runtime.pipeline import VAE_SCALE, build_conditioning, motion_tokens, vae_images
 from hyportrait.runtime.preprocess import DrivingPreprocessor, crop_resize, preprocess_source, vae_input

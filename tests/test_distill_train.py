@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from hyportrait.distill import toy
-from hyportrait.distill.data import DataError
-from hyportrait.distill.train import RunError, TrainConfig, train
-from hyportrait.errors import WeightsError
+from hyportrait.distill.train import TrainConfig, train
+from hyportrait.errors import DataError, RunError, WeightsError
 from hyportrait.networks.lora import merge_lora
 from hyportrait.networks.unet import UNetWithAdapters
 

@@ -14,11 +14,11 @@ import torch
 
 from hyportrait.benchmarks import multigpu_gpu
 from hyportrait.cli import main as cli_main
-from hyportrait.errors import InputError
+from hyportrait.errors import InputError, WorkerError
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime import distributed
 from hyportrait.runtime.api import Animator, Prepared
-from hyportrait.runtime.distributed import GuidanceParallelUNet, ParallelAnimator, WorkerError, branch_shares
+from hyportrait.runtime.distributed import GuidanceParallelUNet, ParallelAnimator, branch_shares
 from hyportrait.runtime.models import torch_models
 from hyportrait.runtime.pipeline import (
     AnimateConfig,

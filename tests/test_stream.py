@@ -1,7 +1,9 @@
 """Segmented sampling and streaming (issue 15) on tiny random networks: the window plan and the seam, the whole clip
 through the segment loop bit for bit, memory bounded by the segment, and the streaming API and CLI with sources
-that end, fail, stall, or a consumer that stops."""
+that end, fail, stall, or a consumer that stops, and the audio of pipes and URLs in the streamed outputs."""
+import functools
 import gc
+import http.server
 import io
 import itertools
 import sys
@@ -16,8 +18,9 @@ import torch
 from PIL import Image
 
 from hyportrait.cli import main as cli
+from hyportrait.errors import SourceStalledError, VideoError
 from hyportrait.networks.weights import random_networks
-from hyportrait.runtime.api import Animator, SourceStalledError
+from hyportrait.runtime.api import Animator
 from hyportrait.runtime.models import torch_models
 from hyportrait.runtime.pipeline import (
     AnimateConfig,
@@ -28,7 +31,7 @@ from hyportrait.runtime.pipeline import (
     sample_segments,
 )
 from hyportrait.runtime.sampling import karras_sigmas, sample_euler_windows, sample_lcm_windows
-from hyportrait.runtime.video import VideoWriter, probe_video, read_frames
+from hyportrait.runtime.video import VideoWriter, open_live, probe_video, read_frames
 from hyportrait.runtime.windows import pad_motion_tokens, padded_motion, segment_window_indices
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,11 +278,12 @@ def test_progressive_writer_keeps_its_frames_when_the_block_fails(tmp_path, samp
     assert not (tmp_path / "empty.mp4").exists()
 
 
-def matroska(path, frames: int | None = None) -> bytes:
-    """The sample remuxed to Matroska (streamable from a pipe), cut after `frames` video packets mid-packet."""
+def remuxed(path, frames: int | None = None, container: str = "matroska", kinds=("video", "audio")) -> bytes:
+    """The sample remuxed to Matroska (or `container`: streamable from a pipe), its streams of `kinds`, cut after
+    `frames` video packets mid-packet."""
     buffer = io.BytesIO()
-    with av.open(str(path)) as src, av.open(buffer, "w", format="matroska") as out:
-        streams = {s.index: out.add_stream_from_template(s) for s in src.streams if s.type in ("video", "audio")}
+    with av.open(str(path)) as src, av.open(buffer, "w", format=container) as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in src.streams if s.type in kinds}
         for packet in src.demux():
             if packet.dts is not None and packet.stream.index in streams:
                 packet.stream = streams[packet.stream.index]
@@ -313,7 +317,7 @@ def test_cli_stream_writes_fragmented_mp4_with_audio(tmp_path, tiny_cli):
 
 
 def test_cli_stream_from_a_pipe_cut_mid_stream_keeps_every_frame_made(tmp_path, tiny_cli, monkeypatch, capsys):
-    data = matroska(SAMPLE_VIDEO, frames=9)
+    data = remuxed(SAMPLE_VIDEO, frames=9)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
     assert cli(["animate", "--image", str(SAMPLE_IMAGE), "--video", "-", "--out", str(tmp_path), "--stream",
                 "--mode", "fast", *CLI_TINY]) == 0
@@ -321,6 +325,95 @@ def test_cli_stream_from_a_pipe_cut_mid_stream_keeps_every_frame_made(tmp_path, 
     assert 0 < frames[0] == frames[1] < 36
     assert len(list(read_frames(outputs(tmp_path)[0]))) == frames[0]  # every frame plays
     assert outputs(tmp_path)[0].parent.name.endswith("_stream")
+    for path in outputs(tmp_path):  # the audio demuxed with the frames, as far as they go
+        assert_audio_follows_the_video(path, frames[0], "aac")
+
+
+def fragment_ends(data: bytes) -> list[int]:
+    """The byte offsets at which a fragmented MP4's fragments end (each `moof` box but the first starts one)."""
+    offsets, offset = [], 0
+    while offset + 8 <= len(data):
+        if data[offset + 4:offset + 8] == b"moof":
+            offsets.append(offset)
+        offset += int.from_bytes(data[offset:offset + 4], "big")
+    return offsets[1:] + [len(data)]
+
+
+def assert_audio_follows_the_video(path: Path, frames: int, codec: str):
+    """`path` (`frames` at the sample's 24 fps) has `codec` audio from about 0 to about its end (AAC frames are
+    43 ms at the sample's 24 kHz), and the file as a player sees it while it is written (cut after any fragment)
+    plays sound as long as its video."""
+    data = path.read_bytes()
+    for cut in fragment_ends(data):
+        with av.open(io.BytesIO(data[:cut])) as container:
+            (audio,) = container.streams.audio
+            assert audio.codec_context.name == codec
+            sound, shown = [], 0
+            for p in container.demux():
+                if p.size and p.stream.type == "audio":
+                    sound.append((float(p.pts * p.time_base), float((p.pts + p.duration) * p.time_base)))
+                shown += p.size > 0 and p.stream.type == "video"
+        sound.sort()
+        assert abs(sound[0][0]) < 0.05 and abs(sound[-1][1] - shown / 24) < 0.25, (cut, sound[0], sound[-1], shown)
+    assert shown == frames and abs(sound[-1][1] - frames / 24) < 0.1
+
+
+def test_cli_stream_from_an_mpegts_pipe_carries_its_audio_in_sync(tmp_path, tiny_cli, monkeypatch):
+    # MPEG-TS: timestamps that do not start at 0, and ADTS AAC (which MP4 cannot copy: re-encoded)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(remuxed(SAMPLE_VIDEO, container="mpegts"))))
+    assert cli(["animate", "--image", str(SAMPLE_IMAGE), "--video", "-", "--out", str(tmp_path), "--stream",
+                "--mode", "fast", "--max-frames", "12", *CLI_TINY]) == 0
+    for path in outputs(tmp_path):
+        assert_audio_follows_the_video(path, 12, "aac")
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A real HTTP server on a free local port serving `tmp_path/www`; yields its URL."""
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", root
+    server.shutdown()
+    thread.join(5)
+    server.server_close()
+
+
+def test_cli_stream_from_a_url_carries_its_audio(tmp_path, tiny_cli, http_server):
+    url, root = http_server
+    (root / "clip.mkv").write_bytes(remuxed(SAMPLE_VIDEO))
+    out = tmp_path / "out"
+    assert cli(["animate", "--image", str(SAMPLE_IMAGE), "--video", f"{url}/clip.mkv", "--out", str(out),
+                "--stream", "--mode", "fast", "--max-frames", "12", *CLI_TINY]) == 0
+    for path in outputs(out):
+        assert_audio_follows_the_video(path, 12, "aac")  # copied
+    with av.open(str(SAMPLE_VIDEO)) as src, av.open(str(outputs(out)[0])) as dst:
+        first = [bytes(p) for p, _ in zip(src.demux(src.streams.audio[0]), range(3))]
+        assert [bytes(p) for p, _ in zip(dst.demux(dst.streams.audio[0]), range(3))] == first
+
+
+def test_a_silent_pipe_gives_silent_outputs(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(remuxed(SAMPLE_VIDEO, kinds=("video",)))))
+    live = open_live("-")
+    assert live.audio is None
+    with VideoWriter(tmp_path / "out.mp4", live.fps, audio_from=live.audio, progressive=True) as out:
+        for frame, _ in live.frames:
+            out.write(frame)
+    info = probe_video(tmp_path / "out.mp4")
+    assert info.num_frames == 36 and not info.has_audio
+
+
+def test_a_pipe_is_checked_as_a_file_is(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(SAMPLE_IMAGE.read_bytes())))
+    with pytest.raises(VideoError, match=r"stdin is an image \(\w+_pipe\), not a video"):
+        open_live("-")
 
 
 def test_cli_segment_shorter_than_a_window_is_a_coded_error(tmp_path, capsys):

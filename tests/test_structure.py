@@ -6,6 +6,7 @@ its own layer and those below it, lazily imported modules included; `hyportrait.
 layer.
 """
 import ast
+import re
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import tomllib
 import torch
 from torch import nn
 
+from hyportrait import errors
 from hyportrait.export.export_all import network_specs
 from hyportrait.export.export_face_detector import mtcnn_specs, yoloface_spec
 from hyportrait.export.onnx_io import export_onnx
@@ -81,6 +83,50 @@ def test_the_import_check_sees_lazy_and_relative_imports(tmp_path):
     found = imported_modules(source, "hyportrait.runtime")
     assert found == {"hyportrait.runtime.backends", "hyportrait.benchmarks.bench"}
     assert layer_of("hyportrait.benchmarks.bench") > layer_of("hyportrait.runtime.backends")
+
+
+def error_classes_defined(path: Path, known: set[str]) -> list[str]:
+    """Classes in `path` deriving (by name, at any depth of the file) from a class in `known`; `known` grows with
+    them, so a subclass of such a class is found too."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ClassDef):
+            bases = {base.attr if isinstance(base, ast.Attribute) else getattr(base, "id", None) for base in node.bases}
+            if bases & known:
+                known.add(node.name)
+                found.append(node.name)
+    return found
+
+
+def test_every_error_class_lives_in_errors_py():
+    errors_py = ROOT / "hyportrait" / "errors.py"
+    known = {"HyportraitError"}
+    assert len(error_classes_defined(errors_py, known)) > 15
+    outside = [f"{path.relative_to(ROOT)}: {', '.join(names)}" for folder in [*packages().values(), ROOT / "tests"]
+               for path in sorted(folder.glob("*.py")) if path != errors_py
+               if (names := error_classes_defined(path, set(known)))]
+    assert not outside, "error classes outside hyportrait/errors.py:\n" + "\n".join(outside)
+
+
+def test_the_error_class_check_sees_subclasses_of_subclasses(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("from hyportrait import errors\n\ndef f():\n    class A(errors.InputError): ...\n"
+                      "    class B(A): ...\nclass C(ValueError): ...\n")
+    assert error_classes_defined(source, {"HyportraitError", "InputError"}) == ["A", "B"]
+
+
+def test_the_readme_lists_every_error_code_of_errors_py():
+    coded = {cls.__name__: cls.code for cls in vars(errors).values() if isinstance(cls, type)
+             and issubclass(cls, errors.HyportraitError) and cls is not errors.HyportraitError and "code" in vars(cls)}
+    readme = (ROOT / "README.md").read_text()
+    listed = dict(re.findall(r"^\| `([a-z_]+)` \| `(\w+)` \|", readme, re.MULTILINE))
+    assert {name: code for code, name in listed.items()} == coded
+    assert len(set(coded.values())) == len(coded)  # one class per code
+    # the codes a ServeError is raised with (the HTTP service's), in its section
+    served = {code for path in packages()["hyportrait.serve"].glob("*.py")
+              for code in re.findall(r'ServeError\(\s*"([a-z_]+)"', path.read_text())}
+    section = readme[readme.index("## Serving over HTTP"):readme.index("### Scale-out on Ray Serve")]
+    assert len(served) > 10 and not {code for code in served if f"`{code}`" not in section}
 
 
 def test_the_exporters_follow_the_contract():
