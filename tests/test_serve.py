@@ -453,3 +453,15 @@ def test_gpu_benchmark_dry_run(tmp_path):
     for run in ("service_overlap", "service_serial"):
         assert report[run]["jobs_per_minute"] > 0 and report[run]["mean_stage_s"]["denoise"] > 0
     assert json.loads((tmp_path / "serve_gpu_tiny.json").read_text())["overlap_gain"] == report["overlap_gain"]
+
+
+def test_load_benchmark_dry_run(tmp_path):
+    """benchmarks/serve_load.py on 3 jobs: every job accounted for, the report and the memory chart written."""
+    from hyportrait.benchmarks import serve_load
+
+    report = serve_load.main(["--jobs", "3", "--clients", "2", "--out", str(tmp_path)])
+    assert report["submitted"] == 3 and report["unaccounted"] == 0 and not report["time_limit_hit"], report
+    assert set(report["outcomes"]) <= {"done", "refused"} and report["outcomes"].get("done", 0) >= 1, report
+    assert report["latency_p50_s"] > 0 and report["rss_mib"][0][0] == 0 and report["rss_mib"][-1][1] > 0
+    assert json.loads((tmp_path / "serve_load.json").read_text())["outcomes"] == report["outcomes"]
+    assert Image.open(tmp_path / "serve_load.png").size[0] > 0
