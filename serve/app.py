@@ -178,6 +178,7 @@ def create_app(runner: Runner, table: JobTable, limits: Limits, modes: dict[str,
             if unknown := sorted(set(form.keys()) - {"image", "video", "options"}):
                 raise ServeError("bad_request", f"unknown field(s) {', '.join(unknown)}", 400)
             mode, settings, stream = parse_options(options, limits, modes)
+            runner.check_settings(settings)
             job = table.create(mode, settings, stream)
             try:
                 await run_in_threadpool(_store, image, job.image, limits.max_upload_bytes, "image")

@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 
-from hyportrait.errors import HyportraitError
+from hyportrait.errors import HyportraitError, OptionError
 from hyportrait.runtime.api import Animator
 from hyportrait.runtime.video import probe_video
 
@@ -77,6 +77,10 @@ class Runner:
             self.metrics.finished("refused")
             raise ServeError("queue_full", f"{self.depth()} jobs are waiting; retry later", 429,
                              {"Retry-After": str(self.retry_after())})
+
+    def check_settings(self, settings: dict) -> None:
+        """Refuse (422 bad_options), before the upload is stored, settings the served models cannot run (e.g. a
+        segment shorter than their window). Here none are known: Ray replicas check a job's when it runs."""
 
     def submit(self, job: Job) -> None:
         self.check_capacity()
@@ -173,6 +177,12 @@ class LocalRunner(Runner):
                                             ("write", self._write_loop))]
         for thread in self.threads:
             thread.start()
+
+    def check_settings(self, settings: dict) -> None:
+        try:
+            self.animator.with_options(**settings)
+        except OptionError as exc:
+            raise ServeError("bad_options", exc.message) from None
 
     def alive(self) -> bool:
         return all(thread.is_alive() for thread in self.threads)

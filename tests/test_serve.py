@@ -341,6 +341,7 @@ def test_streamed_job_is_served_while_it_is_made(service, tmp_path):
     video = slow_driving_video(tmp_path / "slow.mp4").read_bytes()
     error_of(submit(url, video=video, options={"segment": 8}), 422, "bad_options")  # segments need a stream
     error_of(submit(url, video=video, options={"stream": "yes"}), 422, "bad_options")
+    error_of(submit(url, video=video, options={"stream": True, "segment": 3}), 422, "bad_options")  # < window
     response = submit(url, video=video, options=STREAMED)
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
