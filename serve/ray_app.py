@@ -81,7 +81,7 @@ class AnimatorReplica:
         try:
             while not job.final:
                 chunks = growing.new() if stream else {}
-                if chunks or time.monotonic() - last >= HEARTBEAT:
+                if not stream or chunks or time.monotonic() - last >= HEARTBEAT:
                     last = time.monotonic()
                     yield {"status": job.status, "steps_done": job.steps_done, "steps_total": job.steps_total,
                            "frames_done": job.frames_done, "frames_total": job.frames_total, "worker": job.worker,
