@@ -27,13 +27,12 @@ from starlette.exceptions import HTTPException
 from hyportrait.errors import HyportraitError
 from hyportrait.runtime.video import probe_video
 
-from .jobs import Job, JobTable, ServeError, parse_options
+from .jobs import KINDS, Job, JobTable, ServeError, parse_options
 from .options import Limits
 from .runner import Runner
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 CHUNK = 2**20
-KINDS = ("cropped", "full")
 FOLLOW_POLL = 0.05  # seconds between looks at a streamed video's file for new bytes
 
 

@@ -26,6 +26,7 @@ from .options import Limits
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 FINAL = ("done", "failed", "cancelled")
+KINDS = ("cropped", "full")  # a job's two videos
 # the quality mode's values of the fields fast mode changes (AnimateConfig's defaults are the official config)
 QUALITY_MODE = {name: f.default for f in fields(AnimateConfig) if (name := f.name) in FAST_MODE}
 
@@ -184,7 +185,7 @@ class Job:
                              "fraction": self.fraction()},
                 "timings": {k: round(v, 4) for k, v in self.timings.items()}, "error": self.error,
                 "attempts": self.attempts, "worker": self.worker,
-                "videos": ({kind: f"/v1/animations/{self.id}/video?kind={kind}" for kind in ("cropped", "full")}
+                "videos": ({kind: f"/v1/animations/{self.id}/video?kind={kind}" for kind in KINDS}
                            if self.status == "done" or (self.stream and not self.final) else None)}
 
     def save(self) -> None:

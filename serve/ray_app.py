@@ -26,14 +26,13 @@ from ray.exceptions import RayError
 
 from hyportrait.runtime.api import Animator
 
-from .jobs import Job, JobTable
+from .jobs import KINDS, Job, JobTable
 from .options import Limits
 from .runner import LocalRunner, Runner, Stopped
 from .server import warm_up
 
 HEARTBEAT = 0.5  # seconds between progress events (also how soon the ingress sees a cancellation)
 STREAM_POLL = 0.1  # seconds between looks for a streamed job's new bytes
-KINDS = ("cropped", "full")
 
 
 class _Growing:
