@@ -448,7 +448,17 @@ class Animator:
             result.timings["total"] = time.perf_counter() - start
         return result
 
-    def _animate_segmented(self, image, video, out, progressive: bool, stall_timeout: float) -> AnimateResult:
+    def animate_into(self, image, video, folder: str | Path, *, stream: bool = False,
+                     on_frame: Callable[[], None] | None = None,
+                     stall_timeout: float = STALL_SECONDS) -> AnimateResult:
+        """`animate` on the segmented path (the config's `segment`; 0: the whole clip at once), writing
+        cropped.mp4 and full_resolution.mp4 into `folder` itself (a server's job folder). `on_frame()` is called
+        after each frame is handed to the writers; an exception it raises stops the run (with `stream` the
+        videos then keep the frames written so far, as on any failure)."""
+        return self._animate_segmented(image, video, None, stream, stall_timeout, Path(folder), on_frame)
+
+    def _animate_segmented(self, image, video, out, progressive: bool, stall_timeout: float,
+                           folder: Path | None = None, on_frame: Callable[[], None] | None = None) -> AnimateResult:
         live = video == STDIN or is_url(video)
         with self._lock, _unwound_on_sigterm():
             start, busy = time.perf_counter(), BusyTimes()
@@ -458,10 +468,10 @@ class Animator:
             paste_back = PasteBack(source.original_image, source.crop_box)
             name = (f"{datetime.now():%Y%m%d_%H%M%S}_{_stem(image, 'image')}_"
                     f"{'stream' if live else _stem(video, 'video')}")
-            folder = result_folder(Path(out), name)
+            folder = folder or result_folder(Path(out), name)
             tic = time.perf_counter()
             written = self._write(folder, crops, paste_back, opened.fps, opened.audio, busy,
-                                  progressive=progressive, total=None)
+                                  progressive=progressive, total=None, on_frame=on_frame)
             # decode_encode is wall time; busy_* the seconds each of its threads worked
             timings = dict(preprocess_source=tic - start, decode_encode=time.perf_counter() - tic, **busy.seconds)
             timings["total"] = time.perf_counter() - start

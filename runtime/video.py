@@ -533,8 +533,10 @@ class VideoWriter:
             if self.audio_from is not None:
                 self._audio = _AudioCarry(self.audio_from)
             try:
+                # flush_packets: each fragment reaches the file when it is made, not when FFmpeg's buffer fills
                 self._container = av.open(str(self._tmp), "w", **({"format": "mp4", "options": {
-                    "movflags": "frag_keyframe+empty_moov+default_base_moof"}} if self.progressive else {}))
+                    "movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"}}
+                    if self.progressive else {}))
             except ValueError:
                 raise VideoError(f"cannot write {self.path}: no video format for '{self.path.suffix}'") from None
             except (OSError, av.FFmpegError) as e:

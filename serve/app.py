@@ -4,14 +4,21 @@ Every error is JSON `{"error": {"code": ..., "message": ...}}` with the HTTP sta
 malformed request, 401 a missing or wrong token, 404 an unknown job, 409 a result asked for before it
 exists, 413 an upload over the size limit, 422 inputs or options the service refuses, 429 a full queue (with
 Retry-After), 503 not ready or shutting down. A refused upload leaves no file behind.
+
+A streamed job's video (`"stream": true`) is answered while the job runs: a chunked response that follows the
+fragmented MP4 as it is written and ends with the job (a cancelled or failed job's stream ends after the frames
+made so far: a shorter, playable video); once the job is done, the whole file as for any job.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import BinaryIO
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -20,13 +27,13 @@ from starlette.exceptions import HTTPException
 from hyportrait.errors import HyportraitError, ServeError
 from hyportrait.runtime.video import probe_video
 
-from .jobs import Job, JobTable, parse_options
+from .jobs import KINDS, Job, JobTable, parse_options
 from .options import Limits
 from .runner import Runner
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 CHUNK = 2**20
-KINDS = ("cropped", "full")
+FOLLOW_POLL = 0.05  # seconds between looks at a streamed video's file for new bytes
 
 
 def _error(code: str, message: str, status: int, headers: dict | None = None) -> JSONResponse:
@@ -45,6 +52,32 @@ def _store(upload: UploadFile, path: Path, limit: int, field: str) -> None:
             out.write(chunk)
     if written == 0:
         raise ServeError("bad_input", f"{field} is empty", 422)
+
+
+async def _opened_while_made(job: Job, path: Path) -> BinaryIO | None:
+    """A streamed job's video file, opened once its writer made it (waiting while the job is queued or
+    preparing); None when the job ended first. An open file keeps its bytes when a failed job's are removed."""
+    while not job.final:
+        try:
+            return open(path, "rb")  # noqa: ASYNC230 -- a local file: opening it does not wait
+        except FileNotFoundError:
+            await asyncio.sleep(FOLLOW_POLL)
+    return None
+
+
+async def _follow(job: Job, handle: BinaryIO) -> AsyncIterator[bytes]:
+    """The file's bytes as they are written (each fragment of the MP4 as the writer flushes it), until the job
+    has ended and every byte is sent: the whole video, or the frames made before a failure or cancellation."""
+    with handle:
+        while True:
+            ended = job.final  # looked at before reading, so the bytes written before the end are all read
+            chunk = handle.read(CHUNK)  # new bytes of a local file: no wait worth a thread
+            if chunk:
+                yield chunk
+            elif ended:
+                return
+            else:
+                await asyncio.sleep(FOLLOW_POLL)
 
 
 def check_inputs(job: Job, limits: Limits) -> None:
@@ -143,8 +176,9 @@ def create_app(runner: Runner, table: JobTable, limits: Limits, modes: dict[str,
                 raise ServeError("bad_request", "the field options must be text (JSON), got a file", 400)
             if unknown := sorted(set(form.keys()) - {"image", "video", "options"}):
                 raise ServeError("bad_request", f"unknown field(s) {', '.join(unknown)}", 400)
-            mode, settings = parse_options(options, limits, modes)
-            job = table.create(mode, settings)
+            mode, settings, stream = parse_options(options, limits, modes)
+            runner.check_settings(settings)
+            job = table.create(mode, settings, stream)
             try:
                 await run_in_threadpool(_store, image, job.image, limits.max_upload_bytes, "image")
                 await run_in_threadpool(_store, video, job.video, limits.max_upload_bytes, "video")
@@ -166,13 +200,18 @@ def create_app(runner: Runner, table: JobTable, limits: Limits, modes: dict[str,
         job = table.get(job_id)
         if kind not in KINDS:
             raise ServeError("bad_request", f"kind must be cropped or full, got {kind!r}", 400)
+        name = f"{job.id}_{'cropped' if kind == 'cropped' else 'full_resolution'}.mp4"
+        if job.stream and not job.final and (handle := await _opened_while_made(job, job.result(kind))):
+            # chunked, following the file while it is written; ends when the job does
+            return StreamingResponse(_follow(job, handle), media_type="video/mp4",
+                                     headers={"Content-Disposition": f'inline; filename="{name}"',
+                                              "Cache-Control": "no-store"})
         if job.status in ("failed", "cancelled"):
             raise ServeError("no_result", f"the job {job.status}; it has no video", 409)
         if job.status != "done":
             raise ServeError("not_finished", f"the job is {job.status}; poll /v1/animations/{job.id}", 409,
                              {"Retry-After": "1"})
-        return FileResponse(job.result(kind), media_type="video/mp4",
-                            filename=f"{job.id}_{'cropped' if kind == 'cropped' else 'full_resolution'}.mp4",
+        return FileResponse(job.result(kind), media_type="video/mp4", filename=name,
                             content_disposition_type="inline")
 
     @app.delete("/v1/animations/{job_id}")

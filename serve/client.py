@@ -4,11 +4,13 @@
     client = Client("http://127.0.0.1:8000", token=None)
     job = client.wait(client.submit(image_bytes, video_bytes, {"mode": "fast"}).json()["id"])
     mp4 = client.video(job["id"], "full")
+    for chunk in client.stream(job_id, "full"): ...  # a streamed job's video while it is made
 """
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 
 import requests
 
@@ -47,3 +49,11 @@ class Client:
                                     timeout=self.timeout)
         response.raise_for_status()
         return response.content
+
+    def stream(self, job_id: str, kind: str = "full") -> Iterator[bytes]:
+        """The video's bytes as they arrive: a streamed job's while it is made (ending with the job: the whole
+        video, or the frames made before a failure), else the finished file. requests.HTTPError for an error."""
+        with self.session.get(f"{self.url}/v1/animations/{job_id}/video", params={"kind": kind}, stream=True,
+                              timeout=self.timeout) as response:
+            response.raise_for_status()
+            yield from response.iter_content(None)  # each chunk as it comes

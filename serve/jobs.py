@@ -26,6 +26,7 @@ from .options import Limits
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 FINAL = ("done", "failed", "cancelled")
+KINDS = ("cropped", "full")  # a job's two videos
 # the quality mode's values of the fields fast mode changes (AnimateConfig's defaults are the official config)
 QUALITY_MODE = {name: f.default for f in fields(AnimateConfig) if (name := f.name) in FAST_MODE}
 
@@ -67,9 +68,11 @@ def mode_settings(default_mode: str, random_model: bool) -> dict[str, dict]:
     return {default_mode: {}, other: switch}
 
 
-def parse_options(text: str | None, limits: Limits, modes: dict[str, dict]) -> tuple[str, dict]:
-    """The `options` form field (JSON with the CLI's option names) -> (mode, overrides of the Animator's config).
-    `modes`: `mode_settings(...)`, its first key the default mode."""
+def parse_options(text: str | None, limits: Limits, modes: dict[str, dict]) -> tuple[str, dict, bool]:
+    """The `options` form field (JSON with the CLI's option names) -> (mode, overrides of the Animator's config,
+    stream). `modes`: `mode_settings(...)`, its first key the default mode. `stream` (default false in both
+    modes: a streamed video is a fragmented MP4 of about twice the bytes, benchmarks/RESULTS.md) runs the job on
+    the segmented path and writes its videos as they are made; `segment` applies to streamed jobs only."""
     try:
         options = json.loads(text) if text else {}
     except json.JSONDecodeError as exc:
@@ -77,7 +80,7 @@ def parse_options(text: str | None, limits: Limits, modes: dict[str, dict]) -> t
     if not isinstance(options, dict):
         raise ServeError("bad_options", "options must be a JSON object")
     known = {"mode", "steps", "seed", "guidance", "appearance_guidance", "motion_guidance", "max_frames",
-             "decode_chunk", "overlap", "sampler", "guidance_branches", "video_preset"}
+             "decode_chunk", "overlap", "sampler", "guidance_branches", "video_preset", "stream", "segment"}
     if unknown := sorted(set(options) - known):
         raise ServeError("bad_options", f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     mode = _choice(options, "mode", tuple(modes)) if "mode" in options else next(iter(modes))
@@ -87,7 +90,8 @@ def parse_options(text: str | None, limits: Limits, modes: dict[str, dict]) -> t
                                           ("max_frames", "max_frames", int, 1, limits.max_frames),
                                           ("decode_chunk", "decode_chunk", int, 1, 64),
                                           ("overlap", "overlap", int, 0, 24),
-                                          ("guidance_branches", "guidance_branches", int, 1, 3)):
+                                          ("guidance_branches", "guidance_branches", int, 1, 3),
+                                          ("segment", "segment", int, 0, limits.max_frames)):
         if name in options:
             settings[target] = _number(options, name, kind, low, high)
     if "guidance" in options:
@@ -102,7 +106,13 @@ def parse_options(text: str | None, limits: Limits, modes: dict[str, dict]) -> t
         settings["sampler"] = _choice(options, "sampler", ("euler", "lcm"))
     if "video_preset" in options:
         settings["video_preset"] = _choice(options, "video_preset", X264_PRESETS)
-    return mode, settings
+    stream = options.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ServeError("bad_options", f"option stream must be true or false, got {json.dumps(stream)}")
+    if "segment" in options and not stream:
+        # a job that is not streamed samples the whole clip at once (the pipeline's denoise stage)
+        raise ServeError("bad_options", "option segment applies to streamed jobs (\"stream\": true)")
+    return mode, settings, stream
 
 
 @dataclass
@@ -111,6 +121,7 @@ class Job:
     folder: Path
     mode: str
     settings: dict
+    stream: bool = False  # videos written (and served) as they are made, as fragmented MP4s
     status: str = "queued"  # queued, preparing, denoising, writing, done, failed, cancelled
     created: float = field(default_factory=time.time)
     started: float | None = None  # the current run's start
@@ -146,24 +157,28 @@ class Job:
         return self.status in FINAL
 
     def fraction(self) -> float:
-        """Overall progress in [0, 1]: denoising counts 70 %, writing the frames 30 %."""
+        """Overall progress in [0, 1]: denoising counts 70 %, writing the frames 30 % (a streamed job, whose
+        segments are denoised and written in turn, counts its frames written)."""
         if self.status == "done":
             return 1.0
+        if self.stream:
+            return round(self.frames_done / self.frames_total, 4) if self.frames_total else 0.0
         steps = self.steps_done / self.steps_total if self.steps_total else 0.0
         frames = self.frames_done / self.frames_total if self.frames_total else 0.0
         return round(0.7 * steps + 0.3 * frames, 4)
 
     def public(self) -> dict:
         """What GET /v1/animations/{id} answers (no paths)."""
-        return {"id": self.id, "status": self.status, "mode": self.mode, "created": self.created,
+        return {"id": self.id, "status": self.status, "mode": self.mode, "stream": self.stream,
+                "created": self.created,
                 "finished": self.finished,
                 "progress": {"frames_done": self.frames_done, "frames_total": self.frames_total,
                              "steps_done": self.steps_done, "steps_total": self.steps_total,
                              "fraction": self.fraction()},
                 "timings": {k: round(v, 4) for k, v in self.timings.items()}, "error": self.error,
                 "attempts": self.attempts, "worker": self.worker,
-                "videos": ({kind: f"/v1/animations/{self.id}/video?kind={kind}" for kind in ("cropped", "full")}
-                           if self.status == "done" else None)}
+                "videos": ({kind: f"/v1/animations/{self.id}/video?kind={kind}" for kind in KINDS}
+                           if self.status == "done" or (self.stream and not self.final) else None)}
 
     def save(self) -> None:
         """job.json, replaced atomically (a reader never sees half a record)."""
@@ -186,11 +201,11 @@ class JobTable:
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
 
-    def create(self, mode: str, settings: dict) -> Job:
+    def create(self, mode: str, settings: dict, stream: bool = False) -> Job:
         job_id = uuid.uuid4().hex
         folder = self.root / job_id
         folder.mkdir()
-        job = Job(job_id, folder, mode, settings)
+        job = Job(job_id, folder, mode, settings, stream)
         with self.lock:
             self.jobs[job_id] = job
         return job
@@ -214,6 +229,8 @@ class JobTable:
         # inputs are no longer needed once the job ends; the record and the results stay
         for path in (job.image, job.video):
             path.unlink(missing_ok=True)
+        if status != "done":  # a streamed job's partial videos (a reader still following one keeps its bytes)
+            shutil.rmtree(job.out, ignore_errors=True)
         job.save()
         self.prune()
 

@@ -7,6 +7,9 @@ on other hosts with no shared file system). Each replica is a `LocalRunner` over
 `max_ongoing_requests` 2 the next job is prepared while one denoises. A job whose replica dies (the stream
 raises a Ray error) is run again once on another replica, then fails with `worker_lost`: nothing is lost
 silently. Ray Serve restarts dead or unhealthy replicas (`check_health`), and autoscales on ongoing requests.
+A streamed job's events carry its videos' new bytes as the replica writes them, which the HTTP process appends
+to its files (served while they grow); a streamed job whose replica dies after its first bytes fails with
+`worker_lost` (its stream cannot restart under a client that already has the beginning).
 """
 from __future__ import annotations
 
@@ -23,12 +26,37 @@ from ray.exceptions import RayError
 
 from hyportrait.runtime.api import Animator
 
-from .jobs import Job, JobTable
+from .jobs import KINDS, Job, JobTable
 from .options import Limits
 from .runner import LocalRunner, Runner, Stopped
 from .server import warm_up
 
 HEARTBEAT = 0.5  # seconds between progress events (also how soon the ingress sees a cancellation)
+STREAM_POLL = 0.1  # seconds between looks for a streamed job's new bytes
+
+
+class _Growing:
+    """The new bytes of a streamed job's videos since the last look. Each file is opened once it exists, and an
+    open file keeps its bytes when a failed job's videos are removed."""
+
+    def __init__(self, job: Job):
+        self.job, self.handles = job, {}
+
+    def new(self) -> dict[str, bytes]:
+        chunks = {}
+        for kind in KINDS:
+            if kind not in self.handles:
+                try:
+                    self.handles[kind] = open(self.job.result(kind), "rb")  # noqa: SIM115 -- kept open across looks
+                except FileNotFoundError:
+                    continue
+            if data := self.handles[kind].read():
+                chunks[kind] = data
+        return chunks
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
 
 
 @serve.deployment(name="hyportrait-animator")
@@ -40,25 +68,33 @@ class AnimatorReplica:
         self.runner = LocalRunner(Animator(**options), self.table, limits)
         warm_up(self.runner, self.table)
 
-    async def run(self, image: bytes, video: bytes, mode: str, settings: dict):
-        """Progress events ({"status", "steps_done", ...}), then {"done": ...} with the videos, or
+    async def run(self, image: bytes, video: bytes, mode: str, settings: dict, stream: bool = False):
+        """Progress events ({"status", "steps_done", ...}; a streamed job's with {"chunks": {kind: new bytes}} as
+        its videos grow), then {"done": ...} with the videos (a streamed job's were all sent as chunks), or
         {"failed": {"code", "message"}}; a cancelled request cancels the job."""
-        job = self.table.create(mode, settings)
+        job = self.table.create(mode, settings, stream)
         job.image.write_bytes(image)
         job.video.write_bytes(video)
         self.runner.waiting.put(job)
+        growing, last = _Growing(job), 0.0
         try:
             while not job.final:
-                yield {"status": job.status, "steps_done": job.steps_done, "steps_total": job.steps_total,
-                       "frames_done": job.frames_done, "frames_total": job.frames_total, "worker": job.worker}
-                await asyncio.sleep(HEARTBEAT)
+                chunks = growing.new() if stream else {}
+                if not stream or chunks or time.monotonic() - last >= HEARTBEAT:
+                    last = time.monotonic()
+                    yield {"status": job.status, "steps_done": job.steps_done, "steps_total": job.steps_total,
+                           "frames_done": job.frames_done, "frames_total": job.frames_total, "worker": job.worker,
+                           **({"chunks": chunks} if chunks else {})}
+                await asyncio.sleep(STREAM_POLL if stream else HEARTBEAT)
+            if stream and (chunks := growing.new()):  # the bytes written since the last look: the end
+                yield {"chunks": chunks}
             if job.status == "done":
-                yield {"done": {"timings": job.timings, "frames_total": job.frames_total,
-                                "cropped": job.result("cropped").read_bytes(),
-                                "full": job.result("full").read_bytes()}}
+                videos = {} if stream else {kind: job.result(kind).read_bytes() for kind in KINDS}
+                yield {"done": {"timings": job.timings, "frames_total": job.frames_total, **videos}}
             else:
                 yield {"failed": job.error or {"code": "cancelled", "message": "cancelled on the replica"}}
         finally:
+            growing.close()
             self.runner.cancel(job)  # no-op once it ended; stops it when the request was cancelled
             threading.Thread(target=self._forget_when_final, args=(job,), daemon=True).start()
 
@@ -121,11 +157,13 @@ class RayRunner(Runner):
         job.started = time.time()
         while True:
             try:
-                stream = self.handle.options(stream=True).run.remote(image, video, job.mode, job.settings)
+                stream = self.handle.options(stream=True).run.remote(image, video, job.mode, job.settings,
+                                                                     job.stream)
                 for event in stream:
                     if job.cancel.is_set():
                         stream.cancel()
                         raise Stopped(job.stop_code)
+                    self._append(job, event.pop("chunks", {}))
                     if "done" in event:
                         return self._store(job, event["done"])
                     if "failed" in event:
@@ -135,14 +173,25 @@ class RayRunner(Runner):
                         setattr(job, key, value)
                 raise RayError("the replica's stream ended without a result")
             except RayError as exc:
+                if job.stream and job.out.is_dir():
+                    lost = f"the job's replica was lost after its stream began ({exc})"
+                    return self._finish(job, "failed", ("worker_lost", lost))
                 if job.attempts >= 2:
                     return self._finish(job, "failed", ("worker_lost", f"the job's replica was lost twice ({exc})"))
                 job.attempts += 1
                 job.status, job.steps_done, job.frames_done = "queued", 0, 0
 
+    @staticmethod
+    def _append(job: Job, chunks: dict[str, bytes]) -> None:
+        """A streamed job's new bytes, appended to its videos (which the HTTP layer follows)."""
+        for kind, data in chunks.items():
+            job.out.mkdir(exist_ok=True)
+            with open(job.result(kind), "ab") as out:
+                out.write(data)
+
     def _store(self, job: Job, result: dict) -> None:
         job.out.mkdir(exist_ok=True)
-        for kind in ("cropped", "full"):
+        for kind in KINDS if not job.stream else ():  # a streamed job's videos came as chunks
             path = job.result(kind)
             tmp = path.with_suffix(".part")
             tmp.write_bytes(result[kind])

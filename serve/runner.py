@@ -4,7 +4,9 @@
 jobs overlap where they can: job N+1 is preprocessed and conditioned while job N denoises, and job N is
 decoded and encoded (on the writer threads of `Animator.write`) while job N+1 denoises. Only one job
 denoises at a time (the UNet holds the GPU); a stage hands its job on through a queue of one, so at most
-three jobs are in flight. `serve/ray_app.py` runs jobs on Ray Serve replicas behind the same interface.
+three jobs are in flight. A streamed job is prepared, denoised and written segment by segment on the denoise
+stage (`Animator.animate_into`), its videos growing as fragmented MP4s that the HTTP layer follows.
+`serve/ray_app.py` runs jobs on Ray Serve replicas behind the same interface.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import threading
 import time
 import traceback
 
-from hyportrait.errors import HyportraitError, ServeError
+from hyportrait.errors import HyportraitError, OptionError, ServeError
 from hyportrait.runtime.api import Animator
+from hyportrait.runtime.video import probe_video
 
 from .jobs import Job, JobTable
 from .metrics import Metrics
@@ -74,6 +77,10 @@ class Runner:
             self.metrics.finished("refused")
             raise ServeError("queue_full", f"{self.depth()} jobs are waiting; retry later", 429,
                              {"Retry-After": str(self.retry_after())})
+
+    def check_settings(self, settings: dict) -> None:
+        """Refuse (422 bad_options), before the upload is stored, settings the served models cannot run (e.g. a
+        segment shorter than their window). Here none are known: Ray replicas check a job's when it runs."""
 
     def submit(self, job: Job) -> None:
         self.check_capacity()
@@ -171,6 +178,12 @@ class LocalRunner(Runner):
         for thread in self.threads:
             thread.start()
 
+    def check_settings(self, settings: dict) -> None:
+        try:
+            self.animator.with_options(**settings)
+        except OptionError as exc:
+            raise ServeError("bad_options", exc.message) from None
+
     def alive(self) -> bool:
         return all(thread.is_alive() for thread in self.threads)
 
@@ -180,9 +193,13 @@ class LocalRunner(Runner):
             try:
                 view = self.animator.with_options(**job.settings)
                 job.status, job.started, job.worker = "preparing", time.time(), WORKER
-                job.steps_total = view.denoise_steps()
-                prepared = view.prepare(job.image, job.video)
-                job.frames_total = prepared.num_frames
+                prepared = None  # a streamed job is prepared segment by segment on the denoise stage
+                if job.stream:
+                    job.frames_total = min(probe_video(job.video).num_frames, view.config.max_frames)
+                else:
+                    job.steps_total = view.denoise_steps()
+                    prepared = view.prepare(job.image, job.video)
+                    job.frames_total = prepared.num_frames
                 self._check(job)
             except BaseException as exc:  # noqa: BLE001 -- every failure ends the job, never the thread
                 self._end(job, exc)
@@ -202,11 +219,31 @@ class LocalRunner(Runner):
             try:
                 self._check(job)
                 job.status = "denoising"
+                if prepared is None:
+                    self._stream(job, view)
+                    continue
                 latents = view.sample(prepared, on_step=on_step)
             except BaseException as exc:  # noqa: BLE001
                 self._end(job, exc)
                 continue
             self._to_write.put((job, view, prepared, latents))
+
+    def _stream(self, job: Job, view: Animator) -> None:
+        """A streamed job, whole: segments denoised and written in turn, the videos written as they are made (a
+        cancellation is seen at the next frame; the videos then hold the frames before it)."""
+        first_frame = []
+
+        def on_frame() -> None:
+            if not first_frame:
+                job.status = "writing"
+                first_frame.append(time.time() - job.started)
+            job.frames_done += 1
+            self._check(job)
+
+        result = view.animate_into(job.image, job.video, job.out, stream=True, on_frame=on_frame)
+        job.frames_total = result.num_frames
+        job.timings = dict(result.timings, first_frame=first_frame[0], run=time.time() - job.started)
+        self._finish(job, "done")
 
     def _write_loop(self) -> None:
         while True:

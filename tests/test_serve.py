@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import requests
 from PIL import Image
 
 from hyportrait.runtime.api import Animator
-from hyportrait.runtime.video import VideoWriter, probe_video
+from hyportrait.runtime.video import VideoWriter, probe_video, read_frames
 from hyportrait.serve.app import create_app
 from hyportrait.serve.client import Client
 from hyportrait.serve.jobs import JobTable, mode_settings
@@ -264,12 +265,8 @@ def chromium(tmp_path):
         process.wait(timeout=10)
 
 
-def test_web_page_in_headless_chromium(service, chromium, tmp_path):
-    url = service["url"]
-    image, video = tmp_path / "face.jpg", tmp_path / "drive.mp4"
-    image.write_bytes(IMAGE)
-    video.write_bytes(VIDEO)
-    chromium("Page.enable")
+def open_page(chromium, url: str, image: Path, video: Path) -> None:
+    """The service's page loaded, with the portrait and the driving video chosen in its file inputs."""
     chromium("Page.navigate", url=f"{url}/")
     deadline = time.monotonic() + 20
     while chromium.eval("document.readyState") != "complete" or not chromium.eval("!!document.getElementById('job')"):
@@ -279,8 +276,18 @@ def test_web_page_in_headless_chromium(service, chromium, tmp_path):
     for selector, path in (("#image", image), ("#video", video)):
         node = chromium("DOM.querySelector", nodeId=root, selector=selector)["nodeId"]
         chromium("DOM.setFileInputFiles", nodeId=node, files=[str(path)])
+
+
+def test_web_page_in_headless_chromium(service, chromium, tmp_path):
+    url = service["url"]
+    image, video = tmp_path / "face.jpg", tmp_path / "drive.mp4"
+    image.write_bytes(IMAGE)
+    video.write_bytes(VIDEO)
+    chromium("Page.enable")
+    open_page(chromium, url, image, video)
     chromium.eval("document.getElementById('mode').value = 'fast';"
                   "document.getElementById('max_frames').value = '4';"
+                  "document.getElementById('options').value = '{\"stream\": false}';"  # played once done
                   "document.getElementById('submit').click()")
     seen, deadline = set(), time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -301,6 +308,109 @@ def test_web_page_in_headless_chromium(service, chromium, tmp_path):
     target = Path(os.environ.get("HYPORTRAIT_SCREENSHOT", tmp_path / "page.png"))
     target.write_bytes(base64.b64decode(shot))
     assert Image.open(target).size[0] > 0
+
+
+def slow_driving_video(path: Path) -> Path:
+    """The sample's first 12 frames at 8 fps (1.5 s, with its audio): a streamed job with segments of 8 frames
+    writes its first fragment (a keyframe a second: 8 frames) while its last segment is still to be sampled."""
+    with VideoWriter(path, 8, audio_from=ASSETS / "sample_driving.mp4", preset="ultrafast") as writer:
+        for frame in read_frames(ASSETS / "sample_driving.mp4", limit=12):
+            writer.write(frame)
+    return path
+
+
+STREAMED = {"stream": True, "segment": 8, "video_preset": "ultrafast"}
+
+
+def follow(url, job_id, kind, into: dict) -> threading.Thread:
+    """A streamed GET on a thread: `into[kind]` gets (time of the first bytes, all bytes, chunks)."""
+    def run():
+        chunks, first = [], None
+        for chunk in Client(url).stream(job_id, kind):
+            first = first or time.time()
+            chunks.append(chunk)
+        into[kind] = (first, b"".join(chunks), len(chunks))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_streamed_job_is_served_while_it_is_made(service, tmp_path):
+    url = service["url"]
+    video = slow_driving_video(tmp_path / "slow.mp4").read_bytes()
+    error_of(submit(url, video=video, options={"segment": 8}), 422, "bad_options")  # segments need a stream
+    error_of(submit(url, video=video, options={"stream": "yes"}), 422, "bad_options")
+    error_of(submit(url, video=video, options={"stream": True, "segment": 3}), 422, "bad_options")  # < window
+    response = submit(url, video=video, options=STREAMED)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    streams: dict = {}
+    readers = [follow(url, job_id, kind, streams) for kind in ("full", "cropped")]
+    job = wait_final(url, job_id)
+    for reader in readers:
+        reader.join(timeout=30)
+    assert job["status"] == "done" and job["stream"] is True, job
+    assert 0 < job["timings"]["first_frame"] < job["timings"]["run"], job["timings"]
+    for kind, size in (("full", 512), ("cropped", 64)):
+        first, streamed, chunks = streams[kind]
+        assert first < job["finished"], (kind, first, job["finished"])  # bytes came while the job ran
+        assert chunks > 1, kind
+        whole = requests.get(f"{url}/v1/animations/{job_id}/video?kind={kind}", timeout=10)
+        assert whole.status_code == 200 and "content-length" in whole.headers  # done: the file, as for any job
+        assert streamed == whole.content, kind  # the stream's bytes are the finished file's
+        path = tmp_path / f"{kind}.mp4"
+        path.write_bytes(streamed)
+        info = probe_video(path)
+        assert (info.num_frames, info.width) == (12, size), info
+        assert len(list(read_frames(path))) == 12
+
+
+def test_streamed_job_cancelled_mid_stream(service, tmp_path):
+    url, jobs = service["url"], service["jobs"]
+    video = slow_driving_video(tmp_path / "slow.mp4").read_bytes()
+    job_id = submit(url, video=video, options=STREAMED).json()["id"]
+    streams: dict = {}
+    reader = follow(url, job_id, "full", streams)
+    deadline = time.monotonic() + 60
+    while requests.get(f"{url}/v1/animations/{job_id}", timeout=5).json()["progress"]["frames_done"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert requests.delete(f"{url}/v1/animations/{job_id}", timeout=5).status_code == 202
+    reader.join(timeout=60)
+    job = wait_final(url, job_id)
+    assert job["status"] == "cancelled", job
+    path = tmp_path / "truncated.mp4"
+    path.write_bytes(streams["full"][1])
+    frames = len(list(read_frames(path)))  # the stream ended cleanly: a shorter video that plays
+    assert 0 < frames < 12, frames
+    error_of(requests.get(f"{url}/v1/animations/{job_id}/video", timeout=5), 409, "no_result")
+    assert [p.name for p in (jobs / job_id).rglob("*") if p.is_file()] == ["job.json"]  # no partial video kept
+
+
+def test_web_page_plays_a_streamed_job_while_it_is_made(service, chromium, tmp_path):
+    url = service["url"]
+    image, video = tmp_path / "face.jpg", slow_driving_video(tmp_path / "drive.mp4")
+    image.write_bytes(IMAGE)
+    open_page(chromium, url, image, video)
+    # when the player first has a frame to show (its clock: this machine's, as the job's `finished`)
+    chromium.eval("document.getElementById('player').addEventListener('loadeddata',"
+                  " () => { window.firstData = Date.now() / 1000; }, { once: true });"
+                  "document.getElementById('mode').value = 'fast';"
+                  "document.getElementById('options').value = '{\"segment\": 8, \"steps\": 2}';"
+                  "document.getElementById('submit').click()")
+    deadline = time.monotonic() + 90
+    while not chromium.eval("document.getElementById('status').textContent.startsWith('done')"
+                            " && document.getElementById('player').currentTime > 0"):
+        assert time.monotonic() < deadline, chromium.eval("document.getElementById('status').textContent")
+        time.sleep(0.1)
+    job_id = chromium.eval("document.getElementById('job').dataset.id")
+    job = requests.get(f"{url}/v1/animations/{job_id}", timeout=5).json()
+    assert job["stream"] is True and job["status"] == "done", job
+    assert chromium.eval("window.firstData") < job["finished"], job  # it had data before the job ended
+    played = chromium.eval("fetch(document.getElementById('download').href).then(r => r.arrayBuffer())"
+                           ".then(b => b.byteLength)")
+    assert played == len(requests.get(f"{url}{job['videos']['full']}", timeout=10).content)
 
 
 def test_sigterm_drains(service):
@@ -344,3 +454,15 @@ def test_gpu_benchmark_dry_run(tmp_path):
     for run in ("service_overlap", "service_serial"):
         assert report[run]["jobs_per_minute"] > 0 and report[run]["mean_stage_s"]["denoise"] > 0
     assert json.loads((tmp_path / "serve_gpu_tiny.json").read_text())["overlap_gain"] == report["overlap_gain"]
+
+
+def test_load_benchmark_dry_run(tmp_path):
+    """benchmarks/serve_load.py on 3 jobs: every job accounted for, the report and the memory chart written."""
+    from hyportrait.benchmarks import serve_load
+
+    report = serve_load.main(["--jobs", "3", "--clients", "2", "--out", str(tmp_path)])
+    assert report["submitted"] == 3 and report["unaccounted"] == 0 and not report["time_limit_hit"], report
+    assert set(report["outcomes"]) <= {"done", "refused"} and report["outcomes"].get("done", 0) >= 1, report
+    assert report["latency_p50_s"] > 0 and report["rss_mib"][0][0] == 0 and report["rss_mib"][-1][1] > 0
+    assert json.loads((tmp_path / "serve_load.json").read_text())["outcomes"] == report["outcomes"]
+    assert Image.open(tmp_path / "serve_load.png").size[0] > 0

@@ -17,8 +17,9 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 import requests
 from ray import serve
-from test_serve import LIMITS, TINY, submit, wait_final
+from test_serve import LIMITS, STREAMED, TINY, follow, slow_driving_video, submit, wait_final
 
+from hyportrait.runtime.video import read_frames
 from hyportrait.serve.app import create_app
 from hyportrait.serve.jobs import JobTable, mode_settings
 from hyportrait.serve.ray_app import RayRunner
@@ -56,6 +57,24 @@ def test_two_replicas_run_concurrent_jobs(cluster):
     assert len({job["worker"] for job in jobs}) == 2, jobs  # one on each replica
     video = requests.get(f"{url}{jobs[0]['videos']['full']}", timeout=10)
     assert video.status_code == 200 and video.content[4:8] == b"ftyp"
+
+
+def test_streamed_job_behind_ray(cluster, tmp_path):
+    """The replica's events carry the videos' new bytes; the HTTP process serves them while the job runs."""
+    url = cluster["url"]
+    video = slow_driving_video(tmp_path / "slow.mp4").read_bytes()
+    job_id = submit(url, video=video, options=STREAMED).json()["id"]
+    streams: dict = {}
+    reader = follow(url, job_id, "full", streams)
+    job = wait_final(url, job_id, seconds=120)
+    reader.join(timeout=30)
+    assert job["status"] == "done", job
+    first, streamed, chunks = streams["full"]
+    assert first < job["finished"] and chunks > 1, (first, job["finished"], chunks)
+    assert streamed == requests.get(f"{url}{job['videos']['full']}", timeout=10).content
+    path = tmp_path / "full.mp4"
+    path.write_bytes(streamed)
+    assert len(list(read_frames(path))) == 12
 
 
 def test_replica_killed_mid_job_is_retried_or_failed_with_a_code(cluster):
