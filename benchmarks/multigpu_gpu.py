@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import hyportrait
+
 from hyportrait.engines.quality import psnr
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime import distributed
@@ -46,7 +48,7 @@ from hyportrait.runtime.pipeline import FAST_MODE, AnimateConfig, build_conditio
 
 from .bench import report_header
 
-ASSETS = Path(__file__).resolve().parents[1] / "hyportrait" / "assets"
+ASSETS = Path(hyportrait.__file__).parent / "assets"  # in the source tree and installed
 # what each size changes from the official config; tiny: the small test networks on the CPU, 64 px crops
 SIZES = {
     "official": {"config": {}, "long_frames": 234, "steps": 3, "demo_frames": 120, "demo_steps": None},
