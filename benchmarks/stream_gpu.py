@@ -43,7 +43,6 @@ import numpy as np
 import torch
 
 import hyportrait
-
 from hyportrait.benchmarks.bench import report_header
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.api import Animator
@@ -56,6 +55,7 @@ GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 ASSETS = Path(hyportrait.__file__).parent / "assets"  # in the source tree and installed
 SAMPLE_IMAGE, SAMPLE_VIDEO = ASSETS / "sample_portrait.jpg", ASSETS / "sample_driving.mp4"
+PARTS = ["stream", "quality", "memory"]
 FPS = 24  # the sample's rate: lengths in seconds are counted at it
 # per size: driving frames of parts 1-2, memory lengths in seconds (networks of --size at 1 step, then the tiny
 # networks with `tiny_config` at `tiny_steps`), quality mode's frames and steps
@@ -192,12 +192,17 @@ def memory_run(animator: Animator, chunks: list, frames: int, segment: int, step
     cond, generator = animator._conditioning(source, identity, None)
     window = config.window
 
+    # the chunks' frames looped as one sequence (the last chunk of a clip is shorter than a window)
+    expression = np.concatenate([c.expression_images for c in chunks])
+    pose = np.concatenate([c.pose_images for c in chunks])
+    owner = np.concatenate([np.full(len(c.expression_images), i) for i, c in enumerate(chunks)])
+
     def motion():
         for index in range(0, frames, window):
-            chunk = chunks[(index // window) % len(chunks)]
-            n = min(window, frames - index)
-            yield motion_tokens(models, torch.from_numpy(chunk.expression_images[:n]),
-                                torch.from_numpy(chunk.pose_images[:n]), chunk.head_bucket, chunk.exp_bucket)
+            rows = np.arange(index, min(index + window, frames)) % len(expression)
+            chunk = chunks[owner[rows[0]]]
+            yield motion_tokens(models, torch.from_numpy(expression[rows]), torch.from_numpy(pose[rows]),
+                                chunk.head_bucket, chunk.exp_bucket)
 
     result = {"frames": frames, "segment": segment}
     tic = time.perf_counter()
@@ -236,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="tiny: the small test networks and short lengths (a dry run, on the CPU without a GPU)")
     p.add_argument("--weights", type=Path, help="a weights folder instead of random networks (torch backend)")
     p.add_argument("--lora", type=Path, help="with --weights: a LoRA merged into the UNet (e.g. LCM)")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS,
+                   help="stream: 1-2 (fast mode, latency, fps, seam); quality: 4; memory: 3")
     a = p.parse_args(argv)
     if not GPU and a.size != "tiny":
         p.error("no GPU: only --size tiny runs on the CPU")
@@ -252,36 +259,49 @@ def main(argv: list[str] | None = None) -> dict:
     fast, quality = animators(a, a.size, plan)
     segment = fast.config.segment = fast.config.window  # fast mode's default: one window per segment
     frames = looped_frames(plan["frames"])
-    if GPU:
+    if GPU and "stream" in a.parts:
         stream_run(fast, frames[: fast.config.window])  # warm-up: first calls of every network
-    segmented = stream_run(fast, frames)
-    fast.config = replace(fast.config, segment=0)
-    whole = stream_run(fast, frames)
-    fast.config = replace(fast.config, segment=segment)
-    report["fast_stream"] = {"segmented": {k: v for k, v in segmented.items() if k != "thumbs"},
-                             "whole_clip": {k: v for k, v in whole.items() if k != "thumbs"}}
-    report["seam"] = seam_report(fast.config, segmented["thumbs"], whole["thumbs"])
-    with tempfile.TemporaryDirectory() as tmp:
-        video = write_driving_video(Path(tmp) / "driving.mp4", plan["frames"])
-        report["fast_animate"] = {"stream": animate_fps(fast, video, stream=True),
-                                  "file_segmented": animate_fps(fast, video)}
+    if "stream" in a.parts:
+        segmented = stream_run(fast, frames)
         fast.config = replace(fast.config, segment=0)
-        report["fast_animate"]["file_whole_clip"] = animate_fps(fast, video)
-    save()
+        whole = stream_run(fast, frames)
+        fast.config = replace(fast.config, segment=segment)
+        report["fast_stream"] = {"segmented": {k: v for k, v in segmented.items() if k != "thumbs"},
+                                 "whole_clip": {k: v for k, v in whole.items() if k != "thumbs"}}
+        report["seam"] = seam_report(fast.config, segmented["thumbs"], whole["thumbs"])
+        with tempfile.TemporaryDirectory() as tmp:
+            video = write_driving_video(Path(tmp) / "driving.mp4", plan["frames"])
+            report["fast_animate"] = {"stream": animate_fps(fast, video, stream=True),
+                                      "file_segmented": animate_fps(fast, video)}
+            fast.config = replace(fast.config, segment=0)
+            report["fast_animate"]["file_whole_clip"] = animate_fps(fast, video)
+            fast.config = replace(fast.config, segment=segment)
+        save()
 
     # 4: quality mode, segments against the whole clip
-    frames = looped_frames(plan["quality_frames"])
-    if GPU:
-        stream_run(quality, frames[: quality.config.window])  # warm-up
-    report["quality"] = {}
-    for name, frames_at_once in (("segmented", segment), ("whole_clip", 0)):
-        quality.config = replace(quality.config, segment=frames_at_once)
-        run = stream_run(quality, frames)
-        report["quality"][name] = {"frames": run["frames"], "seconds": run["seconds"],
-                                   "fps": run["frames"] / run["seconds"]}
-    save()
+    if "quality" in a.parts:
+        frames = looped_frames(plan["quality_frames"])
+        if GPU:
+            stream_run(quality, frames[: quality.config.window])  # warm-up
+        report["quality"] = {}
+        for name, frames_at_once in (("segmented", segment), ("whole_clip", 0)):
+            quality.config = replace(quality.config, segment=frames_at_once)
+            run = stream_run(quality, frames)
+            report["quality"][name] = {"frames": run["frames"], "seconds": run["seconds"],
+                                       "fps": run["frames"] / run["seconds"]}
+        save()
+    if "memory" in a.parts:
+        held = [fast, quality]
+        del fast, quality  # the memory part frees the full-size networks before the tiny ones run
+        memory_part(a, plan, held, segment, report, save)
+    print_table(report)
+    return report
 
-    # 3: memory against length, at --size, then on the tiny networks
+
+def memory_part(a, plan: dict, held: list[Animator], segment: int, report: dict, save) -> None:
+    """3: memory against length, at --size, then on the tiny networks. `held`: the fast and quality animators,
+    emptied before the tiny networks run so that their peaks hold no full-size weights."""
+    fast = held[0]
     # the sample preprocessed once (one chunk in a dry run), its chunks looped
     limit = fast.config.window if a.size == "tiny" else None
     chunks = list(DrivingPreprocessor(fast.detector).chunks(read_frames(SAMPLE_VIDEO, limit), fast.config.window))
@@ -292,7 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.size == "tiny":
         tiny, tiny_chunks = fast, chunks
     else:
-        del fast, quality
+        held.clear()
+        del fast
         torch.cuda.empty_cache()
         tiny = Animator(load_models("torch", random_networks("tiny"), DEVICE, ModelOptions(precision="fp16", size=64)),
                         mode="fast", **plan["tiny_config"])
@@ -303,11 +324,23 @@ def main(argv: list[str] | None = None) -> dict:
         save()
     plot(memory, a.out / "memory.png")
     save()
-    print_table(report)
-    return report
 
 
 def print_table(report: dict) -> None:
+    rows = []
+    if "fast_stream" in report:
+        rows += _stream_rows(report)
+    for name, runs in report.get("memory", {}).items():
+        rows.append((f"memory {name}", ", ".join(
+            f"{r['frames'] / FPS / 60:.2f} min: GPU {r['gpu_peak_mib']:.0f} host {r['host_peak_mib']:.0f} MiB"
+            for r in runs)))
+    rows += [(f"quality fps, {name}", f"{run['fps']:.2f}") for name, run in report.get("quality", {}).items()]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def _stream_rows(report: dict) -> list[tuple[str, str]]:
     s, w = report["fast_stream"]["segmented"], report["fast_stream"]["whole_clip"]
     rows = [("first frame after first chunk (fast, segmented)", f"{s['first_frame_after_first_chunk_s']:.3f} s"),
             ("first frame after call (fast, segmented / whole clip)",
@@ -318,14 +351,7 @@ def print_table(report: dict) -> None:
     rows.append(("seam: change across / inside segments", (f"{seam['change_across_seams'] or 0:.2f} / "
                  f"{seam['change_inside_segments']:.2f} (x{seam['ratio'] or 0:.2f}), "
                  f"{seam['psnr_vs_whole_clip_db']:.1f} dB vs whole clip")))
-    for name, runs in report["memory"].items():
-        rows.append((f"memory {name}", ", ".join(
-            f"{r['frames'] / FPS / 60:.2f} min: GPU {r['gpu_peak_mib']:.0f} host {r['host_peak_mib']:.0f} MiB"
-            for r in runs)))
-    rows += [(f"quality fps, {name}", f"{run['fps']:.2f}") for name, run in report["quality"].items()]
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    return rows
 
 
 if __name__ == "__main__":
