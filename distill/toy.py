@@ -33,9 +33,6 @@ from hyportrait.runtime.pipeline import AnimateConfig
 from .data import MANIFEST, write_dataset
 from .train import TrainConfig, sample_student, sample_teacher, train
 
-# Fewer and narrower tokens than the official (64, 1024): the projections of 1024-wide tokens were half of the
-# toy's compute, and the task needs only a few features per frame.
-TOKENS, WIDTH, CHANNELS = 16, 64, 4
 FEATURES = 8  # sin/cos position features carried by the motion tokens and the pose map
 
 
@@ -48,6 +45,10 @@ class ToySize:
     eval_clips: int
     teacher: TrainConfig
     student: TrainConfig
+    # Fewer and narrower tokens than the official (64, 1024): the projections of 1024-wide tokens were half of
+    # the toy's compute, and the task needs only a few features per frame. (64, 1024) fits the tiny networks.
+    tokens: int = 16
+    width: int = 64
     # The controls' weights cannot move (learning rate 0; the same-sigma target is the prediction itself, so the
     # loss and its gradients are 0), so a few steps make the weights a full run would: the run checks they stayed.
     control_steps: int = 5
@@ -76,7 +77,7 @@ def toy_unet(size: ToySize) -> UNetWithAdapters:
                      down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
                      up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
                      num_attention_heads=(2, 2), num_frames=size.frames, sample_size=size.latent,
-                     cross_attention_dim=WIDTH)
+                     cross_attention_dim=size.width)
     torch.manual_seed(0)
     return UNetWithAdapters(config)
 
@@ -95,8 +96,8 @@ class Task:
         self.size = size
         self.colours = torch.tensor([[1, -1, 1, -1], [-1, 1, 1, 1], [1, 1, -1, 1], [-1, -1, -1, 1]],
                                     dtype=torch.float32)
-        self.appearance = torch.randn(len(self.colours), TOKENS, WIDTH, generator=g)
-        self.motion_basis = torch.randn(TOKENS, FEATURES, WIDTH, generator=g) / math.sqrt(FEATURES)
+        self.appearance = torch.randn(len(self.colours), size.tokens, size.width, generator=g)
+        self.motion_basis = torch.randn(size.tokens, FEATURES, size.width, generator=g) / math.sqrt(FEATURES)
         grid = torch.stack(torch.meshgrid(*[torch.arange(size.latent, dtype=torch.float32)] * 2, indexing="ij"), -1)
         pose = _features(grid, size.latent) @ torch.randn(FEATURES, size.channels, generator=g)
         self.pose_map = pose.permute(2, 0, 1).contiguous()
