@@ -57,13 +57,13 @@ class ToySize:
 # The student's recipe, found by a sweep on the CPU toy (benchmarks/RESULTS.md): LoRA on every Linear, the target
 # network the student itself (no EMA lag), a cosine-decayed learning rate and a pseudo-Huber c near the toy's
 # latent scale.
-_STUDENT = TrainConfig(mode="distill", steps=400, batch=8, lr=1e-2, lr_schedule="cosine", rank=16,
+_STUDENT = TrainConfig(mode="distill", steps=250, batch=8, lr=1e-2, lr_schedule="cosine", rank=16,
                        lora_targets="all-linear", target="student", huber_c=0.03, phases=4, grid=13,
                        checkpoint_every=100)
 SIZES = {
     "cpu": ToySize(latent=8, frames=4, channels=32, train_clips=256, eval_clips=8,
-                   teacher=TrainConfig(mode="teacher", steps=300, batch=8, lr=2e-3, lr_schedule="cosine",
-                                       checkpoint_every=100),
+                   teacher=TrainConfig(mode="teacher", steps=600, batch=8, lr=2e-3, lr_schedule="cosine",
+                                       checkpoint_every=200),
                    student=_STUDENT),
     "gpu": ToySize(latent=16, frames=8, channels=32, train_clips=2048, eval_clips=32,
                    teacher=TrainConfig(mode="teacher", steps=800, batch=32, lr=2e-3, lr_schedule="cosine",

@@ -180,6 +180,7 @@ def _add_distill_train(dsub) -> None:
         ("rank", int, "LoRA rank (default 64)"), ("phases", int, ("1: consistency (runtime's LCM fast mode); K: "
          "phased consistency, sampled by `animate --mode fast --sampler euler --steps K`")),
         ("grid", int, "Karras grid points (default 40)"), ("ema", float, "target EMA decay (default 0.95)"),
+        ("huber_c", float, "pseudo-Huber loss constant c (default 0.001)"),
         ("spatial_steps", int, "train spatial blocks' LoRA for these steps, then the temporal blocks'"),
         ("checkpoint_every", int, "steps between checkpoints"), ("val_every", int, "steps between validations"),
         ("val_examples", int, "last examples of DATA held out for validation"), ("seed", int, "random seed")]:
@@ -220,7 +221,7 @@ def _distill_train(args) -> int:
     from hyportrait.distill.train import TrainConfig, load_networks_for, train
 
     options = {k: getattr(args, k) for k in ("mode", "steps", "batch", "accumulate", "lr", "rank", "phases",
-               "grid", "ema", "spatial_steps", "checkpoint_every", "val_every", "val_examples", "seed",
+               "grid", "ema", "huber_c", "spatial_steps", "checkpoint_every", "val_every", "val_examples", "seed",
                "target", "sigma_weight", "checkpointing", "lora_targets", "lr_schedule") if getattr(args, k) is not None}
     options.setdefault("checkpointing", torch.cuda.is_available())
     if args.init_lora:
