@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 import hyportrait
-
 from hyportrait.engines.quality import psnr
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime import distributed

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from hyportrait.benchmarks import distill_gpu
+from hyportrait.benchmarks import distill_gpu, seam_toy
 from hyportrait.distill.toy import run_toy
 
 
@@ -25,6 +25,11 @@ def test_toy_student_passes_and_controls_fail(tmp_path):
     assert rows["control same-sigma target 4, no guidance"]["passes"] is False
     assert json.loads((tmp_path / "toy" / "table.json").read_text())["verdict"] is True
     assert (tmp_path / "toy" / "frames.png").stat().st_size > 0
+    # the seam benchmark on the trained toy (benchmarks/seam_toy.py), one short clip
+    report = seam_toy.main(["--toy", str(tmp_path / "toy"), "--out", str(tmp_path / "seam"), "--frames", "12",
+                            "--clips", "1"])
+    assert report["seams_per_clip"] >= 1 and report["seam"]["ratio"] > 0
+    assert json.loads((tmp_path / "seam" / "seam_toy.json").read_text())["frames"] == 12
 
 
 def test_gpu_script_dry_run(tmp_path, capsys):
