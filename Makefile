@@ -20,10 +20,12 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/hyportrait animate --image $(SAMPLE_IMAGE) --video $(SAMPLE_VIDEO) --out outputs/demo
 
-# the web page's test drives a real headless Chromium (Debian's package; installed when missing, as root)
+# the web page's test drives a real headless Chromium (Debian's package; installed when missing, as root).
+# Two pytest-xdist workers of one thread each (a test file stays on one worker, with its module fixtures):
+# on 2 cores they overlap the suite's single-threaded stretches (interpreter starts, video coding, servers).
 test: setup
 	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
-	$(VENV)/bin/pytest -q
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -58,8 +58,14 @@ from hyportrait.runtime.video import VideoWriter, probe_video, read_frames
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"  # the CPU only for a dry run of this script with --size tiny
-# tiny: the small test networks, a 64 px crop, the tiny export's 4-frame window and one pad frame (a quick dry run)
-SIZES = {"official": {}, "tiny": {"size": 64, "window": 4, "overlap": 1, "num_steps": 2, "pad_frames": 1}}
+# tiny: the small test networks, a 64 px crop, the tiny export's 4-frame window and one pad frame (a quick dry run);
+# decode chunks of 2 frames: the stage timing, the 2-frame accuracy clip and the demo clip decode one shape (one
+# compilation of the decoder)
+SIZES = {"official": {}, "tiny": {"size": 64, "window": 4, "overlap": 1, "num_steps": 2, "pad_frames": 1,
+                                  "decode_chunk": 2}}
+# calls of each stage before and while timing it (after its first call); the tiny dry run times each once, so
+# that it takes under a minute on a CPU
+TIMING = {"official": {"warmup": 2, "repeat": 5}, "tiny": {"warmup": 0, "repeat": 1}}
 
 
 def empty_cache():
@@ -178,7 +184,8 @@ def first_call_seconds(fn) -> float:
     return time.perf_counter() - tic
 
 
-def stage_times(models: Models, config: AnimateConfig, inputs: Inputs) -> dict:
+def stage_times(models: Models, config: AnimateConfig, inputs: Inputs, timing: dict) -> dict:
+    """Each stage's median time: `timing` gives cuda_ms's warmup and repeat."""
     dtype, size = models.dtype, config.size
     latent = size // 8
     branches = config.guidance_branches
@@ -194,13 +201,14 @@ def stage_times(models: Models, config: AnimateConfig, inputs: Inputs) -> dict:
         "first_unet_call_s": first_call_seconds(lambda: models.unet(**unet_in)),
         "first_vae_decode_s": first_call_seconds(lambda: models.vae_decoder(latents=latents8)),
         "motion_chunk_ms": cuda_ms(lambda: models.motion(face_images=face, pose_images=pose, head_bucket=bucket,
-                                                         exp_bucket=bucket)),
+                                                         exp_bucket=bucket), **timing),
         "motion_frames": int(face.shape[0]),
-        "appearance_ms": cuda_ms(lambda: models.appearance(image=dino, id_embedding=torch.zeros(1, 512, device=DEVICE))),
-        "vae_encode_ms": cuda_ms(lambda: models.vae_encoder(image=image)),
-        "unet_call_ms": cuda_ms(lambda: models.unet(**unet_in)),
+        "appearance_ms": cuda_ms(lambda: models.appearance(image=dino, id_embedding=torch.zeros(1, 512, device=DEVICE)),
+                                 **timing),
+        "vae_encode_ms": cuda_ms(lambda: models.vae_encoder(image=image), **timing),
+        "unet_call_ms": cuda_ms(lambda: models.unet(**unet_in), **timing),
         "unet_batch": branches,
-        "vae_decode_chunk_ms": cuda_ms(lambda: models.vae_decoder(latents=latents8)),
+        "vae_decode_chunk_ms": cuda_ms(lambda: models.vae_decoder(latents=latents8), **timing),
         "decode_chunk": config.decode_chunk,
     }
 
@@ -273,8 +281,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--onnx", type=Path, help="fp16 export folder for the onnxruntime configurations "
                    "(`hyportrait export --precision fp16 --unet-attention onnxruntime`); made if absent "
                    "(default: REPORT-onnx/ beside --report)")
-    p.add_argument("--accuracy-frames", type=int, help="driving frames of the accuracy clip (default 10; tiny: 4)")
-    p.add_argument("--demo-frames", type=int, help="driving frames of the demo clip (default 120; tiny: 8)")
+    p.add_argument("--accuracy-frames", type=int, help="driving frames of the accuracy clip (default 10; tiny: 2)")
+    p.add_argument("--demo-frames", type=int, help="driving frames of the demo clip (default 120; tiny: 4)")
     p.add_argument("--configs", nargs="*", help="only these configurations, as NAME:MODE (e.g. torch:fast)")
     p.add_argument("--reference-cache", type=Path,
                    help="an .npz keeping the fp32 reference frames and the baseline's between runs (the quality "
@@ -290,8 +298,8 @@ def main(argv: list[str] | None = None):
                    help="tiny: the small test networks (a dry run of this script, on the CPU without a GPU)")
     a = p.parse_args(argv)
     tiny = a.size == "tiny"  # a dry run: short clips, the export beside the report
-    a.accuracy_frames = a.accuracy_frames or (4 if tiny else 10)
-    a.demo_frames = a.demo_frames or (8 if tiny else 120)
+    a.accuracy_frames = a.accuracy_frames or (2 if tiny else 10)
+    a.demo_frames = a.demo_frames or (4 if tiny else 120)
     report = {**report_header(), "size": a.size, "configs": {}}
 
     def save():
@@ -307,15 +315,17 @@ def main(argv: list[str] | None = None):
     report["preprocess_ms_per_frame"] = inputs.preprocess_ms_per_frame
     # per x264 preset: quality mode encodes with "medium" (the official), fast mode with "veryfast"
     report["encode_ms_per_frame"] = encode_ms = {
-        preset: encode_ms_per_frame(a.video, inputs.fps, preset) for preset in ("medium", "veryfast")}
+        preset: encode_ms_per_frame(a.video, inputs.fps, preset, a.demo_frames if tiny else 60)
+        for preset in ("medium", "veryfast")}
     report["demo_frames"] = inputs.num_frames
     print("inputs ready", json.dumps(report), flush=True)
     save()
 
     nets = random_networks(a.size, seed=0)
     sizes = SIZES[a.size]
+    # fast mode's 4 LCM steps at the official size; the tiny dry run's steps in both modes
     modes = {"quality": AnimateConfig(device=DEVICE, **sizes),
-             "fast": AnimateConfig.fast(device=DEVICE, **{**sizes, "num_steps": 4})}
+             "fast": AnimateConfig.fast(device=DEVICE, **{"num_steps": 4, **sizes})}
     crop = modes["quality"].size
     # fp32 references of each mode on the short clip (the networks are cast in place: fp32 first)
     fp32 = load_models("torch", nets, DEVICE, ModelOptions(precision="fp32", size=crop))
@@ -372,7 +382,7 @@ def main(argv: list[str] | None = None):
             try:
                 if GPU:
                     torch.cuda.reset_peak_memory_stats()
-                entry["stages"] = stages = stage_times(models, config, inputs)
+                entry["stages"] = stages = stage_times(models, config, inputs, TIMING[a.size])
                 frames, entry["accuracy_clip_times"] = clip(models, config, inputs, a.accuracy_frames)
                 if mode in references:
                     entry["psnr_vs_fp32_db"] = psnr(frames, references[mode], data_range=255)

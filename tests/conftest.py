@@ -1,4 +1,6 @@
-"""Fixtures shared across test files: one tiny export per session, and the per-network export of a module's spec."""
+"""Fixtures shared across test files: one tiny export and one set of tiny torch models per session, and the
+per-network export of a module's spec."""
+import os
 from pathlib import Path
 
 import onnx
@@ -14,12 +16,34 @@ SAMPLE_IMAGE, SAMPLE_VIDEO = ASSETS / "sample_portrait.jpg", ASSETS / "sample_dr
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory) -> Path:
     """`hyportrait export --tiny-random`, made once per session (half a minute of CPU) for every test that runs
-    or inspects an export folder; tests only read it."""
+    or inspects an export folder; tests only read it. Under pytest-xdist (`make test`) the workers share it:
+    the first to need it makes it in the run's common temporary folder, the others wait for it."""
+    from filelock import FileLock
+
     from hyportrait.cli import main
 
-    out = tmp_path_factory.mktemp("tiny_export")
-    assert main(["export", "--tiny-random", "--out", str(out)]) == 0
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # each worker's folder is one level below the run's
+    out = root / "tiny_export"
+    with FileLock(f"{out}.lock"):
+        if not (out / "manifest.json").is_file():  # the export writes its manifest last
+            assert main(["export", "--tiny-random", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """The tiny random-weight networks (seed 0, the ones `tiny_export` holds) as fp32 torch sessions on the CPU
+    at 64 px crops, built once per session for every test that samples with them; tests only read them. With
+    the engine rewrites (as exported): at this size a UNet call of the faithful modules takes 20 times longer
+    (they project the 1024-wide motion tokens once per latent pixel), and test_runtime.py checks the two agree."""
+    import torch
+
+    from hyportrait.networks.weights import random_networks
+    from hyportrait.runtime.models import torch_models
+
+    return torch_models(random_networks("tiny"), device="cpu", dtype=torch.float32, size=64, faithful=False)
 
 
 @pytest.fixture(scope="module")

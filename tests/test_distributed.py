@@ -15,11 +15,9 @@ import torch
 from hyportrait.benchmarks import multigpu_gpu
 from hyportrait.cli import main as cli_main
 from hyportrait.errors import InputError, WorkerError
-from hyportrait.networks.weights import random_networks
 from hyportrait.runtime import distributed
 from hyportrait.runtime.api import Animator, Prepared
 from hyportrait.runtime.distributed import GuidanceParallelUNet, ParallelAnimator, branch_shares
-from hyportrait.runtime.models import torch_models
 from hyportrait.runtime.pipeline import (
     AnimateConfig,
     build_conditioning,
@@ -47,8 +45,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def models():
-    return torch_models(random_networks("tiny"), device="cpu", dtype=torch.float32, size=64)
+def models(tiny_models):
+    return tiny_models
 
 
 class SplitUNet:

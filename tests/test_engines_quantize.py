@@ -72,12 +72,26 @@ def ranges(unet, feeds):
 
 
 @pytest.fixture(scope="module")
-def qdq(unet, feeds, ranges):
-    """The report of each precision's Q/DQ model, evaluated on the calibration sets."""
-    source, record, _ = unet
-    return {precision: quantize_model(source, precision, ranges, calibration={"origin": "random", "input_sets": 2},
-                                      source_sha256=record.sha256, eval_feeds=feeds)
-            for precision in PRECISIONS}
+def large_unet(unet, tmp_path_factory):
+    """The UNet in the export's layout past 2 GB (weights in unet.onnx.data), in a folder of its own: the
+    Q/DQ models of `qdq` are made from it, so that one quantization per precision (onnxruntime's takes most of
+    this module's time) checks the large models' files too; the small models' are checked on `quantize_unet`."""
+    source = tmp_path_factory.mktemp("large") / "unet.onnx"
+    onnx.save_model(onnx.load(str(unet[0])), str(source), save_as_external_data=True,
+                    location="unet.onnx.data")
+    return source
+
+
+@pytest.fixture(scope="module")
+def qdq(unet, large_unet, feeds, ranges):
+    """The report of each precision's Q/DQ model of `large_unet` (as large: the threshold is 0 meanwhile),
+    evaluated on the calibration sets."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantize, "EXTERNAL_DATA_THRESHOLD", 0)
+        return {precision: quantize_model(large_unet, precision, ranges,
+                                          calibration={"origin": "random", "input_sets": 2},
+                                          source_sha256=unet[1].sha256, eval_feeds=feeds)
+                for precision in PRECISIONS}
 
 
 def test_sensitive_layers_are_selected_out(unet):
@@ -101,11 +115,11 @@ def _producers(graph) -> dict[str, onnx.NodeProto]:
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_qdq_model_runs_and_stays_close(unet, qdq, precision):
-    source = unet[0]
+def test_qdq_model_runs_and_stays_close(large_unet, qdq, precision):
+    source = large_unet
     report = qdq[precision]
     path = source.with_name(f"unet.{precision}.onnx")
-    assert report.output == path.name and path.is_file() and report.data_file is None
+    assert report.output == path.name and path.is_file() and report.data_file == f"{path.name}.data"
     assert read_report(report_path(path)) == report
     model = onnx.load(str(path))
     graph = model.graph
@@ -165,21 +179,15 @@ def test_random_feeds_follow_the_manifest_and_the_pipeline_ranges(unet):
     assert np.all((fps >= 5) & (fps <= 30)) and np.all(bucket == np.round(bucket)) and np.all(noise <= 0.1)
 
 
-def test_large_models_keep_their_weights_in_one_data_file(unet, feeds, ranges, tmp_path, monkeypatch):
-    source = tmp_path / "unet.onnx"  # the export's layout past 2 GB: weights in unet.onnx.data
-    onnx.save_model(onnx.load(str(unet[0])), str(source), save_as_external_data=True,
-                    location="unet.onnx.data")
-    monkeypatch.setattr(quantize, "EXTERNAL_DATA_THRESHOLD", 0)
-    report = quantize_model(source, "int8", ranges, calibration={"origin": "random"}, eval_feeds=feeds[:1])
-    assert report.data_file == "unet.int8.onnx.data"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+def test_large_models_keep_their_weights_in_one_data_file(large_unet, qdq):
+    folder = large_unet.parent
+    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".probed.onnx")) == [
+        "unet.fp8.onnx", "unet.fp8.onnx.data", "unet.fp8.quantization.json",
         "unet.int8.onnx", "unet.int8.onnx.data", "unet.int8.quantization.json", "unet.onnx", "unet.onnx.data"]
     # the int8 weights are in the data file; scales, zero points and biases under 1 KB stay inline
-    assert (tmp_path / "unet.int8.onnx.data").stat().st_size > 2 * (tmp_path / "unet.int8.onnx").stat().st_size
-    assert 0 < report.evaluation["max_relative_error"] < MAX_ERROR["int8"]
+    assert (folder / "unet.int8.onnx.data").stat().st_size > 2 * (folder / "unet.int8.onnx").stat().st_size
     # fp8 rewrites onnxruntime's int8 model: one byte a weight again, in one data file of its own
-    assert quantize_model(source, "fp8", ranges, calibration={"origin": "random"}).data_file == "unet.fp8.onnx.data"
-    sizes = [(tmp_path / f"unet.{precision}.onnx.data").stat().st_size for precision in ("int8", "fp8")]
+    sizes = [(folder / f"unet.{precision}.onnx.data").stat().st_size for precision in ("int8", "fp8")]
     assert abs(sizes[1] - sizes[0]) < 0.05 * sizes[0], sizes
 
 
@@ -221,10 +229,10 @@ def _qdq_node_tensors(path, feed) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_fake_quantization_computes_what_each_qdq_node_does(unet, feeds, qdq, precision):
+def test_fake_quantization_computes_what_each_qdq_node_does(unet, large_unet, feeds, qdq, precision):
     """Each fake-quantized module, given the activation the Q/DQ model's node reads, returns that node's
     output (plus the bias a MatMul leaves to the next Add) to float rounding."""
-    source, _, module = unet
+    module, source = unet[2], large_unet
     nodes, tensors = _qdq_node_tensors(source.with_name(qdq[precision].output), feeds[0])
     modules = dict(module.named_modules())
     names = node_modules(module, list(nodes))
@@ -241,11 +249,11 @@ def test_fake_quantization_computes_what_each_qdq_node_does(unet, feeds, qdq, pr
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_fake_quantization_errs_as_the_qdq_model(unet, feeds, qdq, precision):
+def test_fake_quantization_errs_as_the_qdq_model(unet, large_unet, feeds, qdq, precision):
     """Over the whole UNet the two differ by rounding decisions (a 1e-7 difference upstream flips a value
     to the neighbouring quantization step, and the flips spread), so they agree statistically: the same
     error against the unquantized module."""
-    source, _, module = unet
+    module, source = unet[2], large_unet
     feed = feeds[0]
     qdq_out = quantize._session(source.with_name(qdq[precision].output), None).run(None, feed)[0]
     inputs = {name: torch.from_numpy(value) for name, value in feed.items()}
@@ -258,13 +266,13 @@ def test_fake_quantization_errs_as_the_qdq_model(unet, feeds, qdq, precision):
     assert 0.02 < qdq_error and abs(fake_error - qdq_error) < 0.15 * qdq_error, (fake_error, qdq_error)
 
 
-def test_float8_weights_are_onnxruntimes_float8_quantization_bit_for_bit(unet, qdq, ranges):
+def test_float8_weights_are_onnxruntimes_float8_quantization_bit_for_bit(unet, large_unet, qdq, ranges):
     """The fp8 model's weights are what onnxruntime's own float8 quantizer makes of the float weights with the
     same per-channel amax / 448 scales, and its activation scales are amax / 448 of the calibration."""
     from onnxruntime.quantization import quant_utils
 
     source = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(unet[0])).graph.initializer}
-    model = onnx.load(str(unet[0].parent / qdq["fp8"].output))
+    model = onnx.load(str(large_unet.with_name(qdq["fp8"].output)))
     initializers = {t.name: t for t in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
     zero = np.array(0, dtype=ml_dtypes.float8_e4m3fn)
@@ -310,6 +318,8 @@ def test_ranges_recorded_while_animating_quantize_the_export(unet, tmp_path):
     assert "2 UNet calls at steps [0, 2] of 3" in calibration.record["origin"]  # one window per step
     report = quantize_unet(source, "int8", calibration)
     assert report.calibration == calibration.record and report.evaluation == {}
+    # a small model keeps its weights inline: no data file beside it
+    assert report.data_file is None and not list(tmp_path.glob("*.data"))
     assert current_report(source, "int8", source_sha256=report.source_sha256,
                           calibration_sha256=calibration.record["sha256"]) == report
     with pytest.raises(InputError, match="need the export's UNet"):

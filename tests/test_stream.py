@@ -19,9 +19,7 @@ from PIL import Image
 
 from hyportrait.cli import main as cli
 from hyportrait.errors import SourceStalledError, VideoError
-from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.api import Animator
-from hyportrait.runtime.models import torch_models
 from hyportrait.runtime.pipeline import (
     AnimateConfig,
     build_conditioning,
@@ -44,8 +42,8 @@ TINY = {"size": 64, "window": 4, "overlap": 1, "num_steps": 1, "pad_frames": 1, 
 
 
 @pytest.fixture(scope="module")
-def models():
-    return torch_models(random_networks("tiny"), device="cpu", dtype=torch.float32, size=64)
+def models(tiny_models):
+    return tiny_models
 
 
 @pytest.fixture(scope="module")
