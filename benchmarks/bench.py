@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None):
                    "(default: REPORT-onnx/ beside --report)")
     p.add_argument("--accuracy-frames", type=int, help="driving frames of the accuracy clip (default 10; tiny: 2)")
     p.add_argument("--demo-frames", type=int, help="driving frames of the demo clip (default 120; tiny: 4)")
-    p.add_argument("--configs", nargs="*", help="only these configurations, as NAME:MODE (e.g. torch:fast)")
+    p.add_argument("--configs", nargs="*", help="only these configurations, as NAME:MODE (e.g. torch:fast); "
+                   "--size tiny runs the compiled ones only when named here, the onnxruntime ones also with --onnx")
     p.add_argument("--reference-cache", type=Path,
                    help="an .npz keeping the fp32 reference frames and the baseline's between runs (the quality "
                    "fp32 one takes minutes)")
@@ -342,7 +343,14 @@ def main(argv: list[str] | None = None):
             np.savez(cache, **references)
     del fp32
     empty_cache()
-    wants_onnx = not a.configs or any(c.startswith("onnxruntime") for c in a.configs)
+    # the tiny dry run (under a minute on a CPU) leaves out, unless --configs names them, the compiled
+    # configurations (dynamo traces the UNet once per input shape: minutes there; tests/test_runtime.py checks
+    # compiled against eager) and, without --onnx, the onnxruntime ones (the export alone takes half a minute)
+    def left_out(name: str) -> bool:
+        return tiny and not a.configs and ("compile" in name or (name.startswith("onnxruntime") and a.onnx is None))
+
+    wants_onnx = not left_out("onnxruntime") and (not a.configs or any(c.startswith("onnxruntime")
+                                                                       for c in a.configs))
     # exported while the networks are fp32 and on the GPU (tracing the official UNet on a CPU takes long)
     onnx_folder = ensure_onnx(a.onnx or a.report.with_name(f"{a.report.stem}-onnx"), nets) if wants_onnx else None
     # the CPU dry run compiles with dynamo alone: inductor's C++ compile of every variant takes minutes there
@@ -362,7 +370,7 @@ def main(argv: list[str] | None = None):
         "onnxruntime+graphs": lambda: load_models("onnxruntime", onnx_folder, DEVICE, ModelOptions(cuda_graph=True)),
     }
     for name, build in builders.items():
-        wanted = [m for m in modes if not a.configs or f"{name}:{m}" in a.configs]
+        wanted = [m for m in modes if not left_out(name) and (not a.configs or f"{name}:{m}" in a.configs)]
         if not wanted:
             continue
         try:
