@@ -23,9 +23,10 @@ demo: setup
 # the web page's test drives a real headless Chromium (Debian's package; installed when missing, as root).
 # Two pytest-xdist workers of one thread each (a test file stays on one worker, with its module fixtures):
 # on 2 cores they overlap the suite's single-threaded stretches (interpreter starts, video coding, servers).
+# A worker that dies fails the run at once (xdist's file scheduling can stall after a restart).
 test: setup
 	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -n 2 --dist loadfile --max-worker-restart 0
 
 lint: setup
 	$(VENV)/bin/ruff check .
