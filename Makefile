@@ -26,7 +26,7 @@ demo: setup
 # A worker that dies fails the run at once (xdist's file scheduling can stall after a restart).
 test: setup
 	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -n 2 --dist loadfile --max-worker-restart 0
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart 0
 
 lint: setup
 	$(VENV)/bin/ruff check .
