@@ -1,4 +1,5 @@
 """The trainer (distill/train.py): the LoRA it writes, kill and resume, and bad input, on toy data."""
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hyportrait.benchmarks import distill_gpu
 from hyportrait.distill import toy
 from hyportrait.distill.train import TrainConfig, train
 from hyportrait.errors import DataError, RunError, WeightsError
@@ -146,3 +148,11 @@ def test_bad_input_is_one_coded_line(data, tmp_path, capsys):
     with pytest.raises(DataError, match="tokens of width 1024"):
         train(QUICK, folder, tmp_path / "r5", narrow, task.pose_map)
     assert RunError.code == "bad_run"
+
+
+def test_gpu_script_dry_run(tmp_path, capsys):
+    """benchmarks/distill_gpu.py dry-runs on the CPU: one process, then torchrun with 2 (gloo)."""
+    distill_gpu.main(["--out", str(tmp_path), "--size", "tiny", "--parts", "one", "two"])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["one_gpu"]["samples_per_s"] > 0 and report["two_gpus"]["gpus"] == 2
+    assert "2-GPU scaling" in capsys.readouterr().out.splitlines()[-1]
