@@ -1,7 +1,7 @@
 """`hyportrait distill toy`: the proof that the trainer works, on a model it trains itself.
 
-A tiny HunyuanPortrait-architecture UNet (the project's UNetWithAdapters, tiny config, tokens (64, 1024) as the
-real ones) learns a synthetic conditional video task in which every condition matters: a shape moves over the
+A tiny HunyuanPortrait-architecture UNet (the project's UNetWithAdapters at a toy config; 16 tokens of width 64
+instead of the real 64 x 1024, see ToySize) learns a synthetic conditional video task in which every condition matters: a shape moves over the
 clip; the appearance tokens choose its shape and colour, the image latent is the first frame, the motion tokens
 carry each frame's position. The data is written with distill/data.py, so the trainer reads it as real data.
 The trainer's teacher mode trains the teacher (conditions dropped at random, so three-branch guidance means
@@ -10,7 +10,7 @@ taken from the student itself at the same sigma). On held-out clips, from the sa
 
     reference      teacher, 25 Euler steps, three-branch guidance
     teacher@4      teacher, 4 Euler steps, guidance
-    student@4      the runtime's fast mode: 4 steps, no guidance      (and student@1: one step)
+    student@4      the runtime's fast mode: 4 steps, no guidance      (and student@1 for a 1-phase student)
 
 each with its error against the reference (latent MSE) and its position error (the shape's centroid against
 the driven trajectory, latent pixels). Pass line: student@4 error <= 0.5 x teacher@4 error and student@4
