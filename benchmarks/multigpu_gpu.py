@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import hyportrait
 from hyportrait.engines.quality import psnr
+from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime import distributed
 from hyportrait.runtime.api import Animator, Prepared
@@ -47,7 +47,6 @@ from hyportrait.runtime.pipeline import FAST_MODE, AnimateConfig, build_conditio
 
 from .bench import report_header
 
-ASSETS = Path(hyportrait.__file__).parent / "assets"  # in the source tree and installed
 # what each size changes from the official config; tiny: the small test networks on the CPU, 64 px crops
 SIZES = {
     "official": {"config": {}, "long_frames": 234, "steps": 3, "demo_frames": 120, "demo_steps": None},
@@ -213,8 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, required=True, help="folder for multigpu.json and multigpu_speedup.png")
     p.add_argument("--gpus", type=int, help="GPUs (default: every visible one; 2 processes for --size tiny)")
     p.add_argument("--size", choices=list(SIZES), default="official")
-    p.add_argument("--image", type=Path, default=ASSETS / "sample_portrait.jpg", help="demo portrait")
-    p.add_argument("--video", type=Path, default=ASSETS / "sample_driving.mp4",
+    p.add_argument("--image", type=Path, default=SAMPLE_IMAGE, help="demo portrait")
+    p.add_argument("--video", type=Path, default=SAMPLE_VIDEO,
                    help="demo driving video (the official 120-frame clip for the demo numbers)")
     p.add_argument("--demo-frames", type=int, help="driving frames of the demo clip (default 120)")
     p.add_argument("--demo-scheme", choices=list(distributed.SCHEMES), default="window")

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-import hyportrait
 from hyportrait.benchmarks.bench import report_header
 from hyportrait.benchmarks.serve_load import TINY_JOB
+from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.runtime.api import Animator
 from hyportrait.runtime.video import VideoWriter, probe_video, read_frames
 from hyportrait.serve.app import create_app
@@ -41,14 +41,13 @@ from hyportrait.serve.options import Limits
 from hyportrait.serve.runner import LocalRunner
 from hyportrait.serve.server import start_in_thread, warm_up
 
-ASSETS = Path(hyportrait.__file__).parent / "assets"
 SIZES = {"official": {"clip_seconds": 10.0, "jobs": 4, "cli_runs": 1},
          "tiny": {"clip_seconds": 0.5, "jobs": 2, "cli_runs": 1}}
 
 
 def make_clip(path: Path, seconds: float) -> int:
     """The bundled driving video looped to `seconds` (at its frame rate); returns the frame count."""
-    sample = ASSETS / "sample_driving.mp4"
+    sample = SAMPLE_VIDEO
     fps = probe_video(sample).fps
     frames = list(read_frames(sample))
     count = round(seconds * fps)
@@ -60,7 +59,7 @@ def make_clip(path: Path, seconds: float) -> int:
 
 def cli_run(size: str, weights: Path | None, clip: Path, out: Path) -> float:
     """Wall seconds of one `hyportrait animate` process, start to exit."""
-    command = [sys.executable, "-m", "hyportrait", "animate", "--image", str(ASSETS / "sample_portrait.jpg"),
+    command = [sys.executable, "-m", "hyportrait", "animate", "--image", str(SAMPLE_IMAGE),
                "--video", str(clip), "--mode", "fast", "--out", str(out), "--quiet"]
     if size == "official":
         command += ["--weights", str(weights), "--compile", "--rewrites"]
@@ -73,7 +72,7 @@ def cli_run(size: str, weights: Path | None, clip: Path, out: Path) -> float:
 
 def submit_all(url: str, count: int, video: bytes) -> dict:
     """`count` jobs submitted at once; wall seconds until the last ended, and each one's latency and timings."""
-    image = (ASSETS / "sample_portrait.jpg").read_bytes()
+    image = (SAMPLE_IMAGE).read_bytes()
 
     def one(_):
         client = Client(url, timeout=120)

@@ -28,8 +28,8 @@ from pathlib import Path
 import psutil
 from PIL import Image
 
-import hyportrait
 from hyportrait.benchmarks.bench import report_header
+from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.runtime.api import Animator
 from hyportrait.runtime.video import VideoWriter, read_frames
 from hyportrait.serve.app import create_app
@@ -39,7 +39,6 @@ from hyportrait.serve.options import Limits
 from hyportrait.serve.runner import LocalRunner
 from hyportrait.serve.server import start_in_thread, warm_up
 
-ASSETS = Path(hyportrait.__file__).parent / "assets"
 # the smallest tiny-model job that runs every stage: 64 px crops, windows of 4, 1 LCM step, 1 driving frame
 TINY_JOB = {"mode": "fast", "size": 64, "window": 4, "overlap": 1, "pad_frames": 1, "num_steps": 1,
             "decode_chunk": 4, "video_preset": "ultrafast"}
@@ -51,11 +50,11 @@ def job_inputs(folder: Path) -> tuple[bytes, bytes]:
     """The smallest inputs that run every stage: the bundled portrait at 256 px, and the first frame of the
     bundled driving video as a one-frame video without audio."""
     portrait = io.BytesIO()
-    with Image.open(ASSETS / "sample_portrait.jpg") as image:
+    with Image.open(SAMPLE_IMAGE) as image:
         image.convert("RGB").resize((PORTRAIT_SIDE, PORTRAIT_SIDE)).save(portrait, format="JPEG", quality=90)
     video = folder / "one_frame.mp4"
     with VideoWriter(video, 24, preset="ultrafast") as writer:
-        for frame in read_frames(ASSETS / "sample_driving.mp4", limit=1):
+        for frame in read_frames(SAMPLE_VIDEO, limit=1):
             writer.write(frame)
     return portrait.getvalue(), video.read_bytes()
 

@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import hyportrait
 from hyportrait.benchmarks.bench import report_header
+from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.api import Animator
 from hyportrait.runtime.models import ModelOptions, load_models
@@ -53,8 +53,6 @@ from hyportrait.runtime.video import VideoWriter, read_frames
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
-ASSETS = Path(hyportrait.__file__).parent / "assets"  # in the source tree and installed
-SAMPLE_IMAGE, SAMPLE_VIDEO = ASSETS / "sample_portrait.jpg", ASSETS / "sample_driving.mp4"
 PARTS = ["stream", "quality", "memory"]
 FPS = 24  # the sample's rate: lengths in seconds are counted at it
 # per size: driving frames of parts 1-2, memory lengths in seconds (networks of --size at 1 step, then the tiny

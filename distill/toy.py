@@ -187,9 +187,10 @@ def evaluate(task: Task, teacher: UNetWithAdapters, students: dict[str, UNetWith
             out = sample_student(model, *shared, steps=steps, phases=phases,
                                  generator=torch.Generator(device).manual_seed(8))
             runs.append((f"{name} {steps}, no guidance", steps if phases == 1 else phases, out))
-    reference = runs[0][2].cpu()
-    return [Row(name, calls, (out.cpu() - reference).square().mean().item(), task.position_error(out.cpu(), pos, kinds),
-                out.cpu()) for name, calls, out in runs]
+    runs = [(name, calls, out.cpu()) for name, calls, out in runs]
+    reference = runs[0][2]
+    return [Row(name, calls, (out - reference).square().mean().item(), task.position_error(out, pos, kinds), out)
+            for name, calls, out in runs]
 
 
 def passes(row: Row, teacher4: Row, reference: Row) -> bool:

@@ -9,6 +9,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# the bundled sample (make demo, the tests, the benchmarks), beside this module in the source tree and installed
+ASSETS = Path(__file__).resolve().parent / "assets"
+SAMPLE_IMAGE, SAMPLE_VIDEO = ASSETS / "sample_portrait.jpg", ASSETS / "sample_driving.mp4"
+
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import uvicorn
 
-import hyportrait
 from hyportrait.errors import HyportraitError, InputError
+from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 
 from .jobs import ID_PATTERN, JobTable, mode_settings
 from .options import Limits, limits_from
 from .runner import Runner
 
-ASSETS = Path(hyportrait.__file__).parent / "assets"
 WARMUP_FRAMES = 4
 
 
@@ -33,8 +32,8 @@ def warm_up(runner: Runner, table: JobTable) -> None:
     """One short job on the bundled sample through the runner (loads kernels, compiles with --compile);
     the service is ready once it is done."""
     job = table.create("default", {"max_frames": WARMUP_FRAMES})
-    shutil.copyfile(ASSETS / "sample_portrait.jpg", job.image)
-    shutil.copyfile(ASSETS / "sample_driving.mp4", job.video)
+    shutil.copyfile(SAMPLE_IMAGE, job.image)
+    shutil.copyfile(SAMPLE_VIDEO, job.video)
     runner.waiting.put(job)
     while not job.final:
         time.sleep(0.05)

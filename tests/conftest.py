@@ -8,10 +8,6 @@ import pytest
 
 from hyportrait.export.onnx_io import export_onnx
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT / "hyportrait" / "assets"
-SAMPLE_IMAGE, SAMPLE_VIDEO = ASSETS / "sample_portrait.jpg", ASSETS / "sample_driving.mp4"
-
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory) -> Path:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from hyportrait.cli import main
 from hyportrait.errors import InputError, OptionError, VideoError
+from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.networks import weights
 from hyportrait.runtime import api, video
 from hyportrait.runtime.api import Animator, result_folder
@@ -28,9 +29,6 @@ from hyportrait.runtime.video import VideoWriter, probe_video
 
 # (`weights` is imported above, at collection: diffusers' log handler then holds the session's stderr, not the
 # captured stderr of the first test that builds a network, closed when that test ends)
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_IMAGE = ROOT / "hyportrait" / "assets" / "sample_portrait.jpg"
-SAMPLE_VIDEO = ROOT / "hyportrait" / "assets" / "sample_driving.mp4"
 # the tiny random-weight torch model at its cheapest: 64 px crops, 4-frame windows, one step
 TINY = {"size": 64, "window": 4, "num_steps": 1, "overlap": 1, "pad_frames": 0}
 

@@ -6,11 +6,8 @@ import pytest
 from PIL import Image
 
 from hyportrait.cli import main
+from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.runtime.video import probe_video, read_frames
-
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_IMAGE = ROOT / "hyportrait" / "assets" / "sample_portrait.jpg"
-SAMPLE_VIDEO = ROOT / "hyportrait" / "assets" / "sample_driving.mp4"
 
 
 def animate(image, video, out, *extra):

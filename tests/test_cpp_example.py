@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.runtime.video import probe_video
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "cpp"
-SAMPLE_IMAGE = ROOT / "hyportrait" / "assets" / "sample_portrait.jpg"
-SAMPLE_VIDEO = ROOT / "hyportrait" / "assets" / "sample_driving.mp4"
 # the tiny export's UNet window is 4 frames: overlap 1 keeps it to two windows
 CLIP = ["--max-frames", "4", "--steps", "1", "--overlap", "1"]
 

@@ -6,7 +6,6 @@ frames, examples 4 frames every 3.
 import hashlib
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +14,12 @@ from hyportrait.cli import main
 from hyportrait.distill.data import MANIFEST, TrainingData
 from hyportrait.distill.prepare import REPORT, PrepareConfig, make_animator, prepare_data
 from hyportrait.errors import DataError
+from hyportrait.files import SAMPLE_VIDEO
 from hyportrait.networks.arcface import zero_identity_embedding
 from hyportrait.runtime.pipeline import VAE_SCALE, build_conditioning, motion_tokens, vae_images
 from hyportrait.runtime.preprocess import DrivingPreprocessor, crop_resize, preprocess_source, vae_input
 from hyportrait.runtime.video import VideoWriter, read_frames
 
-SAMPLE_VIDEO = Path(__file__).resolve().parents[1] / "hyportrait" / "assets" / "sample_driving.mp4"
 CONFIG = PrepareConfig(frames=4, stride=3, per_shard=2)
 CLIPS = {"a.mp4": (0, 10), "sub/b.mp4": (10, 20), "short.mp4": (20, 23)}  # first and last frame + 1
 

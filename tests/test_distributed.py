@@ -15,6 +15,7 @@ import torch
 from hyportrait.benchmarks import multigpu_gpu
 from hyportrait.cli import main as cli_main
 from hyportrait.errors import InputError, WorkerError
+from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.runtime import distributed
 from hyportrait.runtime.api import Animator, Prepared
 from hyportrait.runtime.distributed import GuidanceParallelUNet, ParallelAnimator, branch_shares
@@ -27,9 +28,6 @@ from hyportrait.runtime.pipeline import (
 )
 from hyportrait.runtime.video import read_frames
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_IMAGE = ROOT / "hyportrait" / "assets" / "sample_portrait.jpg"
-SAMPLE_VIDEO = ROOT / "hyportrait" / "assets" / "sample_driving.mp4"
 # 3 driving frames + 2 x 2 pads = 7 latents: 3 windows of 4 frames per step, 2 decode chunks of 2
 CONFIG = {"size": 64, "window": 4, "overlap": 1, "num_steps": 1, "pad_frames": 2, "decode_chunk": 2}
 

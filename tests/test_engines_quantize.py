@@ -10,7 +10,6 @@ import json
 import re
 import shutil
 from collections import Counter
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -44,10 +43,9 @@ from hyportrait.engines.torch_quant import fake_quantization, node_modules, qdq_
 from hyportrait.errors import InputError
 from hyportrait.export.export_unet import unet_spec
 from hyportrait.export.onnx_io import export_onnx, relative_error
+from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.networks.weights import random_networks
 
-ASSETS = Path(__file__).resolve().parents[1] / "hyportrait" / "assets"
-SAMPLE_IMAGE, SAMPLE_VIDEO = ASSETS / "sample_portrait.jpg", ASSETS / "sample_driving.mp4"
 MAX_ERROR = {"int8": 0.2, "fp8": 0.4}
 WEIGHT_TYPE = {"int8": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3FN}
 

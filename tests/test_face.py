@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hyportrait.errors import InputError, WeightsError
+from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.networks.arcface import ArcFace, load_arcface, zero_identity_embedding
 from hyportrait.networks.face_detector import (
     MTCNNDetector,
@@ -23,9 +24,6 @@ from hyportrait.networks.face_detector import (
     mtcnn_weights_dir,
     nms,
 )
-
-ASSETS = Path(__file__).resolve().parents[1] / "hyportrait" / "assets"
-SAMPLE_IMAGE, SAMPLE_VIDEO = ASSETS / "sample_portrait.jpg", ASSETS / "sample_driving.mp4"  # 36 frames
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Preprocessing: crop geometry, alignment, motion inputs, bucket ids, missing faces, and the real data."""
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +7,7 @@ import torch
 from PIL import Image
 
 from hyportrait.errors import NoFaceError, VideoError
+from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.networks.face_detector import Face, FaceDetector, MTCNNDetector
 from hyportrait.runtime.preprocess import (
     ARCFACE_TEMPLATE,
@@ -28,9 +28,6 @@ from hyportrait.runtime.preprocess import (
     vae_input,
     warp_bilinear,
 )
-
-ASSETS = Path(__file__).resolve().parents[1] / "hyportrait" / "assets"
-SAMPLE_IMAGE, SAMPLE_VIDEO = ASSETS / "sample_portrait.jpg", ASSETS / "sample_driving.mp4"  # 36 frames
 
 
 class ScriptedDetector(FaceDetector):

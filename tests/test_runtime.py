@@ -7,7 +7,6 @@ import io
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from PIL import Image
 
 from hyportrait.engines.quality import psnr
 from hyportrait.errors import HyportraitError, InputError
+from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.api import Animator
 from hyportrait.runtime.backends import BackendError, resolve_device
@@ -43,9 +43,6 @@ from hyportrait.runtime.sampling import (
 )
 from hyportrait.runtime.video import probe_video
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_IMAGE = ROOT / "hyportrait" / "assets" / "sample_portrait.jpg"
-SAMPLE_VIDEO = ROOT / "hyportrait" / "assets" / "sample_driving.mp4"
 FRAMES = 6
 # the tiny export makes 64 px crops with a 4-frame UNet; overlap 1 and one pad frame at each end (not the
 # official 15) keep the windows few

@@ -23,6 +23,7 @@ pytest.importorskip("fastapi")
 import requests
 from PIL import Image
 
+from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.runtime.api import Animator
 from hyportrait.runtime.video import VideoWriter, probe_video, read_frames
 from hyportrait.serve.app import create_app
@@ -32,9 +33,8 @@ from hyportrait.serve.options import Limits
 from hyportrait.serve.runner import LocalRunner
 from hyportrait.serve.server import start_in_thread, warm_up
 
-ASSETS = Path(__file__).resolve().parent.parent / "hyportrait" / "assets"
-IMAGE = (ASSETS / "sample_portrait.jpg").read_bytes()
-VIDEO = (ASSETS / "sample_driving.mp4").read_bytes()  # 256x256, 36 frames, 1.5 s
+IMAGE = (SAMPLE_IMAGE).read_bytes()
+VIDEO = (SAMPLE_VIDEO).read_bytes()  # 256x256, 36 frames, 1.5 s
 # the smallest tiny model that runs every stage: 64 px crops, windows of 8, 1 LCM step
 TINY = {"mode": "fast", "size": 64, "window": 8, "overlap": 2, "pad_frames": 2, "num_steps": 1,
         "decode_chunk": 4}
@@ -313,8 +313,8 @@ def test_web_page_in_headless_chromium(service, chromium, tmp_path):
 def slow_driving_video(path: Path) -> Path:
     """The sample's first 12 frames at 8 fps (1.5 s, with its audio): a streamed job with segments of 8 frames
     writes its first fragment (a keyframe a second: 8 frames) while its last segment is still to be sampled."""
-    with VideoWriter(path, 8, audio_from=ASSETS / "sample_driving.mp4", preset="ultrafast") as writer:
-        for frame in read_frames(ASSETS / "sample_driving.mp4", limit=12):
+    with VideoWriter(path, 8, audio_from=SAMPLE_VIDEO, preset="ultrafast") as writer:
+        for frame in read_frames(SAMPLE_VIDEO, limit=12):
             writer.write(frame)
     return path
 

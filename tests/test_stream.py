@@ -19,6 +19,7 @@ from PIL import Image
 
 from hyportrait.cli import main as cli
 from hyportrait.errors import SourceStalledError, VideoError
+from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.runtime.api import Animator
 from hyportrait.runtime.pipeline import (
     AnimateConfig,
@@ -32,9 +33,6 @@ from hyportrait.runtime.sampling import karras_sigmas, sample_euler_windows, sam
 from hyportrait.runtime.video import VideoWriter, open_live, probe_video, read_frames
 from hyportrait.runtime.windows import pad_motion_tokens, padded_motion, segment_window_indices
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_IMAGE = ROOT / "hyportrait" / "assets" / "sample_portrait.jpg"
-SAMPLE_VIDEO = ROOT / "hyportrait" / "assets" / "sample_driving.mp4"
 # a 4-frame window with one frame of overlap: segments of 4 frames take 3 new ones each; one guidance branch (the
 # segment logic does not depend on it) keeps the UNet calls cheap
 TINY = {"size": 64, "window": 4, "overlap": 1, "num_steps": 1, "pad_frames": 1, "decode_chunk": 3,

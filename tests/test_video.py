@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from hyportrait.errors import VideoError
+from hyportrait.files import SAMPLE_VIDEO
 from hyportrait.runtime.paste_back import PasteBack, paste_back, soft_mask
 from hyportrait.runtime.video import VideoWriter, probe_video, read_frames
 
-DRIVING = Path(__file__).resolve().parents[1] / "hyportrait" / "assets" / "sample_driving.mp4"  # the bundled sample
+DRIVING = SAMPLE_VIDEO  # the bundled sample
 NTSC = Fraction(30000, 1001)
 
 
