@@ -7,8 +7,9 @@ toy  the larger toy proof (16x16 latents, 8 frames; distill/toy.py): teacher, st
 one  the official-size UNet (networks' default config, ~1.5 B parameters, random weights), 25 frames, 64x64
      latents, LoRA rank 64, checkpointing, bf16 autocast: distill-mode step time, samples/s and peak memory
      at batch 1 on one GPU, then the largest batch that fits (1, 2, 4, ...)
-two  the same through torchrun + DistributedDataParallel on 2 GPUs (the script launches torchrun), batch 1 per
-     GPU: samples/s and the scaling factor over one GPU (target >= 1.8)
+two  the same through torchrun + DistributedDataParallel, batch 1 per GPU, on 1 GPU and on 2 (the script
+     launches torchrun for each, so both run in the same kind of process): samples/s and the scaling factor of
+     2 GPUs over 1 (target >= 1.8)
 DIR/report.json holds every number with the device, date, commit and command; a short table is printed last.
 --size tiny dry-runs the same code on the CPU in seconds (tiny networks, a few steps, 2 gloo processes).
 """
@@ -32,7 +33,7 @@ from hyportrait.distill.data import write_dataset
 from hyportrait.distill.train import TrainConfig, train
 from hyportrait.networks.unet import UNetConfig, UNetWithAdapters
 
-SHAPES = {"official": {"frames": 25, "latent": 64, "unet": UNetConfig(), "pose_channels": 320, "steps": 4},
+SHAPES = {"official": {"frames": 25, "latent": 64, "unet": UNetConfig(), "pose_channels": 320, "steps": 8},
           "tiny": {"frames": 4, "latent": 8, "unet": UNetConfig.tiny(), "pose_channels": 32, "steps": 3}}
 
 
@@ -66,7 +67,7 @@ def measure(size: str, data: Path, run: Path, batch: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     train(config, data, run, unet, pose, weights="random")
     seconds = [float(r.split(",")[3]) for r in (run / "log.csv").read_text().splitlines()[1:] if r.split(",")[3]]
-    step = statistics.median(seconds[1:] or seconds)
+    step = statistics.median(seconds[2:] or seconds)  # DDP builds its buckets in step 1 and rebuilds them in 2
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return {"batch_per_gpu": batch, "gpus": world, "step_s": step, "samples_per_s": batch * world / step,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
@@ -99,7 +100,7 @@ def main(argv=None) -> None:
     out = args.out
     data = out / f"data-{args.size}"
     if args.worker:
-        result = measure(args.size, data, out / "ddp-run", 1)
+        result = measure(args.size, data, out / f"ddp-run-{os.environ.get('WORLD_SIZE', '1')}", 1)
         if int(os.environ.get("RANK", "0")) == 0:
             args.worker.write_text(json.dumps(result))
         return
@@ -119,24 +120,24 @@ def main(argv=None) -> None:
         report["one_gpu"] = measure(args.size, data, out / "one", 1)
         report["largest_batch"], report["batches"] = largest_batch(args.size, data, out)
     if "two" in args.parts:
-        result = out / "ddp.json"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-                   "hyportrait.benchmarks.distill_gpu", "--out", str(out), "--size", args.size, "--worker",
-                   str(result)]
-        subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        report["two_gpus"] = json.loads(result.read_text())
-        if "one_gpu" in report:
-            report["scaling"] = report["two_gpus"]["samples_per_s"] / report["one_gpu"]["samples_per_s"]
+        for gpus, key in ((1, "torchrun_one_gpu"), (2, "two_gpus")):
+            result = out / f"ddp-{gpus}.json"
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
+                       "-m", "hyportrait.benchmarks.distill_gpu", "--out", str(out), "--size", args.size,
+                       "--worker", str(result)]
+            subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            report[key] = json.loads(result.read_text())
+        report["scaling"] = report["two_gpus"]["samples_per_s"] / report["torchrun_one_gpu"]["samples_per_s"]
     report["seconds"] = time.perf_counter() - tic
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {out / 'report.json'}")
     if "toy" in report:
         print(f"toy verdict: {'PASS' if report['toy']['verdict'] else 'FAIL'}")
-    for key in ("one_gpu", "two_gpus"):
+    for key in ("one_gpu", "torchrun_one_gpu", "two_gpus"):
         if key in report:
             r = report[key]
             peak = f"{r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else "-"
-            print(f"{key:9s} step {r['step_s']:.3f} s  {r['samples_per_s']:.2f} samples/s  peak {peak}")
+            print(f"{key:16s} step {r['step_s']:.3f} s  {r['samples_per_s']:.2f} samples/s  peak {peak}")
     if "largest_batch" in report:
         print(f"largest batch on one GPU: {report['largest_batch']}")
     if "scaling" in report:

@@ -4,9 +4,9 @@
     python -m hyportrait.benchmarks.multigpu_gpu --size tiny --out DIR    (a dry run: CPU, gloo, seconds)
 
 One run of N workers (NCCL; NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1 are set for them), each
-with random networks at the official size on its GPU (torch, engine rewrites, fp16, CUDA graphs; not
-compiled: inductor would compile each rank's UNet shape for minutes). For each GPU count k = 1..N (the first k
-ranks work, the others wait):
+with random networks at the official size on its GPU (torch, engine rewrites, fp16, CUDA graphs; with
+--compile also torch.compile'd: each rank compiles its shapes in an untimed run first). For each GPU count
+k = 1..N (the first k ranks work, the others wait) and each of --modes:
 - long video: a clip of --long-frames driving frames (default 234: with the 2 x 15 pad frames 264 latents, 12
   windows per step, an even split over 1, 2, 3 and 4 GPUs), in quality mode (3 guidance branches) with the
   window and the guidance scheme, in fast mode (LCM, 1 branch) with the window scheme. --steps steps are
@@ -104,7 +104,8 @@ def bench_worker(group, options: dict) -> dict | None:
                          else "fp32")
     tic = time.perf_counter()
     models = load_models("torch", random_networks(options["size"]), group.device,
-                         ModelOptions(precision=base.precision, size=base.size, faithful=False, cuda_graph=True))
+                         ModelOptions(precision=base.precision, size=base.size, faithful=False, cuda_graph=True,
+                                      compile=options["compile"]))
     report = {"setup_s": time.perf_counter() - tic, "long": {}, "demo": {}}
     counts = list(range(1, group.size + 1))
     groups = group.subgroups(counts)
@@ -119,10 +120,13 @@ def bench_worker(group, options: dict) -> dict | None:
                                   motion=motion, generator=generator)
         mine = Prepared(None, None, cond, generator, options["long_frames"], 0)
     prepared = distributed.share_prepared(group, mine, None)
-    for mode, (settings, full_steps) in MODES.items():
+    modes = {mode: MODES[mode] for mode in options["modes"]}
+    for mode, (settings, full_steps) in modes.items():
         config = replace(base, **settings, num_steps=options["steps"])
         schemes = ("window", "guidance") if config.guidance_branches > 1 else ("window",)
         reference = None
+        if options["compile"]:  # every rank compiles the UNet and decoder shapes once, outside the timed runs
+            long_video(models, prepared, config, group, "window", full_steps)
         for k in counts:
             for scheme in schemes if k > 1 else ("window",):
                 if scheme == "guidance" and k > config.guidance_branches:
@@ -136,7 +140,7 @@ def bench_worker(group, options: dict) -> dict | None:
                         run["identical_to_1_gpu"] = bool(np.array_equal(frames, reference))
                         report["long"][f"{mode}/{scheme}/{k}"] = run
                 group.barrier()
-    for mode, (settings, full_steps) in MODES.items():
+    for mode, (settings, full_steps) in modes.items():
         config_options = {**size["config"], **settings, "num_steps": size["demo_steps"] or full_steps,
                           "max_frames": options["demo_frames"]}
         spread = options["demo_scheme"] if mode == "quality" else "window"  # one branch: windows only
@@ -219,6 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--demo-scheme", choices=list(distributed.SCHEMES), default="window")
     p.add_argument("--long-frames", type=int, help="driving frames of the long clip (default 234)")
     p.add_argument("--steps", type=int, help="steps sampled per long-clip run, the first untimed (default 3)")
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    p.add_argument("--compile", action="store_true",
+                   help="the compiled torch backend (inductor; each rank compiles its shapes in the untimed step)")
     a = p.parse_args(argv)
     gpu = torch.cuda.is_available() and a.size != "tiny"
     if not gpu and a.size != "tiny":
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     size = SIZES[a.size]
     options = {"size": a.size, "image": a.image, "video": a.video, "demo_scheme": a.demo_scheme,
                "demo_frames": a.demo_frames or size["demo_frames"], "long_frames": a.long_frames or size["long_frames"],
-               "steps": a.steps or size["steps"]}
+               "steps": a.steps or size["steps"], "modes": a.modes, "compile": a.compile}
     if options["steps"] < 2:
         p.error("--steps must be >= 2 (the first step is not timed)")
     # this machine's NCCL needs NVLink SHARP and symmetric-memory multicast off, in every worker

@@ -289,23 +289,22 @@ class EMA:
         self.params, self.decay = params, decay
         self.shadow = {n: p.detach().clone() for n, p in params.items()}
 
+    # one fused launch per list, not one per LoRA matrix (hundreds of them): the step is partly launch-bound
     @torch.no_grad()
     def update(self) -> None:
-        for n, p in self.params.items():
-            self.shadow[n].lerp_(p.detach(), 1 - self.decay)
+        torch._foreach_lerp_([self.shadow[n] for n in self.params], list(self.params.values()), 1 - self.decay)
 
     @contextlib.contextmanager
     def swapped(self):
-        saved = {n: p.detach().clone() for n, p in self.params.items()}
+        params = list(self.params.values())
         with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(self.shadow[n])
+            saved = torch._foreach_mul(params, 1.0)
+            torch._foreach_copy_(params, [self.shadow[n] for n in self.params])
         try:
             yield
         finally:
             with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(saved[n])
+                torch._foreach_copy_(params, saved)
 
 
 class Trainer:
@@ -337,7 +336,11 @@ class Trainer:
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None)
+            # static graph: every step uses the same parameters (checkpointing recomputes the forward in backward);
+            # gradients are views into the all-reduce buckets (no copy); no buffers differ between ranks
+            self.ddp = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None,
+                                               static_graph=True, gradient_as_bucket_view=True,
+                                               broadcast_buffers=False)
         groups = [[p for n, p in self.trainable.items() if _is_temporal(n) == t] for t in (False, True)]
         self.optimizer = torch.optim.AdamW([{"params": g} for g in groups if g], lr=config.lr,
                                            weight_decay=config.weight_decay, fused=device.type == "cuda")
@@ -519,7 +522,7 @@ def train(config: TrainConfig, data_path: str | Path, run: str | Path, unet, pos
     loss_value, per_step = float("nan"), config.batch * world * config.accumulate
     for step in range(start, config.steps):
         tic = time.perf_counter()
-        total = 0.0
+        total = torch.zeros((), device=device)  # summed on the device: no host sync per micro-batch
         for micro in range(config.accumulate):
             base = step * per_step + micro * config.batch * world + rank * config.batch
             batch = {k: v.to(device) for k, v in batches(range(base, base + config.batch)).items()}
@@ -529,7 +532,7 @@ def train(config: TrainConfig, data_path: str | Path, run: str | Path, unet, pos
             with sync:
                 loss = trainer.loss(batch, g) / config.accumulate
                 loss.backward()
-            total += loss.item()
+            total += loss.detach()
         trainer.mask_stage(step)
         lr = config.lr_at(step)
         for group in trainer.optimizer.param_groups:
@@ -538,13 +541,11 @@ def train(config: TrainConfig, data_path: str | Path, run: str | Path, unet, pos
         trainer.optimizer.zero_grad(set_to_none=True)
         if trainer.ema:
             trainer.ema.update()
-        loss_value = total
-        if world > 1:
-            reduced = torch.tensor([total], device=device)
-            dist.all_reduce(reduced)
-            loss_value = reduced.item() / world
         done = step + 1
         if done % log_every == 0 or done == config.steps:
+            if world > 1:
+                dist.all_reduce(total)
+            loss_value = total.item() / world
             logger.row(done, loss=f"{loss_value:.6g}", lr=f"{lr:.6g}", seconds=f"{time.perf_counter() - tic:.4f}")
         if held_out is not None and config.val_every and (done % config.val_every == 0 or done == config.steps):
             noise = torch.randn(held_out["latents"].shape, generator=torch.Generator().manual_seed(config.seed))
@@ -553,8 +554,6 @@ def train(config: TrainConfig, data_path: str | Path, run: str | Path, unet, pos
         if rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
             with atomic_path(run / CHECKPOINT) as tmp:
                 torch.save(_checkpoint_state(trainer, done), tmp)
-        if world > 1:
-            dist.barrier()
     output = run / ("unet.safetensors" if config.mode == "teacher" else "lora")
     if rank == 0:
         output = _save_output(trainer, run)
