@@ -142,6 +142,11 @@ class AnimateConfig:
     def dtype(self) -> torch.dtype:
         return PRECISIONS[self.precision]
 
+    @property
+    def first_segment_frames(self) -> int:
+        """Frames of the clip's first segment with `segment` > 0 (`first_segment` at most `segment`)."""
+        return min(self.first_segment or self.segment, self.segment)
+
 
     @classmethod
     def fast(cls, **overrides) -> AnimateConfig:
@@ -299,7 +304,7 @@ def sample_segments(models: Models, cond: Conditioning, config: AnimateConfig, g
     `sample_latents`, bit for bit.
     """
     dtype, whole = models.dtype, config.segment == 0
-    first = min(config.first_segment or config.segment, config.segment)
+    first = config.first_segment_frames
     blocks = padded_motion((tokens.to(models.device) for tokens in motion), config.pad_frames)
     tokens = torch.empty(0, device=models.device, dtype=dtype)
     real = torch.empty(0, dtype=torch.bool)
