@@ -289,6 +289,8 @@ def seam_report(config: AnimateConfig, segmented: np.ndarray, whole: np.ndarray)
     inside = np.delete(change, seams)
     mse = float(((segmented - whole) ** 2).mean())
     return {"seams": len(seams), "change_across_seams": float(change[seams].mean()) if seams else None,
+            # the first seam: after a short first segment (`first_segment`) the one that differs
+            "change_across_first_seam": float(change[seams[0]]) if seams else None,
             "change_inside_segments": float(inside.mean()),
             "ratio": float(change[seams].mean() / inside.mean()) if seams else None,
             "psnr_vs_whole_clip_db": 10 * np.log10(255**2 / mse) if mse else float("inf")}
