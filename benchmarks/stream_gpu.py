@@ -12,7 +12,8 @@ and 3-4 more with a compiled setting (the default: one):
   0. first-frame latency (issue 15's target: <= 0.25 s after the first segment's driving frames): fast mode
      with its default first segment (16 frames: the 15 pads and the first real frame's decode chunk), the live
      setup (no pad frames, a first segment of 8) and a first segment of a whole window (25, the behaviour before
-     `first_segment`), each eager and with CUDA graphs, and compiled for --compile-configs (default: live).
+     `first_segment`), each eager and with CUDA graphs, and compiled for --compile-configs (default: live; run
+     last in the part, after 1-2, as compiling takes minutes).
      `Animator.stream` until its first frame, the source holding one preprocessing chunk (25 frames); the
      median of --repeats runs after one unmeasured run (compiling or capturing the shapes), then one run with
      each network's time.
@@ -235,17 +236,16 @@ def first_frame_run(animator: Animator, frames: list, stages: dict | None = None
             "after_first_chunk_s": end - handed["chunk"]}
 
 
-def first_frame_part(a, nets, plan: dict, eager: Animator, frames: list) -> dict:
+def first_frame_part(a, nets, plan: dict, eager: Animator, frames: list, compiled: bool) -> dict:
     """First-frame latency of each of the plan's settings on each way the torch backend runs the networks:
-    eager, CUDA graphs, and compiled (torch.compile of the UNet and VAE decoder, with CUDA graphs) for the
-    settings in --compile-configs. One way's networks at a time (they share the weights)."""
+    eager and with CUDA graphs, or (`compiled`) with the UNet and VAE decoder compiled (torch.compile, with CUDA
+    graphs) for the settings in --compile-configs. One way's networks at a time (they share the weights)."""
     names = list(plan["first_frame"])
-    ways = [("eager", lambda: eager.models, names)]
-    if GPU:  # CUDA graphs and inductor's code need a GPU (on a CPU, compiling alone would take minutes)
+    ways = [] if compiled else [("eager", lambda: eager.models, names)]
+    if GPU and not compiled:  # CUDA graphs and inductor's code need a GPU (on a CPU compiling takes minutes)
         ways.append(("cuda graphs", lambda: sessions(a, nets, plan, cuda_graph=True), names))
-        if a.compile_configs:
-            ways.append(("compiled", lambda: sessions(a, nets, plan, cuda_graph=True, compile=True),
-                         a.compile_configs))
+    if GPU and compiled and a.compile_configs:
+        ways.append(("compiled", lambda: sessions(a, nets, plan, cuda_graph=True, compile=True), a.compile_configs))
     results = {}
     for way, make, settings in ways:
         results[way] = first_frames(make(), settings, a, plan, eager, frames)
@@ -385,9 +385,8 @@ def main(argv: list[str] | None = None) -> dict:
     segment = fast.config.segment = fast.config.window  # fast mode's default: one window per segment
     frames = looped_frames(plan["frames"])
     if "stream" in a.parts:
-        report["first_frame"] = first_frame_part(a, nets, plan, fast, frames)
+        report["first_frame"] = first_frame_part(a, nets, plan, fast, frames, compiled=False)
         save()
-    del nets  # the memory part frees the full-size networks (fast and quality hold them until then)
     if GPU and "stream" in a.parts:
         stream_run(fast, frames[: fast.config.window])  # warm-up: first calls of every network
     if "stream" in a.parts:
@@ -406,6 +405,10 @@ def main(argv: list[str] | None = None) -> dict:
             report["fast_animate"]["file_whole_clip"] = animate_fps(fast, video)
             fast.config = replace(fast.config, segment=segment)
         save()
+        # 0, compiled: last, as compiling takes minutes, so that a run cut short keeps the rest
+        report["first_frame"].update(first_frame_part(a, nets, plan, fast, frames, compiled=True))
+        save()
+    del nets  # the memory part frees the full-size networks (fast and quality hold them until then)
 
     # 4: quality mode, segments against the whole clip
     if "quality" in a.parts:
