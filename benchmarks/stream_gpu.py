@@ -190,11 +190,13 @@ def stream_run(animator: Animator, frames: list) -> dict:
             "thumbs": np.stack(thumbs)}
 
 
-def clocked(session, seconds: dict):
-    """`session` with the seconds of its calls (synchronised around each) added to `seconds[session.name]`."""
+def clocked(session, seconds: dict, first_calls: dict):
+    """`session` with the seconds of its calls (synchronised around each) added to `seconds[session.name]`, and
+    the time of its first call in `first_calls[session.name]`."""
     def call(**inputs):
         synchronize()
         tic = time.perf_counter()
+        first_calls.setdefault(session.name, tic)
         out = session(**inputs)
         synchronize()
         seconds[session.name] = seconds.get(session.name, 0.0) + time.perf_counter() - tic
@@ -208,7 +210,8 @@ def first_frame_run(animator: Animator, frames: list, stages: dict | None = None
     preprocessing chunk (a live source when the first segment can start; the motion encoders take the chunk's
     bucket ids, so it is complete before any motion token is made): seconds from the call, from the hand-over
     of the first segment's driving frames and from that of the whole chunk, to the first frame. `stages`: the
-    seconds of each network's calls (synchronised, so the latency is then slightly longer)."""
+    seconds of each network's calls (synchronised, so the latency is then slightly longer) and of the chunk's
+    preprocessing (face detection and crops: from its hand-over to the motion encoder's first call)."""
     config = animator.config
     chunk = min(config.window, len(frames))
     real = min(max(1, config.first_segment_frames - config.pad_frames), chunk)  # driving frames it holds
@@ -222,16 +225,19 @@ def first_frame_run(animator: Animator, frames: list, stages: dict | None = None
                 handed["chunk"] = time.perf_counter()
             yield frame
 
+    first_calls = {}
     if stages is not None:
         models = animator.models
         animator = animator.with_options()
-        animator.models = replace(models, **{name: clocked(getattr(models, name), stages)
+        animator.models = replace(models, **{name: clocked(getattr(models, name), stages, first_calls)
                                              for name in ("motion", "unet", "vae_decoder")})
     start = time.perf_counter()
     stream = animator.stream(SAMPLE_IMAGE, source(), fps=FPS)
     next(stream)
     end = time.perf_counter()
     stream.close()
+    if stages is not None:
+        stages["preprocess_chunk"] = first_calls["motion"] - handed["chunk"]
     return {"after_call_s": end - start, "after_segment_frames_s": end - handed["segment"],
             "after_first_chunk_s": end - handed["chunk"]}
 
@@ -465,7 +471,7 @@ def print_table(report: dict) -> None:
             stages = ", ".join(f"{stage} {seconds:.3f}" for stage, seconds in run["stages_s"].items())
             setting = f"first frame, {way}, {name} (first segment {run['first_segment']}, {run['pad_frames']} pads)"
             latency = (f"{run['after_first_chunk_s']:.3f} s after the first chunk ({run['after_call_s']:.3f} after "
-                       f"the call; networks alone: {stages})")
+                       f"the call; {stages})")
             rows.append((setting, latency))
     if "fast_stream" in report:
         rows += _stream_rows(report)
