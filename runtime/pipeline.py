@@ -300,8 +300,8 @@ def sample_segments(models: Models, cond: Conditioning, config: AnimateConfig, g
     short, takes more context frames so that it still fills a window. The first segment has
     `config.first_segment` frames when set (at most `segment`); shorter than the window, it is sampled with one
     window of its own length (the UNet runs at fewer frames, so the first frames come out sooner), not a window
-    of repeated frames. With `segment` 0 the whole clip is one segment with the official circular windows: the latents of
-    `sample_latents`, bit for bit.
+    of repeated frames. With `segment` 0 the whole clip is one segment with the official circular windows: the
+    latents of `sample_latents`, bit for bit.
     """
     dtype, whole = models.dtype, config.segment == 0
     first = config.first_segment_frames
