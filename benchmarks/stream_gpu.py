@@ -4,10 +4,19 @@ schedules, first-frame latency, streaming against file fps, quality mode with se
     python -m hyportrait.benchmarks.stream_gpu --out DIR [--size official|tiny] [--weights DIR] [--lora FILE]
 
 Networks are random at the official size, fp16, torch backend with the engine rewrites, eager (compiling takes
-minutes per shape); `--weights` (and `--lora`, e.g. a trained LCM LoRA or the distillation's toy model) runs
-real ones instead, which makes the seam numbers meaningful. Driving input is the bundled sample (36 frames,
-24 fps) looped. Plan, sized for < 8 minutes on one H200 (about 6 estimated from the H100 stage times: network
-set-up 1 min, part 1 1.5 min, part 3 3 min, part 4 0.5 min):
+minutes per shape) except in part 0; `--weights` (and `--lora`, e.g. a trained LCM LoRA or the distillation's toy
+model) runs real ones instead, which makes the seam numbers meaningful. Driving input is the bundled sample (36
+frames, 24 fps) looped. Plan, sized for < 8 minutes on one H200 for parts 1-4 (about 6 estimated from the H100
+stage times: network set-up 1 min, part 1 1.5 min, part 3 3 min, part 4 0.5 min); part 0 adds about 1 minute,
+and 3-4 more with a compiled setting (the default: one):
+  0. first-frame latency (issue 15's target: <= 0.25 s after the first segment's driving frames): fast mode
+     with its default first segment (16 frames: the 15 pads and the first real frame's decode chunk), the live
+     setup (no pad frames, a first segment of 8) and a first segment of a whole window (25, the behaviour before
+     `first_segment`), each eager and with CUDA graphs, and compiled for --compile-configs (default: live; run
+     last in the part, after 1-2, as compiling takes minutes).
+     `Animator.stream` until its first frame, the source holding one preprocessing chunk (25 frames); the
+     median of --repeats runs after one unmeasured run (compiling or capturing the shapes), then one run with
+     each network's time.
   1. fast mode (LCM 4 steps, one UNet batch, segments of 25 frames), 192 driving frames (8 s):
      `Animator.stream` from frames in memory: latency of the first output frame after the first segment's
      driving frames were handed over (one preprocessing chunk of 25), and steady-state fps (after the first
@@ -30,6 +39,7 @@ is printed at the end.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -44,9 +54,14 @@ import torch
 
 from hyportrait.benchmarks.bench import report_header
 from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
-from hyportrait.networks.weights import random_networks
+from hyportrait.networks.arcface import load_arcface
+from hyportrait.networks.contract import CROP_SIZE
+from hyportrait.networks.face_detector import load_face_detector
+from hyportrait.networks.lora import merge_lora
+from hyportrait.networks.weights import load_networks, random_networks
 from hyportrait.runtime.api import Animator
-from hyportrait.runtime.models import ModelOptions, load_models
+from hyportrait.runtime.backends import Models
+from hyportrait.runtime.models import ModelOptions, load_models, torch_models
 from hyportrait.runtime.pipeline import AnimateConfig, decode_segments, motion_tokens, sample_segments
 from hyportrait.runtime.preprocess import DrivingPreprocessor
 from hyportrait.runtime.video import VideoWriter, read_frames
@@ -60,11 +75,17 @@ FPS = 24  # the sample's rate: lengths in seconds are counted at it
 PLANS = {
     "official": {"frames": 192, "lengths": (10, 40), "tiny_lengths": (60, 180, 600), "tiny_steps": 1,
                  "quality_frames": 66, "quality_steps": 4, "config": {},
-                 "tiny_config": {"size": 64}},  # window 25 and 15 pad frames as the official: the same plan
+                 "tiny_config": {"size": 64},  # window 25 and 15 pad frames as the official: the same plan
+                 # the first-frame latency's settings over fast mode's: its default first segment (16), the live
+                 # setup, and the first segment of a whole window (before `first_segment`)
+                 "first_frame": {"fast default": {}, "live": {"pad_frames": 0, "first_segment": 8},
+                                 "whole window": {"first_segment": 25}}},
     # the dry run's networks are the tiny ones already: no second memory series
     "tiny": {"frames": 6, "lengths": (0.25, 0.5), "tiny_lengths": (), "tiny_steps": 1,
              "quality_frames": 4, "quality_steps": 1,
-             "config": {"size": 64, "window": 4, "overlap": 1, "pad_frames": 1, "num_steps": 1, "decode_chunk": 3}},
+             "config": {"size": 64, "window": 4, "overlap": 1, "pad_frames": 1, "num_steps": 1, "decode_chunk": 3},
+             # two settings keep the dry run short (the code is the same for any number)
+             "first_frame": {"live": {"pad_frames": 0, "first_segment": 2}, "whole window": {"first_segment": 4}}},
 }
 PLANS["tiny"]["tiny_config"] = PLANS["tiny"]["config"]
 
@@ -116,18 +137,32 @@ def write_driving_video(path: Path, count: int) -> Path:
     return path
 
 
-def animators(a, size: str, plan: dict) -> tuple[Animator, Animator]:
-    """Fast and quality mode over the same networks, loaded once: random at `size`, or --weights (--lora)."""
+def networks(a, size: str):
+    """The networks, built once: random at `size`, or --weights with --lora merged."""
+    if not a.weights:
+        return random_networks(size)
+    nets = load_networks(a.weights)
+    if a.lora:
+        merge_lora(nets.unet, a.lora)
+    return nets
+
+
+def sessions(a, nets, plan: dict, **options) -> Models:
+    """`nets` as the torch backend runs them (engine rewrites, fp16 on a GPU); `options`: cuda_graph, compile.
+    Every call shares the networks' weights."""
+    return torch_models(nets, device=DEVICE, dtype=torch.float16 if GPU else torch.float32,
+                        size=plan["config"].get("size", CROP_SIZE), faithful=False,
+                        face_detector=load_face_detector(a.weights, DEVICE), **options)
+
+
+def animators(a, nets, plan: dict) -> tuple[Animator, Animator]:
+    """Fast and quality mode over the same eager networks."""
     config = plan["config"]
-    if a.weights:
-        fast = Animator(backend="torch", weights=a.weights, lora=a.lora, faithful=False, device=DEVICE,
-                        mode="fast", **config)
-    else:
-        models = load_models("torch", random_networks(size), DEVICE,
-                             ModelOptions(precision="fp16" if GPU else "fp32", size=config.get("size", 512),
-                                          faithful=False))
-        fast = Animator(models, mode="fast", **config)
-    return fast, Animator(fast.models, mode="quality", **{**config, "num_steps": plan["quality_steps"]})
+    fast = Animator(sessions(a, nets, plan), mode="fast", **config)
+    fast.arcface = load_arcface(a.weights)  # as Animator(weights=...) has it (None: a zero identity)
+    quality = Animator(fast.models, mode="quality", **{**config, "num_steps": plan["quality_steps"]})
+    quality.arcface = fast.arcface
+    return fast, quality
 
 
 def stream_run(animator: Animator, frames: list) -> dict:
@@ -155,9 +190,100 @@ def stream_run(animator: Animator, frames: list) -> dict:
             "thumbs": np.stack(thumbs)}
 
 
+def clocked(session, seconds: dict, first_calls: dict):
+    """`session` with the seconds of its calls (synchronised around each) added to `seconds[session.name]`, and
+    the time of its first call in `first_calls[session.name]`."""
+    def call(**inputs):
+        synchronize()
+        tic = time.perf_counter()
+        first_calls.setdefault(session.name, tic)
+        out = session(**inputs)
+        synchronize()
+        seconds[session.name] = seconds.get(session.name, 0.0) + time.perf_counter() - tic
+        return out
+
+    return call
+
+
+def first_frame_run(animator: Animator, frames: list, stages: dict | None = None) -> dict:
+    """`Animator.stream` until its first output frame, the source holding the driving frames of the first
+    preprocessing chunk (a live source when the first segment can start; the motion encoders take the chunk's
+    bucket ids, so it is complete before any motion token is made): seconds from the call, from the hand-over
+    of the first segment's driving frames and from that of the whole chunk, to the first frame. `stages`: the
+    seconds of each network's calls (synchronised, so the latency is then slightly longer) and of the chunk's
+    preprocessing (face detection and crops: from its hand-over to the motion encoder's first call)."""
+    config = animator.config
+    chunk = min(config.window, len(frames))
+    real = min(max(1, config.first_segment_frames - config.pad_frames), chunk)  # driving frames it holds
+    handed = {}
+
+    def source():
+        for index, frame in enumerate(frames[:chunk]):
+            if index == real - 1:
+                handed["segment"] = time.perf_counter()
+            if index == chunk - 1:
+                handed["chunk"] = time.perf_counter()
+            yield frame
+
+    first_calls = {}
+    if stages is not None:
+        models = animator.models
+        animator = animator.with_options()
+        animator.models = replace(models, **{name: clocked(getattr(models, name), stages, first_calls)
+                                             for name in ("motion", "unet", "vae_decoder")})
+    start = time.perf_counter()
+    stream = animator.stream(SAMPLE_IMAGE, source(), fps=FPS)
+    next(stream)
+    end = time.perf_counter()
+    stream.close()
+    if stages is not None:
+        stages["preprocess_chunk"] = first_calls["motion"] - handed["chunk"]
+    return {"after_call_s": end - start, "after_segment_frames_s": end - handed["segment"],
+            "after_first_chunk_s": end - handed["chunk"]}
+
+
+def first_frame_part(a, nets, plan: dict, eager: Animator, frames: list, compiled: bool) -> dict:
+    """First-frame latency of each of the plan's settings on each way the torch backend runs the networks:
+    eager and with CUDA graphs, or (`compiled`) with the UNet and VAE decoder compiled (torch.compile, with CUDA
+    graphs) for the settings in --compile-configs. One way's networks at a time (they share the weights)."""
+    names = list(plan["first_frame"])
+    ways = [] if compiled else [("eager", lambda: eager.models, names)]
+    if GPU and not compiled:  # CUDA graphs and inductor's code need a GPU (on a CPU compiling takes minutes)
+        ways.append(("cuda graphs", lambda: sessions(a, nets, plan, cuda_graph=True), names))
+    if GPU and compiled and a.compile_configs:
+        ways.append(("compiled", lambda: sessions(a, nets, plan, cuda_graph=True, compile=True), a.compile_configs))
+    results = {}
+    for way, make, settings in ways:
+        results[way] = first_frames(make(), settings, a, plan, eager, frames)
+        gc.collect()  # a session and its CUDA graphs refer to each other
+        if GPU:  # the graphs' memory pools and compiled code go before the parts that measure memory
+            torch.cuda.empty_cache()
+    return results
+
+
+def first_frames(models: Models, settings: list[str], a, plan: dict, eager: Animator, frames: list) -> dict:
+    """Each setting runs once unmeasured (compiling or capturing its shapes), then --repeats times (the median
+    reported), then once with each network's time."""
+    animator = Animator(models, mode="fast", **plan["config"])
+    animator.arcface = eager.arcface
+    results = {}
+    for name in settings:
+        view = animator.with_options(**plan["first_frame"][name])
+        tic = time.perf_counter()
+        first_frame_run(view, frames)
+        warm_up_s = time.perf_counter() - tic
+        runs = [first_frame_run(view, frames) for _ in range(a.repeats)]
+        stages: dict = {}
+        first_frame_run(view, frames, stages)
+        results[name] = {"first_segment": view.config.first_segment_frames, "pad_frames": view.config.pad_frames,
+                         **{key: float(np.median([run[key] for run in runs])) for key in runs[0]},
+                         "runs": runs, "warm_up_s": warm_up_s, "stages_s": stages}
+    return results
+
+
 def seam_frames(config: AnimateConfig, frames: int) -> list[int]:
     """Output frame indices that start a segment after the first (where a seam lies)."""
-    first_new = [config.segment]
+    first_new = [config.first_segment_frames]
     while first_new[-1] < frames + config.pad_frames:
         first_new.append(first_new[-1] + config.segment - config.overlap)
     return [g - config.pad_frames for g in first_new if 0 < g - config.pad_frames < frames]
@@ -169,6 +295,8 @@ def seam_report(config: AnimateConfig, segmented: np.ndarray, whole: np.ndarray)
     inside = np.delete(change, seams)
     mse = float(((segmented - whole) ** 2).mean())
     return {"seams": len(seams), "change_across_seams": float(change[seams].mean()) if seams else None,
+            # the first seam: after a short first segment (`first_segment`) the one that differs
+            "change_across_first_seam": float(change[seams[0]]) if seams else None,
             "change_inside_segments": float(inside.mean()),
             "ratio": float(change[seams].mean() / inside.mean()) if seams else None,
             "psnr_vs_whole_clip_db": 10 * np.log10(255**2 / mse) if mse else float("inf")}
@@ -240,7 +368,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--weights", type=Path, help="a weights folder instead of random networks (torch backend)")
     p.add_argument("--lora", type=Path, help="with --weights: a LoRA merged into the UNet (e.g. LCM)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS,
-                   help="stream: 1-2 (fast mode, latency, fps, seam); quality: 4; memory: 3")
+                   help="stream: 0-2 (first-frame latency; fast mode, latency, fps, seam); quality: 4; memory: 3")
+    p.add_argument("--compile-configs", nargs="*", choices=list(PLANS["official"]["first_frame"]), default=["live"],
+                   help="first-frame settings also run compiled (GPU; each compiles the UNet at its frame count, "
+                   "2-3 minutes, and the first one the VAE decoder, about 1 minute); none: no compiled run")
+    p.add_argument("--repeats", type=int, default=3, help="measured first-frame runs per setting (median)")
     a = p.parse_args(argv)
     if not GPU and a.size != "tiny":
         p.error("no GPU: only --size tiny runs on the CPU")
@@ -253,10 +385,14 @@ def main(argv: list[str] | None = None) -> dict:
         report["seconds"] = time.perf_counter() - tic
         (a.out / "stream.json").write_text(json.dumps(report, indent=2, default=float))
 
-    # 1-2: fast mode, latency, fps and the seam
-    fast, quality = animators(a, a.size, plan)
+    # 0: first-frame latency; 1-2: fast mode, latency, fps and the seam
+    nets = networks(a, a.size)
+    fast, quality = animators(a, nets, plan)
     segment = fast.config.segment = fast.config.window  # fast mode's default: one window per segment
     frames = looped_frames(plan["frames"])
+    if "stream" in a.parts:
+        report["first_frame"] = first_frame_part(a, nets, plan, fast, frames, compiled=False)
+        save()
     if GPU and "stream" in a.parts:
         stream_run(fast, frames[: fast.config.window])  # warm-up: first calls of every network
     if "stream" in a.parts:
@@ -275,6 +411,10 @@ def main(argv: list[str] | None = None) -> dict:
             report["fast_animate"]["file_whole_clip"] = animate_fps(fast, video)
             fast.config = replace(fast.config, segment=segment)
         save()
+        # 0, compiled: last, as compiling takes minutes, so that a run cut short keeps the rest
+        report["first_frame"].update(first_frame_part(a, nets, plan, fast, frames, compiled=True))
+        save()
+    del nets  # the memory part frees the full-size networks (fast and quality hold them until then)
 
     # 4: quality mode, segments against the whole clip
     if "quality" in a.parts:
@@ -326,6 +466,13 @@ def memory_part(a, plan: dict, held: list[Animator], segment: int, report: dict,
 
 def print_table(report: dict) -> None:
     rows = []
+    for way, settings in report.get("first_frame", {}).items():
+        for name, run in settings.items():
+            stages = ", ".join(f"{stage} {seconds:.3f}" for stage, seconds in run["stages_s"].items())
+            setting = f"first frame, {way}, {name} (first segment {run['first_segment']}, {run['pad_frames']} pads)"
+            latency = (f"{run['after_first_chunk_s']:.3f} s after the first chunk ({run['after_call_s']:.3f} after "
+                       f"the call; {stages})")
+            rows.append((setting, latency))
     if "fast_stream" in report:
         rows += _stream_rows(report)
     for name, runs in report.get("memory", {}).items():

@@ -69,6 +69,12 @@ def _add_animate(sub) -> None:
     p.add_argument("--segment", type=int, metavar="FRAMES", help="sample the clip segment by segment, FRAMES "
                    "at once (at least the window, 25): memory bounded at any length, frames out early; 0: the "
                    "whole clip at once (official). Default 25 in fast mode, 0 in quality mode")
+    p.add_argument("--first-segment", type=int, metavar="FRAMES", help="frames of the first segment, leading pad "
+                   "frames included: shorter than the window, it is one UNet call of FRAMES frames per step, so the "
+                   "first frame comes out sooner (0: --segment's). Default 16 in fast mode (the 15 pads and the "
+                   "first real frame's decode chunk); live: --pad-frames 0 --first-segment 8")
+    p.add_argument("--pad-frames", type=int, metavar="N", help="motion pad frames faded in before the clip and "
+                   "out after it (official: 15)")
     p.add_argument("--stream", action="store_true", help="write the outputs as fragmented MP4 while the frames "
                    "are made (playable while written)")
     p.add_argument("--stall-timeout", type=float, default=10.0, metavar="SECONDS",
@@ -333,6 +339,8 @@ def _animate_overrides(args) -> tuple[dict, dict[str, str]]:
              ("--guidance-branches", ("guidance_branches",), args.guidance_branches),
              ("--video-preset", ("video_preset",), args.video_preset),
              ("--segment", ("segment",), args.segment),
+             ("--first-segment", ("first_segment",), args.first_segment),
+             ("--pad-frames", ("pad_frames",), args.pad_frames),
              ("--guidance", ("min_appearance_guidance", "max_appearance_guidance", "min_motion_guidance",
                              "max_motion_guidance"), args.guidance),
              ("--appearance-guidance", ("min_appearance_guidance", "max_appearance_guidance"),
@@ -377,9 +385,9 @@ def _animate(args) -> int:
     with _options_named_by_flags(flags):
         make_config(overrides)
         if args.gpus > 1 or distributed.under_torchrun():
-            if args.stream or args.segment or live:
-                raise InputError("--stream, --segment and live sources (-, URLs) run on one GPU: --gpus spreads "
-                                 "the whole clip's windows")
+            if args.stream or args.segment or args.first_segment or live:
+                raise InputError("--stream, --segment, --first-segment and live sources (-, URLs) run on one GPU: "
+                                 "--gpus spreads the whole clip's windows")
             result = _animate_parallel(args, {**options, "segment": 0})
         else:
             result = Animator(device=args.device, **options).animate(

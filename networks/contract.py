@@ -30,6 +30,8 @@ MOTION_SIZE = 256  # driving crops are resized to 256x256 for both motion encode
 DINO_SIZE = 224  # the appearance encoder's input
 ARCFACE_SIZE = 112  # the aligned face ArcFace embeds
 WINDOW = 25  # frames per UNet window: also the chunk of the motion encoders and their bucket ids
+# An exported UNet's frame count is fixed (its window, `unet` below): a first segment shorter than the window
+# (AnimateConfig.first_segment), which runs the UNet at fewer frames, runs on the torch backend only.
 LATENT_FACTOR = 8  # the VAE's downsampling: latent h, w = pixel H, W / 8
 TOKENS = 64  # appearance and motion tokens per frame
 DECODE_CHUNK = 8  # frames per VAE decoder call (the official decode chunk; the exported example's size)

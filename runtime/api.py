@@ -146,6 +146,23 @@ def make_config(settings: dict, **fixed) -> AnimateConfig:
     return AnimateConfig(**settings, **fixed)
 
 
+def first_segment_checked(config: AnimateConfig, options: dict, fixed_window: int | None) -> AnimateConfig:
+    """`config` with a first segment the models can run. One asked for in `options` needs segments (`segment` >
+    0) and, on models whose UNet takes a fixed number of frames (an export or engine: `fixed_window`), at least
+    that many (OptionError otherwise); a mode's default first segment falls back to a whole window there."""
+    asked = options.get("first_segment")
+    if asked and not config.segment:
+        raise OptionError("first_segment", f"applies to segmented sampling (segment > 0, fast mode's default), "
+                          f"not to the whole clip at once (segment 0), got {asked}")
+    if fixed_window and 0 < config.first_segment < fixed_window:
+        if asked:
+            raise OptionError("first_segment", f"must be 0 or at least {fixed_window}: these models' UNet runs "
+                              f"{fixed_window} frames per call (an export or engine; the torch backend runs any "
+                              f"count), got {asked}")
+        return replace(config, first_segment=0)
+    return config
+
+
 def result_folder(out: Path, name: str) -> Path:
     """A new folder `out/name`, else `out/name-2`, `-3`, ...: created atomically, so runs that finish in the same
     second, in one process or several, never write into one folder."""
@@ -252,7 +269,8 @@ class Animator:
                 print("hyportrait: no weights given: running a tiny random-weight model; the video shows noise, "
                       "not a face. Pass the official pretrained_weights/ folder for real results.", file=sys.stderr)
             settings.update(options)
-            self.config = make_config(settings, precision=precision, device=str(self.device))
+            self.config = first_segment_checked(make_config(settings, precision=precision, device=str(self.device)),
+                                                options, None)
             self.models = load_models(backend, weights, self.device,
                                       replace(model_options, size=self.config.size))
             arcface_folder = weights
@@ -280,14 +298,15 @@ class Animator:
         # sample every frame four times
         fixed = {"window": models.window, "overlap": min(3, models.window // 4)} if models.window else {}
         settings = {"size": size, **fixed, **settings, **options}
-        return make_config(settings, precision="fp16" if models.dtype == torch.float16 else "fp32",
-                           device=str(self.device))
+        return first_segment_checked(make_config(settings, precision="fp16" if models.dtype == torch.float16
+                                                 else "fp32", device=str(self.device)), options, models.window)
 
     def with_options(self, **options) -> Animator:
         """These networks with other sampling options (any `AnimateConfig` field): a view sharing the networks,
         the detector and the lock, e.g. one per request of a server."""
         view = copy.copy(self)
-        view.config = make_config({**asdict(self.config), **options})
+        view.config = first_segment_checked(make_config({**asdict(self.config), **options}), options,
+                                            self.models.window)
         return view
 
     # -- the stages ----------------------------------------------------------------------------------------

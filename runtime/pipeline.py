@@ -46,8 +46,11 @@ Sampler = Literal["euler", "lcm"]
 VAE_SCALE = 0.18215
 # fast mode also encodes faster: libx264 "medium" takes about 10.5 ms per 512 px frame for the two output videos
 # on the H100 host, "veryfast" 4.4-6.3 ms (benchmarks/RESULTS.md, session 4), at the same CRF (larger files)
-# and samples one window at a time (segments of one window: bounded memory, first frames out early)
-FAST_MODE = {"sampler": "lcm", "num_steps": 4, "guidance_branches": 1, "video_preset": "veryfast", "segment": WINDOW}
+# and samples one window at a time (segments of one window: bounded memory, first frames out early); its first
+# segment is shorter: with the official 15 leading pad frames the first real frame is latent 15, in the decode
+# chunk 8-15, so 16 frames (one UNet window of 16) are the least that puts it out
+FAST_MODE = {"sampler": "lcm", "num_steps": 4, "guidance_branches": 1, "video_preset": "veryfast", "segment": WINDOW,
+             "first_segment": 16}
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 # The UNet batch of each guidance setting: branch 0 has no image latent, appearance or motion; branch 1 the
 # image latent and appearance; branch 2 everything.
@@ -63,6 +66,7 @@ _LIMITS = (
     ("decode_chunk", 1, 1000), ("fps_condition", 0.0, 1000.0), ("motion_bucket_id", 0.0, 1000.0),
     ("noise_aug_strength", 0.0, 10.0), ("i2i_strength", 0.001, 1.0), ("sigma_min", 1e-6, 1e6),
     ("sigma_max", 1e-6, 1e6), ("size", 64, 4096), ("max_frames", 1, 10_000_000), ("segment", 0, 10_000_000),
+    ("first_segment", 0, 10_000_000),
 )
 
 
@@ -106,6 +110,10 @@ class AnimateConfig:
     guidance_branches: int = 3  # 3: uncond/appearance/full (official); 2: motion guidance only; 1: none
     video_preset: str = "medium"  # libx264 preset of the output videos (official: its default, at CRF 17)
     segment: int = 0  # frames sampled at once, context included (sample_segments); 0: the whole clip (official)
+    # frames of the clip's first segment, leading pad frames included (0, or more than `segment`: `segment`);
+    # shorter than the window, it is one UNet window of its own length, so the first frames come out sooner.
+    # Ignored when `segment` is 0 (the whole clip).
+    first_segment: int = 0
 
     def __post_init__(self):
         for option, *_ in _LIMITS:
@@ -133,6 +141,11 @@ class AnimateConfig:
     @property
     def dtype(self) -> torch.dtype:
         return PRECISIONS[self.precision]
+
+    @property
+    def first_segment_frames(self) -> int:
+        """Frames of the clip's first segment with `segment` > 0 (`first_segment` at most `segment`)."""
+        return min(self.first_segment or self.segment, self.segment)
 
 
     @classmethod
@@ -284,17 +297,21 @@ def sample_segments(models: Models, cond: Conditioning, config: AnimateConfig, g
     of `config.segment` frames is fully denoised before the next; its first `overlap` frames are the last
     finished frames of the segment before, pinned at every step (`pin_context`), so the two join; windows stay
     inside the segment (no wrap-around from the clip's end to its start). The clip's last segment, when
-    short, takes more context frames so that it still fills a window. With `segment` 0 the whole clip is one
-    segment with the official circular windows: the latents of `sample_latents`, bit for bit.
+    short, takes more context frames so that it still fills a window. The first segment has
+    `config.first_segment` frames when set (at most `segment`); shorter than the window, it is sampled with one
+    window of its own length (the UNet runs at fewer frames, so the first frames come out sooner), not a window
+    of repeated frames. With `segment` 0 the whole clip is one segment with the official circular windows: the
+    latents of `sample_latents`, bit for bit.
     """
     dtype, whole = models.dtype, config.segment == 0
+    first = config.first_segment_frames
     blocks = padded_motion((tokens.to(models.device) for tokens in motion), config.pad_frames)
     tokens = torch.empty(0, device=models.device, dtype=dtype)
     real = torch.empty(0, dtype=torch.bool)
     history: tuple[torch.Tensor, torch.Tensor] | None = None  # (latents, tokens) of the last finished frames
     while True:
         context = 0 if history is None else config.overlap
-        wanted = math.inf if whole else config.segment - context
+        wanted = math.inf if whole else (first if history is None else config.segment) - context
         token_blocks, real_blocks, held = [tokens], [real], len(tokens)
         while held < wanted and (block := next(blocks, None)) is not None:
             token_blocks.append(block[0].to(dtype))
@@ -309,9 +326,13 @@ def sample_segments(models: Models, cond: Conditioning, config: AnimateConfig, g
         past = None if history is None else (history[0][len(history[0]) - context:],
                                              history[1][len(history[1]) - context:])
         segment_tokens = tokens[:new] if past is None else torch.cat([past[1], tokens[:new]])
-        latents = sample_latents(models, replace(cond, motion=segment_tokens), config, generator,
+        window = config.window if whole or past is not None else min(first, config.window)
+        # a short first segment: its one window holds it (a clip shorter than it wraps round as a short clip does)
+        segment_config = config if window == config.window else replace(
+            config, window=window, overlap=min(config.overlap, window - 1))
+        latents = sample_latents(models, replace(cond, motion=segment_tokens), segment_config, generator,
                                  context=None if past is None else past[0],
-                                 circular=whole or len(segment_tokens) < config.window)[context:]
+                                 circular=whole or len(segment_tokens) < window)[context:]
         yield latents, real[:new]
         keep = config.window - 1  # the longest context a short last segment can take
         history = (latents[-keep:], tokens[:new][-keep:]) if history is None else (

@@ -72,7 +72,8 @@ def parse_options(text: str | None, limits: Limits, modes: dict[str, dict]) -> t
     """The `options` form field (JSON with the CLI's option names) -> (mode, overrides of the Animator's config,
     stream). `modes`: `mode_settings(...)`, its first key the default mode. `stream` (default false in both
     modes: a streamed video is a fragmented MP4 of about twice the bytes, benchmarks/RESULTS.md) runs the job on
-    the segmented path and writes its videos as they are made; `segment` applies to streamed jobs only."""
+    the segmented path and writes its videos as they are made; `segment` and `first_segment` apply to streamed jobs
+    only."""
     try:
         options = json.loads(text) if text else {}
     except json.JSONDecodeError as exc:
@@ -80,7 +81,8 @@ def parse_options(text: str | None, limits: Limits, modes: dict[str, dict]) -> t
     if not isinstance(options, dict):
         raise ServeError("bad_options", "options must be a JSON object")
     known = {"mode", "steps", "seed", "guidance", "appearance_guidance", "motion_guidance", "max_frames",
-             "decode_chunk", "overlap", "sampler", "guidance_branches", "video_preset", "stream", "segment"}
+             "decode_chunk", "overlap", "sampler", "guidance_branches", "video_preset", "stream", "segment",
+             "first_segment"}
     if unknown := sorted(set(options) - known):
         raise ServeError("bad_options", f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     mode = _choice(options, "mode", tuple(modes)) if "mode" in options else next(iter(modes))
@@ -91,7 +93,8 @@ def parse_options(text: str | None, limits: Limits, modes: dict[str, dict]) -> t
                                           ("decode_chunk", "decode_chunk", int, 1, 64),
                                           ("overlap", "overlap", int, 0, 24),
                                           ("guidance_branches", "guidance_branches", int, 1, 3),
-                                          ("segment", "segment", int, 0, limits.max_frames)):
+                                          ("segment", "segment", int, 0, limits.max_frames),
+                                          ("first_segment", "first_segment", int, 0, limits.max_frames)):
         if name in options:
             settings[target] = _number(options, name, kind, low, high)
     if "guidance" in options:
@@ -109,9 +112,10 @@ def parse_options(text: str | None, limits: Limits, modes: dict[str, dict]) -> t
     stream = options.get("stream", False)
     if not isinstance(stream, bool):
         raise ServeError("bad_options", f"option stream must be true or false, got {json.dumps(stream)}")
-    if "segment" in options and not stream:
-        # a job that is not streamed samples the whole clip at once (the pipeline's denoise stage)
-        raise ServeError("bad_options", "option segment applies to streamed jobs (\"stream\": true)")
+    for name in ("segment", "first_segment"):
+        if name in options and not stream:
+            # a job that is not streamed samples the whole clip at once (the pipeline's denoise stage)
+            raise ServeError("bad_options", f"option {name} applies to streamed jobs (\"stream\": true)")
     return mode, settings, stream
 
 

@@ -1,6 +1,7 @@
 """Segmented sampling and streaming (issue 15) on tiny random networks: the window plan and the seam, the whole clip
 through the segment loop bit for bit, memory bounded by the segment, and the streaming API and CLI with sources
 that end, fail, stall, or a consumer that stops, and the audio of pipes and URLs in the streamed outputs."""
+import dataclasses
 import functools
 import gc
 import http.server
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from hyportrait.cli import main as cli
-from hyportrait.errors import SourceStalledError, VideoError
+from hyportrait.errors import OptionError, ServeError, SourceStalledError, VideoError
 from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.runtime.api import Animator
 from hyportrait.runtime.pipeline import (
@@ -32,6 +33,8 @@ from hyportrait.runtime.pipeline import (
 from hyportrait.runtime.sampling import karras_sigmas, sample_euler_windows, sample_lcm_windows
 from hyportrait.runtime.video import VideoWriter, open_live, probe_video, read_frames
 from hyportrait.runtime.windows import pad_motion_tokens, padded_motion, segment_window_indices
+from hyportrait.serve.jobs import mode_settings, parse_options
+from hyportrait.serve.options import Limits
 
 # a 4-frame window with one frame of overlap: segments of 4 frames take 3 new ones each; one guidance branch (the
 # segment logic does not depend on it) keeps the UNet calls cheap
@@ -150,6 +153,68 @@ def test_segments_cover_the_clip_once_and_pull_motion_as_needed(models):
         assert sum(pulled) + config.pad_frames <= sum(sizes) + (config.segment - config.overlap) + 2
     # the first segment 5 frames, then 4 new ones after 1 of context; the last short one reaches back further
     assert sizes == [5, 4, 2] and real == [False] + [True] * 9 + [False]
+
+
+def counting_frames(models, seen: list):
+    """`models` with the frame count of every UNet call appended to `seen`."""
+    def unet(**inputs):
+        seen.append(inputs["sample"].shape[1])
+        return models.unet(**inputs)
+
+    return dataclasses.replace(models, unet=unet)
+
+
+def test_a_short_first_segment_is_one_window_of_its_own_length(models):
+    config = AnimateConfig(precision="fp32", device="cpu", sampler="lcm", segment=4, first_segment=2, **TINY)
+    cond, generator = conditioning(models, config, None)
+    seen = []
+    segments = list(sample_segments(counting_frames(models, seen), cond, config, generator, token_chunks(7)))
+    # 9 latents (a pad frame each side): 2 in the first segment's own 2-frame window (not 4 with repeats), then
+    # 3 new after 1 of context, 3, and the short last one reaching back to fill a window
+    assert [len(latents) for latents, _ in segments] == [2, 3, 3, 1] and seen == [2, 4, 4, 4]
+    assert torch.cat([real for _, real in segments]).tolist() == [False] + [True] * 7 + [False]
+    # the first segment is sampled as a 2-frame clip would be with 2-frame windows, bit for bit
+    alone = dataclasses.replace(config, window=2, segment=0)
+    tokens = pad_motion_tokens(torch.cat(list(token_chunks(7))), config.pad_frames)[:2]
+    cond, generator = conditioning(models, alone, None)
+    expected = sample_latents(models, dataclasses.replace(cond, motion=tokens), alone, generator, circular=False)
+    assert torch.equal(segments[0][0], expected)
+
+
+def test_a_first_segment_streams_the_frames_the_file_path_gives(models, sample_frames):
+    animator = Animator(models, mode="fast", segment=4, first_segment=2, max_frames=5, **TINY)
+    streamed = list(animator.stream(SAMPLE_IMAGE, sample_frames))
+    assert [f.index for f in streamed] == list(range(5))
+    assert [f.time for f in streamed] == pytest.approx([i / 25 for i in range(5)])
+    from_file = list(animator.frames(SAMPLE_IMAGE, SAMPLE_VIDEO))
+    assert len(from_file) == 5 and all(np.array_equal(f.cropped, g) for f, g in zip(streamed, from_file))
+
+
+def test_first_segment_options_are_checked(models, tmp_path, capsys):
+    with pytest.raises(OptionError, match="first_segment must be between 0 and"):
+        AnimateConfig(first_segment=-1)
+    # the whole clip at once has no first segment: one asked for is refused, fast mode's default is not
+    with pytest.raises(OptionError, match="first_segment applies to segmented sampling"):
+        Animator(models, **TINY).with_options(first_segment=2)
+    assert Animator(models, mode="fast", segment=0, **TINY).config.first_segment == 16
+    assert Animator(models, **TINY).with_options(segment=4, first_segment=2).config.first_segment == 2
+    # an exported UNet runs a fixed window: the fast default falls back to it, one asked for is refused
+    fixed = dataclasses.replace(models, window=25)
+    assert Animator(fixed, mode="fast").config.first_segment == 0
+    with pytest.raises(OptionError, match="first_segment must be 0 or at least 25: these models' UNet runs 25"):
+        Animator(fixed, mode="fast", first_segment=16)
+    # the command names its flags, before any network is built
+    for flags, message in ((["--first-segment", "8"], "--first-segment applies to segmented sampling"),
+                           (["--mode", "fast", "--first-segment", "-1"], "--first-segment must be between 0"),
+                           (["--pad-frames", "-1"], "--pad-frames must be between 0 and 1000")):
+        assert cli(["animate", "--image", str(SAMPLE_IMAGE), "--video", str(SAMPLE_VIDEO), "--out", str(tmp_path),
+                    *flags, *CLI_TINY]) == 2
+        assert message in capsys.readouterr().err
+    # a service's job: streamed only, like segment
+    modes = mode_settings("fast", random_model=True)
+    assert parse_options('{"stream": true, "first_segment": 8}', Limits(), modes)[1]["first_segment"] == 8
+    with pytest.raises(ServeError, match="option first_segment applies to streamed jobs"):
+        parse_options('{"first_segment": 8}', Limits(), modes)
 
 
 def live_tensor_bytes() -> int:
