@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     size = toy.SIZES[a.size]
     teacher = a.toy / "teacher" / "unet.safetensors"
-    unet = toy._merged_student(size, teacher, a.toy / "student" / "lora").set_engine_rewrites(True).eval()
+    unet = toy.merged_student(size, teacher, a.toy / "student" / "lora").set_engine_rewrites(True).eval()
     task = toy.Task(replace(size, frames=a.frames))  # the same colours, tokens and pose map, longer clips
     clips = task.clips(a.clips, seed=3)  # held out: neither the training (1) nor the table's (2) seed
     segmented = student_config(size, 2 * size.frames)

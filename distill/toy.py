@@ -153,7 +153,7 @@ def _stack(clips) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[int]]:
     return batch, torch.stack([c[1] for c in clips]), [c[2] for c in clips]
 
 
-def _load_teacher(size: ToySize, path: Path) -> UNetWithAdapters:
+def load_teacher(size: ToySize, path: Path) -> UNetWithAdapters:
     unet = toy_unet(size)
     unet.load_state_dict(load_file(str(path)))
     return unet
@@ -237,13 +237,13 @@ def run_toy(out: str | Path, size: str | ToySize = "cpu", phases: int | None = N
         config = replace(size.student, phases=phases, **change)
         print_fn(f"toy: {name}, {config.steps} distillation steps")
         folder = out / name.replace(" ", "-").replace("=", "")
-        result = train(config, data, folder, _load_teacher(size, teacher_run.output), pose,
+        result = train(config, data, folder, load_teacher(size, teacher_run.output), pose,
                        weights=str(teacher_run.output))
-        students[name] = _merged_student(size, teacher_run.output, result.output)
+        students[name] = merged_student(size, teacher_run.output, result.output)
         steps[name] = config.steps
         moved[name] = _adapter_moved(result.output)
     clips = task.clips(size.eval_clips, seed=2)  # held out: another seed than the training data
-    rows = evaluate(task, _load_teacher(size, teacher_run.output), students, phases, clips)
+    rows = evaluate(task, load_teacher(size, teacher_run.output), students, phases, clips)
     reference, teacher4 = rows[0], rows[1]
     verdicts = {r.name: passes(r, teacher4, reference) for r in rows[2:] if " 4," in r.name}
     student_ok = verdicts["student 4, no guidance"]
@@ -272,10 +272,10 @@ def _adapter_moved(lora: Path) -> bool:
     return any(bool(t.any()) for k, t in load_file(str(lora / "adapter_model.safetensors")).items() if "lora_B" in k)
 
 
-def _merged_student(size: ToySize, teacher: Path, lora: Path) -> UNetWithAdapters:
+def merged_student(size: ToySize, teacher: Path, lora: Path) -> UNetWithAdapters:
     """The teacher with the trained adapter merged by networks/lora.py, as `animate --lora` does."""
     from hyportrait.networks.lora import merge_lora
 
-    unet = _load_teacher(size, teacher)
+    unet = load_teacher(size, teacher)
     merge_lora(unet, lora)
     return unet
