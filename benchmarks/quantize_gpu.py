@@ -2,7 +2,7 @@
 fp16 path. Random full-size weights (no checkpoint is needed), on a GPU.
 
     python -m hyportrait.benchmarks.quantize_gpu --out DIR [--image PNG --video MP4] [--size official|tiny]
-        [--steps export animate quantize build quality] [--budget-seconds 330]
+        [--steps export animate quantize build quality modelopt modelopt_onnx] [--budget-seconds 330]
 
 Steps, in this order; each one whose result is in DIR already (DIR/report.json) is skipped, so the job can be
 split over several calls with the same --out (official size on an H100: about 3 calls of up to 9 minutes):
@@ -18,7 +18,15 @@ split over several calls with the same --out (official size on an H100: about 3 
             module computes what its Q/DQ node computes; onnxruntime cannot run the full-size model and
             TensorRT may not execute here): relative error of the UNet output against fp16 on the recorded
             input sets, and PSNR of the decoded frames of the whole clip (same seed) against the fp16 run
-The report, DIR/report.json, is written after every step (device, versions, each step's result and seconds).
+  modelopt  per precision, the same torch UNet quantized by NVIDIA ModelOpt's recipe for diffusion UNets
+            (engines/modelopt_quant.py: int8 SmoothQuant, fp8 per tensor), calibrated on the recorded input
+            sets: the same measures as `quality`. Needs `export` and `animate` only (`--steps export animate
+            modelopt modelopt_onnx`), and nvidia-modelopt (the [modelopt] extra)
+  modelopt_onnx  ModelOpt's int8 UNet (quantized again unless the modelopt step did in this call) exported
+            to ONNX Q/DQ as the export step exports the UNet -> DIR/modelopt-int8, its Q/DQ nodes counted
+            against the quantize step's int8 model
+The report, DIR/report.json, is written after every step (device, versions, each step's result and seconds);
+a table of the quality and modelopt measures, side by side, is printed last.
 
 --size tiny runs the same on the small test networks, on the CPU in fp32 when there is no GPU (about a
 minute): a dry run of this script.
@@ -28,10 +36,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-from dataclasses import asdict
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from hyportrait.benchmarks.bench import SIZES
@@ -39,6 +49,7 @@ from hyportrait.benchmarks.build_gpu import Run, build, environment
 from hyportrait.engines.build import BuildRequest
 from hyportrait.engines.calibration import record
 from hyportrait.engines.engine_manifest import BuildFlags
+from hyportrait.engines.modelopt_quant import RECIPE, qdq_node_counts, quantized_copy, quantizer_summary
 from hyportrait.engines.quality import psnr
 from hyportrait.engines.quantize import (
     PRECISIONS,
@@ -55,9 +66,10 @@ from hyportrait.export.manifest import Manifest, read_manifest, write_manifest
 from hyportrait.export.onnx_io import export_onnx, relative_error
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.api import Animator
+from hyportrait.runtime.backends import Models, TorchSession
 from hyportrait.runtime.models import ModelOptions, load_models
 
-STEPS = ("export", "animate", "quantize", "build", "quality")
+STEPS = ("export", "animate", "quantize", "build", "quality", "modelopt", "modelopt_onnx")
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 PRECISION = "fp16" if GPU else "fp32"  # the CPU of a tiny dry run lacks fp16 kernels for some ops
@@ -76,8 +88,8 @@ def networks(size: str):
     return nets, models
 
 
-def animator(size: str, max_frames: int) -> Animator:
-    return Animator(networks(size)[1], max_frames=max_frames, **SIZES[size])
+def animator(size: str, max_frames: int, models: Models | None = None) -> Animator:
+    return Animator(models or networks(size)[1], max_frames=max_frames, **SIZES[size])
 
 
 def export_unet(size: str, folder: Path) -> dict:
@@ -107,21 +119,90 @@ def unet_inputs(feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(value).to(DEVICE) for name, value in feed.items()}
 
 
-def quality(a, quantized: Path, calibration: Path) -> dict:
-    """The fake-quantized UNet against the unquantized one: per recorded input set, and over the whole clip."""
-    unet = networks(a.size)[1].unet
+@functools.cache
+def recorded(size: str, calibration: Path) -> tuple[list[dict], list[np.ndarray], np.ndarray]:
+    """The recorded input sets, the unquantized UNet's outputs on them, and the unquantized run's frames."""
     feeds = load_calibration_npz(calibration / INPUT_SETS_FILE)
+    unet = networks(size)[1].unet
     references = [unet(**unet_inputs(feed)).float().cpu().numpy() for feed in feeds]
-    reference_frames = np.load(calibration / FRAMES_FILE)
-    with fake_quantization(unet.module, quantized) as modules:
-        errors = [relative_error(unet(**unet_inputs(feed)).float().cpu().numpy(), reference)
-                  for feed, reference in zip(feeds, references)]
-        frames = np.stack(list(animator(a.size, a.max_frames).frames(a.image, a.video)))
+    return feeds, references, np.load(calibration / FRAMES_FILE)
+
+
+def measure(a, calibration: Path, models: Models | None = None) -> dict:
+    """A quantized UNet (`models`' or, by default, the runtime's under fake quantization) against the
+    unquantized one: per recorded input set, and over the whole clip."""
+    models = models or networks(a.size)[1]
+    feeds, references, reference_frames = recorded(a.size, calibration)
+    errors = [relative_error(models.unet(**unet_inputs(feed)).float().cpu().numpy(), reference)
+              for feed, reference in zip(feeds, references)]
+    frames = np.stack(list(animator(a.size, a.max_frames, models).frames(a.image, a.video)))
     frame_psnr = [psnr(test, reference, data_range=255) for test, reference in zip(frames, reference_frames)]
-    return {"quantized_modules": modules, "unet_relative_errors": errors, "unet_max_relative_error": max(errors),
+    return {"unet_relative_errors": errors, "unet_max_relative_error": max(errors),
             "frames": len(frames), "psnr_db": psnr(frames, reference_frames, data_range=255),
             "min_frame_psnr_db": min(frame_psnr), "frame_psnr_db": frame_psnr,
             "reference": f"the torch {PRECISION} UNet (engine rewrites) and its decoded frames, same seed"}
+
+
+def quality(a, quantized: Path, calibration: Path) -> dict:
+    """The UNet under `fake_quantization` of the Q/DQ model `quantized`: `measure`."""
+    with fake_quantization(networks(a.size)[1].unet.module, quantized) as modules:
+        return {"quantized_modules": modules, **measure(a, calibration)}
+
+
+@functools.cache
+def modelopt_model(size: str, precision: str, calibration: Path) -> tuple[torch.nn.Module, float]:
+    """A copy of the runtime's torch UNet quantized by ModelOpt's recipe for `precision`, calibrated on the
+    recorded input sets, and the seconds that took."""
+    session = networks(size)[1].unet
+    feeds = recorded(size, calibration)[0]
+
+    def calibrate(module: torch.nn.Module) -> None:
+        calibrating = TorchSession(session.name, module, session.dtypes)  # the inputs cast as the runtime's
+        for feed in feeds:
+            calibrating(**unet_inputs(feed))
+
+    tic = time.perf_counter()
+    quantized = quantized_copy(session.module, precision, calibrate,
+                               high_precision_dtype="Half" if PRECISION == "fp16" else "Float")
+    return quantized, round(time.perf_counter() - tic, 1)
+
+
+def modelopt(a, precision: str, calibration: Path) -> dict:
+    """ModelOpt's quantized UNet, measured as `quality` measures."""
+    quantized, seconds = modelopt_model(a.size, precision, calibration)
+    models = networks(a.size)[1]
+    models = replace(models, unet=TorchSession("unet", quantized, models.unet.dtypes))
+    sets = len(recorded(a.size, calibration)[0])
+    result = {"recipe": RECIPE, "calibration": f"the {sets} recorded input sets", "quantize_seconds": seconds,
+              **quantizer_summary(quantized)}
+    return result | measure(a, calibration, models)
+
+
+def modelopt_onnx(a, calibration: Path, today: Path) -> dict:
+    """ModelOpt's int8 UNet exported as the export step exports the UNet, its Q/DQ nodes counted against the
+    quantize step's int8 model `today` (when there)."""
+    quantized, _ = modelopt_model(a.size, "int8", calibration)
+    folder = a.out / "modelopt-int8"
+    spec = replace(unet_spec(networks(a.size)[0], batch=1), module=quantized)  # the export step's inputs
+    record = export_onnx(spec, folder, PRECISION)
+    counts = qdq_node_counts(onnx.load(str(folder / record.file), load_external_data=False))
+    return {"file": str(folder / record.file), "size_bytes": record.size_bytes,
+            "export_seconds": record.export_seconds, "qdq_nodes": counts,
+            "today_qdq_nodes": qdq_node_counts(onnx.load(str(today), load_external_data=False))
+            if today.is_file() else f"{today.name} absent (the quantize step has not run in this DIR)"}
+
+
+def table(report: dict) -> str:
+    """Today's path (`quality`) and ModelOpt's (`modelopt`), per precision, on the same measures."""
+    header = f"{'path':10} {'precision':9} {'modules':>7} {'UNet rel. error (max)':>21} {'PSNR dB mean / min':>19}"
+    lines = [header]
+    for section, path in (("quality", "today"), ("modelopt", "modelopt")):
+        for precision, entry in report.get(section, {}).items():
+            if finished(report, section, precision):
+                lines.append(f"{path:10} {precision:9} {entry['quantized_modules']:7d} "
+                             f"{entry['unet_max_relative_error']:21.4f} {entry['psnr_db']:10.2f} / "
+                             f"{entry['min_frame_psnr_db']:6.2f}")
+    return "\n".join(lines)
 
 
 def finished(report: dict, section: str, name: str) -> bool:
@@ -176,7 +257,11 @@ def main(argv: list[str] | None = None):
                                     models=("unet",)), f"build-{precision}")
         step("quality", precision, lambda precision=precision: quality(a, quantized_path(source, precision),
                                                                        calibration))
+    for precision in a.precisions:
+        step("modelopt", precision, lambda precision=precision: modelopt(a, precision, calibration))
+    step("modelopt_onnx", "int8", lambda: modelopt_onnx(a, calibration, quantized_path(source, "int8")))
     run.log(f"report: {path}")
+    print(table(run.report))
 
 
 if __name__ == "__main__":
