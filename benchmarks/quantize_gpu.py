@@ -5,7 +5,8 @@ fp16 path. Random full-size weights (no checkpoint is needed), on a GPU.
         [--steps export animate quantize build quality modelopt modelopt_onnx] [--budget-seconds 330]
 
 Steps, in this order; each one whose result is in DIR already (DIR/report.json) is skipped, so the job can be
-split over several calls with the same --out (official size on an H100: about 3 calls of up to 9 minutes):
+split over several calls with the same --out (official size on an H100: about 3 calls of up to 9 minutes,
+and one more for the modelopt steps):
   export    the fp16 TensorRT-form UNet (unfused attention, 64x64 latent, batch dynamic) -> DIR/export
   animate   the sample animated in fp16 by the torch UNet with the engine rewrites (the module the export
             traces), quality mode, at most --max-frames driving frames, seed fixed: the decoded frames, the
@@ -23,8 +24,8 @@ split over several calls with the same --out (official size on an H100: about 3 
             sets: the same measures as `quality`. Needs `export` and `animate` only (`--steps export animate
             modelopt modelopt_onnx`), and nvidia-modelopt (the [modelopt] extra)
   modelopt_onnx  ModelOpt's int8 UNet (quantized again unless the modelopt step did in this call) exported
-            to ONNX Q/DQ as the export step exports the UNet -> DIR/modelopt-int8, its Q/DQ nodes counted
-            against the quantize step's int8 model
+            to ONNX Q/DQ as the export step exports the UNet, at opset 19 and checked in full by onnx's
+            checker -> DIR/modelopt-int8; its Q/DQ nodes counted against the quantize step's int8 model
 The report, DIR/report.json, is written after every step (device, versions, each step's result and seconds);
 a table of the quality and modelopt measures, side by side, is printed last.
 
@@ -49,7 +50,13 @@ from hyportrait.benchmarks.build_gpu import Run, build, environment
 from hyportrait.engines.build import BuildRequest
 from hyportrait.engines.calibration import record
 from hyportrait.engines.engine_manifest import BuildFlags
-from hyportrait.engines.modelopt_quant import RECIPE, qdq_node_counts, quantized_copy, quantizer_summary
+from hyportrait.engines.modelopt_quant import (
+    RECIPE,
+    finish_int8_export,
+    qdq_node_counts,
+    quantized_copy,
+    quantizer_summary,
+)
 from hyportrait.engines.quality import psnr
 from hyportrait.engines.quantize import (
     PRECISIONS,
@@ -185,9 +192,12 @@ def modelopt_onnx(a, calibration: Path, today: Path) -> dict:
     folder = a.out / "modelopt-int8"
     spec = replace(unet_spec(networks(a.size)[0], batch=1), module=quantized)  # the export step's inputs
     record = export_onnx(spec, folder, PRECISION)
+    tic = time.perf_counter()
+    finish_int8_export(folder / record.file)
     counts = qdq_node_counts(onnx.load(str(folder / record.file), load_external_data=False))
     return {"file": str(folder / record.file), "size_bytes": record.size_bytes,
-            "export_seconds": record.export_seconds, "qdq_nodes": counts,
+            "export_seconds": record.export_seconds, "opset_and_check_seconds": round(time.perf_counter() - tic, 1),
+            "full_check": "passed", "qdq_nodes": counts,
             "today_qdq_nodes": qdq_node_counts(onnx.load(str(today), load_external_data=False))
             if today.is_file() else f"{today.name} absent (the quantize step has not run in this DIR)"}
 

@@ -13,7 +13,8 @@ The recipe is the one of ModelOpt's diffusers quantization example for SD/SDXL U
   exclusions (among them `*proj_out.*`, the output projection of every transformer block).
 Both are PyTorch modules that fake-quantize (quantize and dequantize) where the Q/DQ nodes go; ModelOpt
 exports them to ONNX through its symbolic functions: int8 as standard QuantizeLinear/DequantizeLinear pairs
-(weights stored in float, quantized by their own pair), which TensorRT's explicit quantization reads.
+(weights stored in float, quantized by their own pair), which TensorRT's explicit quantization reads; an
+fp16 model's pairs are fp16, valid from opset 19 on (`finish_int8_export`).
 """
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ import copy
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import onnx
 from torch import nn
 
 from hyportrait.errors import BackendError, InputError
+from hyportrait.files import atomic_path
 
-from .quantize import PRECISIONS
+from .quantize import PRECISIONS, QDQ_OPSET
 
 SMOOTHQUANT_ALPHA = 0.8
 # module-name scopes the example keeps unquantized in UNets (conv_shortcut: the residual path's 1x1 conv;
@@ -109,3 +112,15 @@ def qdq_node_counts(model: onnx.ModelProto) -> dict:
     custom = Counter(f"{node.domain}::{node.op_type}" for node in model.graph.node
                      if node.domain not in ("", "ai.onnx"))
     return {**{op: counts.get(op, 0) for op in _QDQ_OPS}, "custom_ops": dict(custom)}
+
+
+def finish_int8_export(path: Path) -> None:
+    """ModelOpt's int8 Q/DQ export made a valid model, checked in full (types included) by onnx's checker:
+    converted to opset 19, where QuantizeLinear takes float16 (the export's opset has it take float only),
+    and without the exporter's value types, which give each DequantizeLinear an opset-13 float output."""
+    path = Path(path)
+    model = onnx.version_converter.convert_version(onnx.load(str(path), load_external_data=False), QDQ_OPSET)
+    del model.graph.value_info[:]
+    with atomic_path(path) as tmp:  # next to `path`: the external weights file keeps its relative name
+        onnx.save_model(model, str(tmp))
+    onnx.checker.check_model(str(path), full_check=True)

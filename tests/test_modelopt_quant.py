@@ -1,15 +1,23 @@
 """NVIDIA ModelOpt's int8/fp8 recipe (engines/modelopt_quant.py) on a small block named like the UNet's
 modules, its int8 ONNX Q/DQ export run by onnxruntime, and the dry run of quantize_gpu's `modelopt` step."""
+import copy
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
 
 from hyportrait.benchmarks import quantize_gpu
-from hyportrait.engines.modelopt_quant import qdq_node_counts, quantized_copy, quantizer_summary
+from hyportrait.engines.modelopt_quant import (
+    finish_int8_export,
+    qdq_node_counts,
+    quantized_copy,
+    quantizer_summary,
+)
+from hyportrait.engines.quantize import QDQ_OPSET
 from hyportrait.export.onnx_io import ExportSpec, export_onnx, relative_error
 from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 
@@ -42,13 +50,13 @@ def block_and_inputs():
     return block, inputs
 
 
-def quantize_block(block, inputs, precision):
+def quantize_block(block, inputs, precision, high_precision_dtype="Float"):
     def calibrate(model):
         for x in inputs:
             model(x)
 
     with torch.no_grad():
-        return quantized_copy(block, precision, calibrate, high_precision_dtype="Float")
+        return quantized_copy(block, precision, calibrate, high_precision_dtype=high_precision_dtype)
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
@@ -66,20 +74,23 @@ def test_the_recipe_quantizes_a_copy_and_keeps_the_excluded_modules(block_and_in
     assert 1e-4 < error < 0.1  # quantized, and close
 
 
-def test_the_int8_export_has_standard_qdq_nodes_that_onnxruntime_runs(block_and_inputs, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_the_int8_export_has_standard_qdq_nodes_that_onnxruntime_runs(block_and_inputs, tmp_path, precision):
+    """fp16: the quantize script's export on the GPU (fp16 Q/DQ pairs, valid from opset 19 on)."""
     block, inputs = block_and_inputs
-    quantized = quantize_block(block, inputs, "int8")
-    spec = ExportSpec("block", quantized, {"x": inputs[0]}, ["y"], {})
-    record = export_onnx(spec, tmp_path)
-    import onnx
-
-    counts = qdq_node_counts(onnx.load(str(tmp_path / record.file)))
-    assert counts == {"QuantizeLinear": 4, "DequantizeLinear": 4, "custom_ops": {}}  # 2 weights, 2 inputs
+    dtype, high_precision = (torch.float16, "Half") if precision == "fp16" else (torch.float32, "Float")
+    inputs = [x.to(dtype) for x in inputs]
+    quantized = quantize_block(copy.deepcopy(block).to(dtype), inputs, "int8", high_precision)
+    record = export_onnx(ExportSpec("block", quantized, {"x": inputs[0].float()}, ["y"], {}), tmp_path, precision)
+    finish_int8_export(tmp_path / record.file)  # raises unless the model checks in full
+    model = onnx.load(str(tmp_path / record.file))
+    assert qdq_node_counts(model) == {"QuantizeLinear": 4, "DequantizeLinear": 4, "custom_ops": {}}  # 2 + 2
+    assert model.opset_import[0].version == QDQ_OPSET
     session = ort.InferenceSession(str(tmp_path / record.file), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         for x in inputs:
             out = session.run(None, {"x": x.numpy()})[0]
-            assert relative_error(out, quantized(x).numpy()) < 1e-4
+            assert relative_error(out, quantized(x).float().numpy()) < (1e-4 if precision == "fp32" else 1e-2)
 
 
 def test_the_quantize_script_dry_runs_the_modelopt_step(tmp_path, capsys):
