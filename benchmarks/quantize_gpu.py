@@ -152,6 +152,7 @@ def measure(a, calibration: Path, models: Models | None = None) -> dict:
 
 def quality(a, quantized: Path, calibration: Path) -> dict:
     """The UNet under `fake_quantization` of the Q/DQ model `quantized`: `measure`."""
+    recorded(a.size, calibration)  # the references first: computed within the block, they would be quantized
     with fake_quantization(networks(a.size)[1].unet.module, quantized) as modules:
         return {"quantized_modules": modules, **measure(a, calibration)}
 
