@@ -58,7 +58,8 @@ def recipe_config(precision: str, high_precision_dtype: str) -> dict:
     exclusions, and the float type of the exported Q/DQ scales ("Half" for an fp16 model, "Float" for fp32:
     ModelOpt's int8 export casts a Q/DQ's input to that type and leaves the output in it)."""
     if precision not in PRECISIONS:
-        raise InputError(f"unknown quantization precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise InputError(f"unknown quantization precision {precision!r}: choose one of "
+                         f"{', '.join(PRECISIONS)}")
     mtq = modelopt_quantization()
     config = copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG if precision == "int8" else mtq.FP8_DEFAULT_CFG)
     if precision == "int8":

@@ -21,7 +21,7 @@ from hyportrait.engines.quantize import QDQ_OPSET
 from hyportrait.export.onnx_io import ExportSpec, export_onnx, relative_error
 from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 
-pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is not installed (the [modelopt] extra)")
+pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt (the [modelopt] extra) is missing")
 
 
 class Block(nn.Module):
@@ -46,7 +46,8 @@ def block_and_inputs():
     torch.manual_seed(0)
     block = Block().eval()
     # channels of different scales: what SmoothQuant migrates into the weights
-    inputs = [torch.randn(2, 4, 8, 8) * torch.tensor([1.0, 4.0, 0.25, 2.0]).view(1, 4, 1, 1) for _ in range(4)]
+    scales = torch.tensor([1.0, 4.0, 0.25, 2.0]).view(1, 4, 1, 1)
+    inputs = [torch.randn(2, 4, 8, 8) * scales for _ in range(4)]
     return block, inputs
 
 
@@ -81,7 +82,8 @@ def test_the_int8_export_has_standard_qdq_nodes_that_onnxruntime_runs(block_and_
     dtype, high_precision = (torch.float16, "Half") if precision == "fp16" else (torch.float32, "Float")
     inputs = [x.to(dtype) for x in inputs]
     quantized = quantize_block(copy.deepcopy(block).to(dtype), inputs, "int8", high_precision)
-    record = export_onnx(ExportSpec("block", quantized, {"x": inputs[0].float()}, ["y"], {}), tmp_path, precision)
+    spec = ExportSpec("block", quantized, {"x": inputs[0].float()}, ["y"], {})  # export_onnx casts to fp16
+    record = export_onnx(spec, tmp_path, precision)
     finish_int8_export(tmp_path / record.file)  # raises unless the model checks in full
     model = onnx.load(str(tmp_path / record.file))
     assert qdq_node_counts(model) == {"QuantizeLinear": 4, "DequantizeLinear": 4, "custom_ops": {}}  # 2 + 2
