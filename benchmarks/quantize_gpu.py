@@ -29,8 +29,8 @@ and one more for the modelopt steps):
 The report, DIR/report.json, is written after every step (device, versions, each step's result and seconds);
 a table of the quality and modelopt measures, side by side, is printed last.
 
---size tiny runs the same on the small test networks, on the CPU in fp32 when there is no GPU (about a
-minute): a dry run of this script.
+--size tiny runs the same on the small test networks, on the CPU in fp32 when there is no GPU (about 3
+minutes on 2 cores, half of it the modelopt_onnx export): a dry run of this script.
 """
 from __future__ import annotations
 
