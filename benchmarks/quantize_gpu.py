@@ -71,6 +71,7 @@ from hyportrait.engines.torch_quant import fake_quantization
 from hyportrait.export.export_unet import unet_spec
 from hyportrait.export.manifest import Manifest, read_manifest, write_manifest
 from hyportrait.export.onnx_io import export_onnx, relative_error
+from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.api import Animator
 from hyportrait.runtime.backends import Models, TorchSession
@@ -225,8 +226,8 @@ def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="work folder: export/, calibration/, engines-*/, "
                    "report.json")
-    p.add_argument("--image", type=Path, default=Path("scratch/source_image.png"))
-    p.add_argument("--video", type=Path, default=Path("scratch/driving_video.mp4"))
+    p.add_argument("--image", type=Path, default=SAMPLE_IMAGE)
+    p.add_argument("--video", type=Path, default=SAMPLE_VIDEO)
     p.add_argument("--size", choices=list(SIZES), default="official")
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="run only these steps")
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
