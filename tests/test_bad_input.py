@@ -210,7 +210,8 @@ def test_a_signal_at_any_moment_ends_the_command_cleanly(tmp_path, capsys, monke
 
 def test_an_embedding_script_killed_while_writing_leaves_nothing(tiny_export, tmp_path):
     """With SIGTERM at its default (a plain script), the API unwinds its call, then the process ends by SIGTERM.
-    The script runs the onnxruntime backend on video bytes: neither leaves a file in the temporary folder."""
+    The script runs the onnxruntime backend on video bytes: neither leaves a file in the temporary folder, and
+    the backend needs neither diffusers nor transformers at run time (the script's first call imports neither)."""
     temp, out = tmp_path / "tmp", tmp_path / "out"
     temp.mkdir()
     script = (
@@ -222,6 +223,8 @@ def test_an_embedding_script_killed_while_writing_leaves_nothing(tiny_export, tm
         "num_steps=1, overlap=1, pad_frames=0)\n"
         f"video = Path({str(SAMPLE_VIDEO)!r}).read_bytes()\n"
         f"animator.animate({str(SAMPLE_IMAGE)!r}, video, {str(tmp_path / 'complete')!r})\n"
+        "import sys\n"
+        "print('imported', sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers'}), flush=True)\n"
         "write = VideoWriter.write\n"
         "def interrupted(self, frame):\n"
         "    write(self, frame)\n"
@@ -234,7 +237,7 @@ def test_an_embedding_script_killed_while_writing_leaves_nothing(tiny_export, tm
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, TMPDIR=str(temp)), check=False)
     assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
-    assert "not reached" not in done.stdout
+    assert "not reached" not in done.stdout and done.stdout.splitlines()[-1] == "imported []", done.stdout
     assert len(list((tmp_path / "complete").glob("*/*.mp4"))) == 2  # the first call, uninterrupted
     assert not out.exists() or not list(out.rglob("*"))
     assert not list(temp.iterdir())  # no video copy, no onnxruntime telemetry file

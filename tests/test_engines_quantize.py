@@ -42,7 +42,8 @@ from hyportrait.engines.quantize import (
 from hyportrait.engines.torch_quant import fake_quantization, node_modules, qdq_nodes, torch_ranges
 from hyportrait.errors import InputError
 from hyportrait.export.export_unet import unet_spec
-from hyportrait.export.onnx_io import export_onnx, relative_error
+from hyportrait.export.manifest import read_manifest
+from hyportrait.export.onnx_io import relative_error
 from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.networks.weights import random_networks
 
@@ -51,12 +52,14 @@ WEIGHT_TYPE = {"int8": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3
 
 
 @pytest.fixture(scope="module")
-def unet(tmp_path_factory):
-    """(model path, manifest record, the module exported) of the tiny UNet exported in fp32."""
+def unet(tiny_export, tmp_path_factory):
+    """(model path, manifest record, the module exported) of the tiny UNet exported in fp32: the session's
+    export (the same seed-0 networks; test_torch_ranges_are_the_onnxruntime_ranges would see other weights),
+    copied, as quantizing writes beside its source."""
     out = tmp_path_factory.mktemp("unet")
-    spec = unet_spec(random_networks("tiny"))
-    record = export_onnx(spec, out, "fp32")
-    return out / record.file, record, spec.module
+    record = read_manifest(tiny_export).models["unet"]
+    shutil.copy(tiny_export / record.file, out / record.file)
+    return out / record.file, record, unet_spec(random_networks("tiny")).module
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +210,7 @@ def test_nodes_of_no_module_are_named(unet):
 
 def _qdq_node_tensors(path, feed) -> tuple[dict, dict[str, np.ndarray]]:
     """The quantized nodes of a Q/DQ model ({name: (node, its unquantized activation input)}) and every
-    intermediate tensor of a run on `feed`."""
+    intermediate tensor of a run on `feed`, the model's output included."""
     model = onnx.load(str(path))
     graph = model.graph
     producers = _producers(graph)
@@ -227,40 +230,33 @@ def _qdq_node_tensors(path, feed) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_fake_quantization_computes_what_each_qdq_node_does(unet, large_unet, feeds, qdq, precision):
+def test_fake_quantization_computes_what_the_qdq_model_does(unet, large_unet, feeds, qdq, precision):
     """Each fake-quantized module, given the activation the Q/DQ model's node reads, returns that node's
-    output (plus the bias a MatMul leaves to the next Add) to float rounding."""
-    module, source = unet[2], large_unet
-    nodes, tensors = _qdq_node_tensors(source.with_name(qdq[precision].output), feeds[0])
+    output (plus the bias a MatMul leaves to the next Add) to float rounding. Over the whole UNet the two
+    differ by rounding decisions (a 1e-7 difference upstream flips a value to the neighbouring quantization
+    step, and the flips spread), so they agree statistically: the same error against the unquantized module.
+    One run of the Q/DQ model gives both its output and every node's tensors."""
+    module, path, feed = unet[2], large_unet.with_name(qdq[precision].output), feeds[0]
+    nodes, tensors = _qdq_node_tensors(path, feed)
     modules = dict(module.named_modules())
     names = node_modules(module, list(nodes))
-    errors = {}
-    with torch.no_grad(), fake_quantization(module, source.with_name(qdq[precision].output)) as count:
-        for name, (node, activation) in nodes.items():
-            torch_module = modules[names[name]]
-            expected = tensors[node.output[0]]
-            if node.op_type == "MatMul" and torch_module.bias is not None:
-                expected = expected + torch_module.bias.numpy()
-            errors[name] = relative_error(torch_module(torch.from_numpy(tensors[activation])).numpy(), expected)
-    assert count == len(nodes) == qdq[precision].quantized_nodes
-    assert max(errors.values()) < 1e-5, max(errors.items(), key=lambda item: item[1])
-
-
-@pytest.mark.parametrize("precision", PRECISIONS)
-def test_fake_quantization_errs_as_the_qdq_model(unet, large_unet, feeds, qdq, precision):
-    """Over the whole UNet the two differ by rounding decisions (a 1e-7 difference upstream flips a value
-    to the neighbouring quantization step, and the flips spread), so they agree statistically: the same
-    error against the unquantized module."""
-    module, source = unet[2], large_unet
-    feed = feeds[0]
-    qdq_out = quantize._session(source.with_name(qdq[precision].output), None).run(None, feed)[0]
     inputs = {name: torch.from_numpy(value) for name, value in feed.items()}
+    errors = {}
     with torch.no_grad():
         reference = module(**inputs).numpy()
-        with fake_quantization(module, source.with_name(qdq[precision].output)):
+        with fake_quantization(module, path) as count:
+            for name, (node, activation) in nodes.items():
+                torch_module = modules[names[name]]
+                expected = tensors[node.output[0]]
+                if node.op_type == "MatMul" and torch_module.bias is not None:
+                    expected = expected + torch_module.bias.numpy()
+                errors[name] = relative_error(torch_module(torch.from_numpy(tensors[activation])).numpy(), expected)
             fake = module(**inputs).numpy()
         assert np.array_equal(module(**inputs).numpy(), reference)  # the weights are restored
-    qdq_error, fake_error = relative_error(qdq_out, reference), relative_error(fake, reference)
+    assert count == len(nodes) == qdq[precision].quantized_nodes
+    assert max(errors.values()) < 1e-5, max(errors.items(), key=lambda item: item[1])
+    qdq_error = relative_error(tensors[unet[1].outputs[0].name], reference)
+    fake_error = relative_error(fake, reference)
     assert 0.02 < qdq_error and abs(fake_error - qdq_error) < 0.15 * qdq_error, (fake_error, qdq_error)
 
 

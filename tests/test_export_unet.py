@@ -9,7 +9,8 @@ from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from onnx import numpy_helper
 
 from hyportrait.export.export_unet import unet_spec
-from hyportrait.export.onnx_io import EXTERNAL_DATA_THRESHOLD, export_onnx, validate_onnx
+from hyportrait.export.manifest import read_manifest
+from hyportrait.export.onnx_io import EXTERNAL_DATA_THRESHOLD, validate_onnx
 from hyportrait.networks.unet import SharedContextIPAttnProcessor, UNetConfig
 from hyportrait.networks.weights import CHECKPOINTS, Networks, random_networks
 
@@ -24,12 +25,12 @@ def nets() -> Networks:
 
 
 @pytest.fixture(scope="module")
-def exported(nets, tmp_path_factory):
-    """One export per session, through the external-data path the >2 GB official UNet takes."""
-    spec = unet_spec(nets)
-    out = tmp_path_factory.mktemp("onnx")
-    record = export_onnx(spec, out, external_data_threshold=0)
-    return spec, record, out / record.file
+def exported(nets, tiny_export):
+    """(spec, manifest record, model path) of the UNet in the session's tiny export: `nets` exported by
+    `hyportrait export --tiny-random` (the external-data path of the >2 GB official UNet is taken by the
+    onnxruntime-attention export below)."""
+    record = read_manifest(tiny_export).models["unet"]
+    return unet_spec(nets), record, tiny_export / record.file
 
 
 def _per_item_inputs(seed: int = 1) -> dict[str, torch.Tensor]:
@@ -129,7 +130,6 @@ def test_official_spec_builds_on_meta_and_needs_external_data():
 
 def test_onnx_model_matches_the_official_unet_at_two_batch_sizes(nets, exported):
     spec, record, path = exported
-    assert record.data_file == "unet.onnx.data" and (path.parent / record.data_file).is_file()
     assert [t.name for t in record.inputs] == NAMES and record.inputs[0].shape == ["batch", FRAMES, 8, SIZE, SIZE]
     faithful = unet_spec(nets, dedup=False)  # the official computation, same input names and example sets
     sets = [spec.inputs, *spec.extra_inputs]
@@ -185,14 +185,16 @@ def test_exported_token_projections_see_no_per_pixel_copies(exported):
 
 
 def test_onnxruntime_fused_attention_export(tmp_path):
-    """The onnxruntime form: every attention one com.microsoft.MultiHeadAttention node, same results."""
+    """The onnxruntime form: every attention one com.microsoft.MultiHeadAttention node, same results; exported
+    through the external-data path the >2 GB official UNet takes."""
     import onnx
 
     from hyportrait.export.onnx_io import export_onnx, validate_onnx
     from hyportrait.networks.weights import random_networks
 
     spec = unet_spec(random_networks("tiny", seed=1), onnxruntime_attention=True)
-    record = export_onnx(spec, tmp_path)
+    record = export_onnx(spec, tmp_path, external_data_threshold=0)
+    assert record.data_file == "unet.onnx.data" and (tmp_path / record.data_file).is_file()
     ops = [n.op_type for n in onnx.load(tmp_path / record.file).graph.node]
     assert ops.count("MultiHeadAttention") == 60 and "Softmax" not in ops
     assert max(validate_onnx(spec, tmp_path / record.file)) <= 1e-4
