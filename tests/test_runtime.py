@@ -339,13 +339,13 @@ def test_a_failing_output_write_is_a_clear_error_and_leaves_nothing(tmp_path, to
     assert not list(tmp_path.rglob("*"))
 
 
-def test_a_clip_shorter_than_one_window(tmp_path):
-    animator = Animator(backend="torch", device="cpu", **{**TINY, "num_steps": 1, "pad_frames": 0, "max_frames": 2})
+def test_a_clip_shorter_than_one_window(torch_animator):
+    animator = Animator(torch_animator.models, **{**TINY, "num_steps": 1, "pad_frames": 0, "max_frames": 2})
     frames = list(animator.frames(SAMPLE_IMAGE, SAMPLE_VIDEO))
     assert len(frames) == 2 and frames[0].shape == (64, 64, 3)
 
 
-def test_errors_are_clear(tmp_path, tiny_export):
+def test_errors_are_clear(tmp_path, tiny_export, torch_animator):
     with pytest.raises(InputError, match="needs `models`"):
         Animator(backend="onnxruntime", device="cpu")
     with pytest.raises(InputError, match="no manifest.json"):
@@ -366,8 +366,7 @@ def test_errors_are_clear(tmp_path, tiny_export):
     with pytest.raises(InputError, match="compile applies to the torch backend"):
         Animator(tiny_export, backend="onnxruntime", device="cpu", compile=True)
     with pytest.raises(HyportraitError, match="no face") as info:
-        Animator(backend="torch", device="cpu", **TINY).animate(np.zeros((64, 64, 3), np.uint8), SAMPLE_VIDEO,
-                                                                tmp_path)
+        torch_animator.animate(np.zeros((64, 64, 3), np.uint8), SAMPLE_VIDEO, tmp_path)
     assert info.value.code == "no_face"
     assert not list(tmp_path.rglob("*"))
 
