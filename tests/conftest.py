@@ -60,10 +60,10 @@ def exported(spec, tmp_path_factory):
 # here take under 15 each.
 LONGEST_FIRST = ("test_distill_toy.py", "test_engines_quantize.py", "test_preprocess.py", "test_runtime.py",
                  "test_distill_train.py", "test_serve.py", "test_cpp_example.py", "test_serve_ray.py",
-                 "test_distributed.py", "test_stream.py", "test_bad_input.py", "test_stream_gpu.py",
-                 "test_export_unet.py", "test_cli.py", "test_unet.py", "test_structure.py", "test_lora.py",
-                 "test_export.py", "test_engines.py", "test_export_appearance.py", "test_export_motion.py",
-                 "test_distill_prepare.py", "test_benchmarks.py")
+                 "test_distributed.py", "test_modelopt_quant.py", "test_stream.py", "test_bad_input.py",
+                 "test_stream_gpu.py", "test_export_unet.py", "test_cli.py", "test_unet.py", "test_structure.py",
+                 "test_lora.py", "test_export.py", "test_engines.py", "test_export_appearance.py",
+                 "test_export_motion.py", "test_distill_prepare.py", "test_benchmarks.py")
 
 
 def pytest_collection_modifyitems(items):
