@@ -55,9 +55,9 @@ def exported(spec, tmp_path_factory):
 # the toy proof (about 375 s of one core) is also handed the third file at once (xdist gives each worker two
 # files to begin with), which waits for the proof: a short one, so that this worker then takes files from the
 # queue as the other does and the two end together. Measured CPU seconds of each file's own work (2026-11-28,
-# the shared tiny export and the interpreter start aside): quantizers about 150, test_runtime 130,
-# test_distill_train 75, test_serve 65, test_cpp_example 50, the others 45 down to 15; the files not named
-# here take under 15 each.
+# the shared tiny export and the interpreter start aside): quantizers about 125, test_runtime 130,
+# test_distill_train 75 to 100, test_serve 65, test_cpp_example 50, the others 45 down to 15; the files not
+# named here take under 15 each.
 LONGEST_FIRST = ("test_distill_toy.py", "test_engines_quantize.py", "test_preprocess.py", "test_runtime.py",
                  "test_distill_train.py", "test_serve.py", "test_cpp_example.py", "test_serve_ray.py",
                  "test_distributed.py", "test_modelopt_quant.py", "test_stream.py", "test_bad_input.py",
