@@ -15,6 +15,7 @@ from hyportrait.engines.quality import psnr
 from hyportrait.errors import HyportraitError, InputError
 from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.networks.weights import random_networks
+from hyportrait.runtime import distributed
 from hyportrait.runtime.api import Animator
 from hyportrait.runtime.backends import BackendError, resolve_device
 from hyportrait.runtime.float8 import Float8Linear, check_float8_device, to_float8
@@ -171,14 +172,20 @@ def test_the_video_preset_reaches_the_encoder(tmp_path, torch_animator):
         assert subme in result.cropped.read_bytes() and subme in result.full_resolution.read_bytes()
 
 
-def small_run_frames(config_options: dict | None = None, **model_options) -> np.ndarray:
-    """Frames of a short clip through tiny random torch models (the same networks each call)."""
+def small_run(config_options: dict | None = None, **model_options) -> tuple:
+    """A short clip through tiny random torch models (the same networks each call): (models, config,
+    conditioning, the sampling generator's start state, latents, decoded frames)."""
     config = AnimateConfig(**{"precision": "fp32", "device": "cpu", "size": 64, "window": 4, "num_steps": 2,
                               "pad_frames": 1, "decode_chunk": 3, **(config_options or {})})
     models = torch_models(random_networks("tiny"), device="cpu", dtype=torch.float32, size=64, **model_options)
     cond, generator = small_conditioning(models, config)
+    start = generator.get_state()
     latents = sample_latents(models, cond, config, generator)
-    return np.stack(list(decode_frames(models, latents, config, cond.num_pad)))
+    return models, config, cond, start, latents, np.stack(list(decode_frames(models, latents, config, cond.num_pad)))
+
+
+def small_run_frames(config_options: dict | None = None, **model_options) -> np.ndarray:
+    return small_run(config_options, **model_options)[-1]
 
 
 @pytest.fixture(scope="module")
@@ -198,10 +205,26 @@ def test_compiled_torch_models_follow_the_eager_ones():
     # CPU); one UNet and one decoder shape keep the tracing short (one decoder chunk of all 7 latents: chunks
     # of 5 traced the decoder twice, at 5 and 2)
     one_shape = {"guidance_branches": 1, "decode_chunk": 7}
-    eager, compiled = (small_run_frames(one_shape, faithful=False, compile=compile)
-                       for compile in (False, "aot_eager_decomp_partition"))
-    assert compiled.shape == eager.shape
-    assert psnr(compiled, eager, data_range=255) > 45
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # forked workers below run one thread (rounding depends on the thread count)
+    try:
+        eager = small_run_frames(one_shape, faithful=False)
+        models, config, cond, start, latents, compiled = small_run(one_shape, faithful=False,
+                                                                   compile="aot_eager_decomp_partition")
+        assert compiled.shape == eager.shape
+        assert psnr(compiled, eager, data_range=255) > 45
+
+        # the compiled models in window-parallel sampling over 2 processes (gloo; forked, they reuse the traced
+        # graphs): the one-process latents, bit for bit
+        def worker(group):
+            generator = torch.Generator()
+            generator.set_state(start)
+            mine = sample_latents(models, cond, config, generator, map_windows=distributed.window_parallel(group))
+            return torch.equal(mine, latents)
+
+        assert distributed.launch(worker, 2, device_type="cpu", timeout_s=120) is True
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_float8_linear_is_the_gemm_of_its_quantized_operands():
