@@ -190,11 +190,14 @@ def test_a_signal_at_any_moment_ends_the_command_cleanly(tmp_path, capsys, monke
         build = weights.random_networks
         monkeypatch.setattr(weights, "random_networks", lambda *a, **k: (_signal_main_thread(signum), build(*a, **k))[1])
     else:  # from an encoder thread, at the second frame of a video, while the main thread hands frames over
-        write = VideoWriter.write
+        write, sent = VideoWriter.write, []
 
         def interrupted_write(self, frame):
             write(self, frame)
-            if self.frames_written == 2:
+            # once: the second video's writer may reach its frame 2 after the command has given the handlers back,
+            # and a SIGTERM then would end the test process itself
+            if self.frames_written == 2 and not sent:
+                sent.append(signum)
                 _signal_main_thread(signum)
 
         monkeypatch.setattr(VideoWriter, "write", interrupted_write)
