@@ -336,10 +336,11 @@ class Trainer:
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            # static graph: every step uses the same parameters (checkpointing recomputes the forward in backward);
-            # gradients are views into the all-reduce buckets (no copy); no buffers differ between ranks
+            # static graph: every step uses the same parameters (checkpointing recomputes the forward in backward),
+            # but not with gradient accumulation: DDP's static graph fails under no_sync() (pytorch#143580);
+            # gradients stay views into the all-reduce buckets (no copy back); no buffers differ between ranks
             self.ddp = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None,
-                                               static_graph=True, gradient_as_bucket_view=True,
+                                               static_graph=config.accumulate == 1, gradient_as_bucket_view=True,
                                                broadcast_buffers=False)
         groups = [[p for n, p in self.trainable.items() if _is_temporal(n) == t] for t in (False, True)]
         self.optimizer = torch.optim.AdamW([{"params": g} for g in groups if g], lr=config.lr,

@@ -155,7 +155,8 @@ def first_segment_checked(config: AnimateConfig, options: dict, fixed_window: in
         raise OptionError("first_segment", f"applies to segmented sampling (segment > 0, fast mode's default), "
                           f"not to the whole clip at once (segment 0), got {asked}")
     if fixed_window and 0 < config.first_segment < fixed_window:
-        if asked:
+        # fast mode's own default, also where a mode switch (the service's) passes it on, falls back
+        if asked and asked != FAST_MODE["first_segment"]:
             raise OptionError("first_segment", f"must be 0 or at least {fixed_window}: these models' UNet runs "
                               f"{fixed_window} frames per call (an export or engine; the torch backend runs any "
                               f"count), got {asked}")

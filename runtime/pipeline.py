@@ -310,7 +310,7 @@ def sample_segments(models: Models, cond: Conditioning, config: AnimateConfig, g
     real = torch.empty(0, dtype=torch.bool)
     history: tuple[torch.Tensor, torch.Tensor] | None = None  # (latents, tokens) of the last finished frames
     while True:
-        context = 0 if history is None else config.overlap
+        context = 0 if history is None else min(config.overlap, len(history[0]))  # a first segment may be shorter
         wanted = math.inf if whole else (first if history is None else config.segment) - context
         token_blocks, real_blocks, held = [tokens], [real], len(tokens)
         while held < wanted and (block := next(blocks, None)) is not None:

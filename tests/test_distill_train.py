@@ -156,3 +156,35 @@ def test_gpu_script_dry_run(tmp_path, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["one_gpu"]["samples_per_s"] > 0 and report["two_gpus"]["gpus"] == 2
     assert "2-GPU scaling" in capsys.readouterr().out.splitlines()[-1]
+
+
+# one rank of test_ddp_with_gradient_accumulation: trains, then saves its LoRA weights
+DDP_RANK = """
+import os, sys
+from pathlib import Path
+import torch
+from hyportrait.benchmarks.distill_gpu import SHAPES
+from hyportrait.distill.train import TrainConfig, train
+from hyportrait.networks.unet import UNetWithAdapters
+out, s = Path(sys.argv[1]), SHAPES["tiny"]
+torch.manual_seed(0)
+unet = UNetWithAdapters(s["unet"])
+config = TrainConfig(mode="distill", steps=2, batch=1, accumulate=2, rank=4, checkpoint_every=10**9)
+train(config, out / "data", out / "run", unet, torch.zeros(s["pose_channels"], s["latent"], s["latent"]))
+torch.save({n: p.detach() for n, p in unet.named_parameters() if "lora" in n}, out / f"rank{os.environ['RANK']}.pt")
+"""
+
+
+def test_ddp_with_gradient_accumulation_keeps_the_ranks_in_step(tmp_path):
+    """2 gloo ranks (torchrun), 2 micro-batches a step (DDP's no_sync on the first): the run ends and both ranks
+    hold the same trained adapter, which they only do when the gradients of their different examples were
+    averaged."""
+    distill_gpu.official_data(tmp_path / "data", "tiny")
+    script = tmp_path / "rank.py"
+    script.write_text(DDP_RANK)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    str(script), str(tmp_path)], check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) > 0
+    assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0])
+    assert any(ranks[0][n].abs().sum() > 0 for n in ranks[0] if "lora_B" in n)  # trained: B starts at zero

@@ -179,6 +179,11 @@ def test_a_short_first_segment_is_one_window_of_its_own_length(models):
     cond, generator = conditioning(models, alone, None)
     expected = sample_latents(models, dataclasses.replace(cond, motion=tokens), alone, generator, circular=False)
     assert torch.equal(segments[0][0], expected)
+    # a first segment shorter than the overlap: the next takes the context there is and still fills its window
+    short = dataclasses.replace(config, overlap=2, first_segment=1)
+    cond, generator = conditioning(models, short, None)
+    lengths = [len(latents) for latents, _ in sample_segments(models, cond, short, generator, token_chunks(7))]
+    assert lengths == [1, 3, 2, 2, 1]
 
 
 def test_a_first_segment_streams_the_frames_the_file_path_gives(models, sample_frames):
@@ -202,7 +207,9 @@ def test_first_segment_options_are_checked(models, tmp_path, capsys):
     fixed = dataclasses.replace(models, window=25)
     assert Animator(fixed, mode="fast").config.first_segment == 0
     with pytest.raises(OptionError, match="first_segment must be 0 or at least 25: these models' UNet runs 25"):
-        Animator(fixed, mode="fast", first_segment=16)
+        Animator(fixed, mode="fast", first_segment=8)
+    # fast mode's default passed on by a mode switch (a quality-mode service's fast jobs) falls back too
+    assert Animator(fixed).with_options(**mode_settings("quality", False)["fast"]).config.first_segment == 0
     # the command names its flags, before any network is built
     for flags, message in ((["--first-segment", "8"], "--first-segment applies to segmented sampling"),
                            (["--mode", "fast", "--first-segment", "-1"], "--first-segment must be between 0"),
