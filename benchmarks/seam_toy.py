@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from hyportrait.distill import toy
+from hyportrait.networks.unet import UNetWithPoseMap
 from hyportrait.runtime.pipeline import AnimateConfig, Conditioning, sample_segments
 
 from .bench import report_header
@@ -45,11 +46,7 @@ def sample(unet, task: toy.Task, example: dict, config: AnimateConfig, seed: int
     cond = Conditioning(appearance=example["appearance"], image_latent=example["image_latent"],
                         ref_latent=torch.zeros_like(example["image_latent"]), motion=None, pose=task.pose_map,
                         added_time_ids=torch.tensor([a.fps_condition, a.motion_bucket_id, a.noise_aug_strength]))
-
-    def call(sample, timestep, appearance_tokens, motion_tokens, pose_map, added_time_ids):
-        return unet(sample, timestep, appearance_tokens, motion_tokens, pose_map, added_time_ids)
-
-    models = SimpleNamespace(unet=call, dtype=torch.float32, device=torch.device("cpu"))
+    models = SimpleNamespace(unet=UNetWithPoseMap(unet), dtype=torch.float32, device=torch.device("cpu"))
     motion = example["motion"].split(config.window)  # chunks, as the motion encoders make them
     out = [latents[real] for latents, real in sample_segments(models, cond, config,
                                                               torch.Generator().manual_seed(seed), motion)]
