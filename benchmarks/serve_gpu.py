@@ -72,7 +72,7 @@ def cli_run(size: str, weights: Path | None, clip: Path, out: Path) -> float:
 
 def submit_all(url: str, count: int, video: bytes) -> dict:
     """`count` jobs submitted at once; wall seconds until the last ended, and each one's latency and timings."""
-    image = (SAMPLE_IMAGE).read_bytes()
+    image = SAMPLE_IMAGE.read_bytes()
 
     def one(_):
         client = Client(url, timeout=120)
