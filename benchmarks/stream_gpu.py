@@ -9,27 +9,29 @@ model) runs real ones instead, which makes the seam numbers meaningful. Driving 
 frames, 24 fps) looped. Plan, sized for < 8 minutes on one H200 for parts 1-4 (about 6 estimated from the H100
 stage times: network set-up 1 min, part 1 1.5 min, part 3 3 min, part 4 0.5 min); part 0 adds about 1 minute,
 and 3-4 more with a compiled setting (the default: one):
-  0. first-frame latency (issue 15's target: <= 0.25 s after the first segment's driving frames): fast mode
-     with its default first segment (16 frames: the 15 pads and the first real frame's decode chunk), the live
-     setup (no pad frames, a first segment of 8) and a first segment of a whole window (25, the behaviour before
-     `first_segment`), each eager and with CUDA graphs, and compiled for --compile-configs (default: live; run
-     last in the part, after 1-2, as compiling takes minutes).
-     `Animator.stream` until its first frame, the source holding one preprocessing chunk (25 frames); the
-     median of --repeats runs after one unmeasured run (compiling or capturing the shapes), then one run with
-     each network's time.
+  0. first-frame latency (issue 15's target: <= 0.25 s after the first segment's driving frames; --parts
+     first_frame): fast mode with its default first segment (16 frames: the 15 pads and the first real frame's
+     decode chunk), the live setup (no pad frames, a first segment of 8; with decode chunks of 4; and a first
+     segment of 4) and a first segment of a whole window (25, the behaviour before `first_segment`), each eager
+     and with CUDA graphs, and compiled for --compile-configs (default: live; run last, after 1-2, as compiling
+     takes minutes). `Animator.stream` until its first frame from a live source that hands over the first
+     segment's driving frames (its first motion chunk) and nothing more until that frame is out; the median of
+     --repeats runs after one unmeasured run (compiling or capturing the shapes), then one run with each
+     network's time.
   1. fast mode (LCM 4 steps, one UNet batch, segments of 25 frames), 192 driving frames (8 s):
-     `Animator.stream` from frames in memory: latency of the first output frame after the first segment's
-     driving frames were handed over (one preprocessing chunk of 25), and steady-state fps (after the first
-     segment); then `Animator.animate` on a 192-frame file: streamed (fragmented MP4, --stream), the file path
-     with segments (the fast default) and the file path with the whole-clip schedule, end-to-end fps.
+     `Animator.stream` from frames in memory: latency of the first output frame after the first motion chunk's
+     driving frames were handed over, and steady-state fps (after the first segment); then `Animator.animate`
+     on a 192-frame file: streamed (fragmented MP4, --stream), the file path with segments (the fast default)
+     and the file path with the whole-clip schedule, end-to-end fps.
   2. the seam, from 1: mean absolute frame-to-frame change across segment seams and inside segments, and the
      difference (PSNR) from the whole-clip schedule's frames on the same input.
   3. memory against length: peak GPU memory (allocated) and peak host RSS of the sampling loop, motion tokens
      made per chunk from the looped, preprocessed sample, sampled and decoded, frames dropped, for both
-     schedules, 1 LCM step (a step holds the same tensors as every other, so the memory is that of 4 steps).
-     Official size at 10 and 40 s (10 minutes at full size would take the whole budget); the tiny networks on
-     the same GPU at 1, 3 and 10 minutes (the issue allows the tiny model for the longest lengths): GPU and
-     host numbers, plot of both against length: memory.png.
+     schedules (--schedules), 1 LCM step (a step holds the same tensors as every other, so the memory is that
+     of 4 steps). Official size at 10 and 40 s (--lengths; at about 22 frames/s 10 minutes at full size would
+     take the whole budget); the tiny networks on the same GPU at 1, 3 and 10 minutes (--tiny-lengths; the
+     issue allows the tiny model for the longest lengths): GPU and host numbers, plot against length:
+     memory.png.
   4. quality mode (3 guidance branches) at 4 steps instead of 25 (fps ratios do not depend on the step count),
      66 driving frames: segments of 25 against the whole clip, fps of sampling and decoding.
 --size tiny dry-runs all of it on the tiny networks with short lengths (CPU, well under a minute).
@@ -68,7 +70,8 @@ from hyportrait.runtime.video import VideoWriter, read_frames
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
-PARTS = ["stream", "quality", "memory"]
+PARTS = ["first_frame", "stream", "quality", "memory"]
+SCHEDULES = ["segmented", "whole clip"]
 FPS = 24  # the sample's rate: lengths in seconds are counted at it
 # per size: driving frames of parts 1-2, memory lengths in seconds (networks of --size at 1 step, then the tiny
 # networks with `tiny_config` at `tiny_steps`), quality mode's frames and steps
@@ -79,13 +82,16 @@ PLANS = {
                  # the first-frame latency's settings over fast mode's: its default first segment (16), the live
                  # setup, and the first segment of a whole window (before `first_segment`)
                  "first_frame": {"fast default": {}, "live": {"pad_frames": 0, "first_segment": 8},
+                                 # the first frame waits for its decode chunk: smaller ones, and a shorter segment
+                                 "live decode 4": {"pad_frames": 0, "first_segment": 8, "decode_chunk": 4},
+                                 "live 4": {"pad_frames": 0, "first_segment": 4, "decode_chunk": 4},
                                  "whole window": {"first_segment": 25}}},
     # the dry run's networks are the tiny ones already: no second memory series
     "tiny": {"frames": 6, "lengths": (0.25, 0.5), "tiny_lengths": (), "tiny_steps": 1,
              "quality_frames": 4, "quality_steps": 1,
              "config": {"size": 64, "window": 4, "overlap": 1, "pad_frames": 1, "num_steps": 1, "decode_chunk": 3},
              # two settings keep the dry run short (the code is the same for any number)
-             "first_frame": {"live": {"pad_frames": 0, "first_segment": 2}, "whole window": {"first_segment": 4}}},
+             "first_frame": {"live": {"pad_frames": 0, "first_segment": 3}, "whole window": {"first_segment": 4}}},
 }
 PLANS["tiny"]["tiny_config"] = PLANS["tiny"]["config"]
 
@@ -168,11 +174,11 @@ def animators(a, nets, plan: dict) -> tuple[Animator, Animator]:
 def stream_run(animator: Animator, frames: list) -> dict:
     """`Animator.stream` over frames in memory: first-frame latency, steady fps, thumbnails of the output."""
     handed = {}
-    window = animator.config.window
+    window, first = animator.config.window, animator.config.first_chunk_frames
 
     def source():
         for index, frame in enumerate(frames):
-            if index == min(window, len(frames)) - 1:  # the first preprocessing chunk is complete
+            if index == min(first, len(frames)) - 1:  # the first motion chunk is complete
                 handed["first_chunk"] = time.perf_counter()
             yield frame
 
@@ -206,24 +212,19 @@ def clocked(session, seconds: dict, first_calls: dict):
 
 
 def first_frame_run(animator: Animator, frames: list, stages: dict | None = None) -> dict:
-    """`Animator.stream` until its first output frame, the source holding the driving frames of the first
-    preprocessing chunk (a live source when the first segment can start; the motion encoders take the chunk's
-    bucket ids, so it is complete before any motion token is made): seconds from the call, from the hand-over
-    of the first segment's driving frames and from that of the whole chunk, to the first frame. `stages`: the
-    seconds of each network's calls (synchronised, so the latency is then slightly longer) and of the chunk's
-    preprocessing (face detection and crops: from its hand-over to the motion encoder's first call)."""
-    config = animator.config
-    chunk = min(config.window, len(frames))
-    real = min(max(1, config.first_segment_frames - config.pad_frames), chunk)  # driving frames it holds
-    handed = {}
+    """`Animator.stream` until its first output frame, from a live source: it hands over the first segment's
+    driving frames (its first motion chunk) at once, then gives nothing more until the first frame is out.
+    Seconds from the call and from the hand-over to the first frame. `stages`: the seconds of each network's
+    calls (synchronised, so the latency is then slightly longer) and of the first chunk's preprocessing (face
+    detection and crops: from its hand-over to the motion encoder's first call)."""
+    real = animator.config.first_chunk_frames
+    handed, out = {}, threading.Event()
 
     def source():
-        for index, frame in enumerate(frames[:chunk]):
-            if index == real - 1:
-                handed["segment"] = time.perf_counter()
-            if index == chunk - 1:
-                handed["chunk"] = time.perf_counter()
-            yield frame
+        yield from frames[:real]
+        handed["segment"] = time.perf_counter()
+        out.wait()
+        yield from frames[real:]
 
     first_calls = {}
     if stages is not None:
@@ -235,11 +236,11 @@ def first_frame_run(animator: Animator, frames: list, stages: dict | None = None
     stream = animator.stream(SAMPLE_IMAGE, source(), fps=FPS)
     next(stream)
     end = time.perf_counter()
+    out.set()
     stream.close()
     if stages is not None:
-        stages["preprocess_chunk"] = first_calls["motion"] - handed["chunk"]
-    return {"after_call_s": end - start, "after_segment_frames_s": end - handed["segment"],
-            "after_first_chunk_s": end - handed["chunk"]}
+        stages["preprocess_chunk"] = first_calls["motion"] - handed["segment"]
+    return {"after_call_s": end - start, "after_segment_frames_s": end - handed["segment"]}
 
 
 def first_frame_part(a, nets, plan: dict, eager: Animator, frames: list, compiled: bool) -> dict:
@@ -368,16 +369,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--weights", type=Path, help="a weights folder instead of random networks (torch backend)")
     p.add_argument("--lora", type=Path, help="with --weights: a LoRA merged into the UNet (e.g. LCM)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS,
-                   help="stream: 0-2 (first-frame latency; fast mode, latency, fps, seam); quality: 4; memory: 3")
+                   help="first_frame: 0; stream: 1-2 (fast mode, latency, fps, seam); quality: 4; memory: 3")
     p.add_argument("--compile-configs", nargs="*", choices=list(PLANS["official"]["first_frame"]), default=["live"],
                    help="first-frame settings also run compiled (GPU; each compiles the UNet at its frame count, "
                    "2-3 minutes, and the first one the VAE decoder, about 1 minute); none: no compiled run")
     p.add_argument("--repeats", type=int, default=3, help="measured first-frame runs per setting (median)")
+    p.add_argument("--lengths", type=float, nargs="+", help="part 3: driving seconds at --size (default: the plan's)")
+    p.add_argument("--tiny-lengths", type=float, nargs="*",
+                   help="part 3: driving seconds of the tiny networks' series (default: the plan's; none: no series)")
+    p.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=SCHEDULES, help="part 3's schedules")
     a = p.parse_args(argv)
     if not GPU and a.size != "tiny":
         p.error("no GPU: only --size tiny runs on the CPU")
     a.out.mkdir(parents=True, exist_ok=True)
-    plan = PLANS[a.size]
+    plan = {**PLANS[a.size], **{key: getattr(a, key) for key in ("lengths", "tiny_lengths")
+                                if getattr(a, key) is not None}}
     report = {**report_header(), "command": " ".join(sys.argv), "size": a.size, "plan": plan}
     tic = time.perf_counter()
 
@@ -390,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
     fast, quality = animators(a, nets, plan)
     segment = fast.config.segment = fast.config.window  # fast mode's default: one window per segment
     frames = looped_frames(plan["frames"])
-    if "stream" in a.parts:
+    if "first_frame" in a.parts:
         report["first_frame"] = first_frame_part(a, nets, plan, fast, frames, compiled=False)
         save()
     if GPU and "stream" in a.parts:
@@ -411,7 +417,7 @@ def main(argv: list[str] | None = None) -> dict:
             report["fast_animate"]["file_whole_clip"] = animate_fps(fast, video)
             fast.config = replace(fast.config, segment=segment)
         save()
-        # 0, compiled: last, as compiling takes minutes, so that a run cut short keeps the rest
+    if "first_frame" in a.parts:  # compiled: after 1-2, as compiling takes minutes, so a run cut short keeps them
         report["first_frame"].update(first_frame_part(a, nets, plan, fast, frames, compiled=True))
         save()
     del nets  # the memory part frees the full-size networks (fast and quality hold them until then)
@@ -444,10 +450,14 @@ def memory_part(a, plan: dict, held: list[Animator], segment: int, report: dict,
     limit = fast.config.window if a.size == "tiny" else None
     chunks = list(DrivingPreprocessor(fast.detector).chunks(read_frames(SAMPLE_VIDEO, limit), fast.config.window))
     memory = report["memory"] = {}
-    for name, frames_at_once in (("segmented", segment), ("whole clip", 0)):
-        memory[f"{a.size}, {name}"] = [memory_run(fast, chunks, round(seconds * FPS), frames_at_once, 1)
+    for name in a.schedules:
+        memory[f"{a.size}, {name}"] = [memory_run(fast, chunks, round(seconds * FPS),
+                                                  segment if name == "segmented" else 0, 1)
                                        for seconds in plan["lengths"]]
-    if a.size == "tiny":
+        save()
+    if not plan["tiny_lengths"]:  # no tiny series (the dry run's networks are the tiny ones already)
+        tiny = None
+    elif a.size == "tiny":
         tiny, tiny_chunks = fast, chunks
     else:
         held.clear()
@@ -456,9 +466,10 @@ def memory_part(a, plan: dict, held: list[Animator], segment: int, report: dict,
         tiny = Animator(load_models("torch", random_networks("tiny"), DEVICE, ModelOptions(precision="fp16", size=64)),
                         mode="fast", **plan["tiny_config"])
         tiny_chunks = list(DrivingPreprocessor(tiny.detector).chunks(read_frames(SAMPLE_VIDEO), tiny.config.window))
-    for name, frames_at_once in (("segmented", tiny.config.window), ("whole clip", 0)):
-        memory[f"tiny networks, {name}"] = [memory_run(tiny, tiny_chunks, round(seconds * FPS), frames_at_once,
-                                              plan["tiny_steps"]) for seconds in plan["tiny_lengths"]]
+    for name in a.schedules if tiny else ():
+        memory[f"tiny networks, {name}"] = [memory_run(tiny, tiny_chunks, round(seconds * FPS),
+                                                       tiny.config.window if name == "segmented" else 0,
+                                                       plan["tiny_steps"]) for seconds in plan["tiny_lengths"]]
         save()
     plot(memory, a.out / "memory.png")
     save()
@@ -470,8 +481,8 @@ def print_table(report: dict) -> None:
         for name, run in settings.items():
             stages = ", ".join(f"{stage} {seconds:.3f}" for stage, seconds in run["stages_s"].items())
             setting = f"first frame, {way}, {name} (first segment {run['first_segment']}, {run['pad_frames']} pads)"
-            latency = (f"{run['after_first_chunk_s']:.3f} s after the first chunk ({run['after_call_s']:.3f} after "
-                       f"the call; {stages})")
+            latency = (f"{run['after_segment_frames_s']:.3f} s after its driving frames ({run['after_call_s']:.3f} "
+                       f"after the call; {stages})")
             rows.append((setting, latency))
     if "fast_stream" in report:
         rows += _stream_rows(report)

@@ -327,7 +327,8 @@ class Animator:
         tokens = []
         total = min(info.num_frames, config.max_frames)
         with tqdm(total=total, desc="preprocess", unit="frame", disable=not self.progress) as bar:
-            for chunk in driving.chunks(read_frames(video, limit=config.max_frames), chunk_frames=config.window):
+            for chunk in driving.chunks(read_frames(video, limit=config.max_frames), chunk_frames=config.window,
+                                        first=config.first_chunk_frames):
                 tokens.append(motion_tokens(self.models, torch.from_numpy(chunk.expression_images),
                                             torch.from_numpy(chunk.pose_images), chunk.head_bucket,
                                             chunk.exp_bucket))
@@ -365,7 +366,8 @@ class Animator:
         cond, generator = self._conditioning(source, identity, None)
         paste = PasteBack(source.original_image, source.crop_box)
         watched = _WatchedSource(frames, fps, config.max_frames)
-        chunks = prefetched(driving.chunks(watched, chunk_frames=config.window), depth=2,
+        chunks = prefetched(driving.chunks(watched, chunk_frames=config.window, first=config.first_chunk_frames),
+                            depth=2,
                             check=lambda: watched.check(stall_timeout))
         motion = (motion_tokens(self.models, torch.from_numpy(chunk.expression_images),
                                 torch.from_numpy(chunk.pose_images), chunk.head_bucket, chunk.exp_bucket)

@@ -147,6 +147,15 @@ class AnimateConfig:
         """Frames of the clip's first segment with `segment` > 0 (`first_segment` at most `segment`)."""
         return min(self.first_segment or self.segment, self.segment)
 
+    @property
+    def first_chunk_frames(self) -> int:
+        """Driving frames of the first motion chunk (the later ones hold a window each, as the official): with a
+        first segment, the real frames it holds (at least one), so that it starts as soon as they are in; its
+        bucket ids are then computed over those frames only (a live source has no later frames to look at)."""
+        if not (self.segment and self.first_segment):
+            return self.window
+        return min(self.window, max(1, self.first_segment_frames - self.pad_frames))
+
 
     @classmethod
     def fast(cls, **overrides) -> AnimateConfig:

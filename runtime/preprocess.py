@@ -344,11 +344,15 @@ class DrivingPreprocessor:
             face_found=face_found,
         )
 
-    def chunks(self, frames: Iterable[np.ndarray], chunk_frames: int = WINDOW) -> Iterator[DrivingChunk]:
-        """Process a frame stream into chunks of `chunk_frames` (the last may be shorter). Frames are pulled
-        lazily, one chunk at a time, and each chunk holds only its own frames' arrays."""
+    def chunks(self, frames: Iterable[np.ndarray], chunk_frames: int = WINDOW,
+               first: int | None = None) -> Iterator[DrivingChunk]:
+        """Process a frame stream into chunks of `chunk_frames` (the last may be shorter), the first of `first`
+        frames when given. Frames are pulled lazily, one chunk at a time, and each chunk holds only its own
+        frames' arrays."""
         stream = iter(frames)
-        while batch := list(itertools.islice(stream, chunk_frames)):
+        size = first or chunk_frames
+        while batch := list(itertools.islice(stream, size)):
+            size = chunk_frames
             start = self.frames_done
             yield self._chunk(start, self.process_batch(batch))
         if self.frames_done == 0:

@@ -195,6 +195,27 @@ def test_a_first_segment_streams_the_frames_the_file_path_gives(models, sample_f
     assert len(from_file) == 5 and all(np.array_equal(f.cropped, g) for f, g in zip(streamed, from_file))
 
 
+def test_the_first_frame_needs_only_the_first_segments_driving_frames(models, sample_frames):
+    # a live source: 2 frames, then nothing until the first output frame is out. The first segment (3 frames, 1 pad)
+    # holds 2 real frames; its motion chunk is those 2, not a window's 4, so the frame comes while the source waits
+    animator = Animator(models, mode="fast", segment=4, first_segment=3, max_frames=6, **TINY)
+    assert animator.config.first_chunk_frames == 2
+    released = threading.Event()
+
+    def live():
+        yield from sample_frames[:2]
+        if not released.wait(60):
+            raise AssertionError("the stream waited for more driving frames before its first frame")
+        yield from sample_frames[2:6]
+
+    stream = animator.stream(SAMPLE_IMAGE, live())
+    first = next(stream)
+    released.set()
+    streamed = [first, *stream]
+    from_file = list(animator.frames(SAMPLE_IMAGE, SAMPLE_VIDEO))
+    assert len(streamed) == 6 and all(np.array_equal(f.cropped, g) for f, g in zip(streamed, from_file))
+
+
 def test_first_segment_options_are_checked(models, tmp_path, capsys):
     with pytest.raises(OptionError, match="first_segment must be between 0 and"):
         AnimateConfig(first_segment=-1)
