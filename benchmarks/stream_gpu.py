@@ -221,8 +221,10 @@ def first_frame_run(animator: Animator, frames: list, stages: dict | None = None
     handed, out = {}, threading.Event()
 
     def source():
-        yield from frames[:real]
-        handed["segment"] = time.perf_counter()
+        for index, frame in enumerate(frames[:real]):
+            if index == real - 1:  # handed over when yielded (after the yield runs only once more is asked)
+                handed["segment"] = time.perf_counter()
+            yield frame
         out.wait()
         yield from frames[real:]
 
