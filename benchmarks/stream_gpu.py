@@ -349,8 +349,9 @@ def plot(memory: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2 if GPU else 1, figsize=(11 if GPU else 6, 4), squeeze=False)
-    keys = [("host_peak_mib", "host peak RSS (MiB)")] + ([("gpu_peak_mib", "GPU peak allocated (MiB)")] if GPU else [])
+    gpu = any(run["gpu_peak_mib"] > 0 for runs in memory.values() for run in runs)  # measured on a GPU
+    fig, axes = plt.subplots(1, 2 if gpu else 1, figsize=(11 if gpu else 6, 4), squeeze=False)
+    keys = [("host_peak_mib", "host peak RSS (MiB)")] + ([("gpu_peak_mib", "GPU peak allocated (MiB)")] if gpu else [])
     for ax, (key, label) in zip(axes[0], keys):
         for name, runs in memory.items():
             minutes = [r["frames"] / FPS / 60 for r in runs]

@@ -72,7 +72,7 @@ def _add_animate(sub) -> None:
     p.add_argument("--first-segment", type=int, metavar="FRAMES", help="frames of the first segment, leading pad "
                    "frames included: shorter than the window, it is one UNet call of FRAMES frames per step, so the "
                    "first frame comes out sooner (0: --segment's). Default 16 in fast mode (the 15 pads and the "
-                   "first real frame's decode chunk); live: --pad-frames 0 --first-segment 8")
+                   "first real frame's decode chunk); live: --pad-frames 0 --first-segment 4 --decode-chunk 4")
     p.add_argument("--pad-frames", type=int, metavar="N", help="motion pad frames faded in before the clip and "
                    "out after it (official: 15)")
     p.add_argument("--stream", action="store_true", help="write the outputs as fragmented MP4 while the frames "
