@@ -235,7 +235,8 @@ class Animator:
 
     backend: "torch" (PyTorch modules from `weights`, the official weights folder; without it tiny random
     networks for trying things), "onnxruntime" (`models` = a `hyportrait export` folder) or "tensorrt"
-    (`models` = a `hyportrait build` folder).
+    (`models` = a `hyportrait build` folder); or `models` = `Models` the caller built (e.g. with
+    `load_models`), `weights` then the folder of their ArcFace.
     mode: "quality" (the official sampler) or "fast" (LCM, 4 steps, no guidance: for a UNet with an LCM LoRA
     merged, `lora=` on the torch backend or `hyportrait export --lora`).
     faithful (torch only): True runs the modules as the official code does (the reference, bit-identical);
@@ -276,9 +277,9 @@ class Animator:
                                      faithful=faithful, cuda_graph=cuda_graph, compile=compile, float8=float8)
         # the settings under the mode's: a random-weight model's few steps, then those the models fix
         under_mode = {"device": str(self.device)}
-        if isinstance(models, Models):  # networks the caller built
+        if isinstance(models, Models):  # networks the caller built (`weights`: their folder, for ArcFace)
             self.models = models
-            arcface_folder = None
+            arcface_folder = weights
         elif backend == "torch":
             if models is not None:
                 raise InputError("the torch backend loads `weights` (a weights folder), not `models`")
