@@ -29,43 +29,15 @@ import torch
 
 from hyportrait.benchmarks.bench import report_header
 from hyportrait.distill import toy
-from hyportrait.distill.data import write_dataset
-from hyportrait.distill.train import TrainConfig, train
-from hyportrait.networks.unet import UNetConfig, UNetWithAdapters
-
-SHAPES = {"official": {"frames": 25, "latent": 64, "unet": UNetConfig(), "pose_channels": 320, "steps": 8},
-          "tiny": {"frames": 4, "latent": 8, "unet": UNetConfig.tiny(), "pose_channels": 32, "steps": 3}}
-
-
-def official_data(out: Path, size: str, examples: int = 8) -> Path:
-    """Random examples at the shapes the runtime feeds (speed does not depend on their values)."""
-    s = SHAPES[size]
-    f, h = s["frames"], s["latent"]
-    g = torch.Generator().manual_seed(0)
-
-    def example():
-        return {"latents": torch.randn(f, 4, h, h, generator=g).half(), "image_latent": torch.randn(4, h, h).half(),
-                "appearance": torch.randn(64, 1024, generator=g).half(),
-                "motion": torch.randn(f, 64, 1024, generator=g).half()}
-
-    if (out / "manifest.json").is_file():
-        return out
-    return write_dataset(((example(), f"random-{i}") for i in range(examples)), out, {"random": size},
-                         per_shard=examples)
+from hyportrait.distill.random_run import random_data, train_random
 
 
 def measure(size: str, data: Path, run: Path, batch: int) -> dict:
     """Step time (median after the first step), samples/s and peak memory of a distill run on this process's
     GPU(s); under torchrun every rank runs it and rank 0 reports."""
-    s = SHAPES[size]
-    config = TrainConfig(mode="distill", steps=s["steps"], batch=batch, rank=64, checkpointing=True,
-                         checkpoint_every=10**9)
-    torch.manual_seed(0)
-    unet = UNetWithAdapters(s["unet"])
-    pose = torch.zeros(s["pose_channels"], s["latent"], s["latent"])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    train(config, data, run, unet, pose, weights="random")
+    unet = train_random(size, data, run, batch=batch)
     seconds = [float(r.split(",")[3]) for r in (run / "log.csv").read_text().splitlines()[1:] if r.split(",")[3]]
     step = statistics.median(seconds[2:] or seconds)  # DDP builds its buckets in step 1 and rebuilds them in 2
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -115,7 +87,7 @@ def main(argv=None) -> None:
                            student=replace(size.student, steps=1, batch=2, rank=4))
         report["toy"] = toy.run_toy(out / "toy", size)
     if "one" in args.parts or "two" in args.parts:
-        official_data(data, args.size)
+        random_data(data, args.size)
     if "one" in args.parts:
         report["one_gpu"] = measure(args.size, data, out / "one", 1)
         report["largest_batch"], report["batches"] = largest_batch(args.size, data, out)

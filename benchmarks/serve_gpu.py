@@ -36,7 +36,7 @@ from hyportrait.runtime.api import Animator
 from hyportrait.runtime.video import VideoWriter, probe_video, read_frames
 from hyportrait.serve.app import create_app
 from hyportrait.serve.client import Client
-from hyportrait.serve.jobs import JobTable, mode_settings
+from hyportrait.serve.jobs import JobTable
 from hyportrait.serve.options import Limits
 from hyportrait.serve.runner import LocalRunner
 from hyportrait.serve.server import start_in_thread, warm_up
@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         limits = Limits(queue_size=settings["jobs"], max_frames=max(frames, 1))
         table = JobTable(work / "jobs", limits)
         runner = LocalRunner(animator, table, limits)
-        server, url, thread = start_in_thread(create_app(runner, table, limits, mode_settings("fast", False)),
-                                              runner)
+        server, url, thread = start_in_thread(create_app(runner, table, limits, "fast"), runner)
         try:
             warm_up(runner, table)
             report["service_ready_s"] = round(time.perf_counter() - tic, 2)  # load + compile + warm-up job

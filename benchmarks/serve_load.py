@@ -34,7 +34,7 @@ from hyportrait.runtime.api import Animator
 from hyportrait.runtime.video import VideoWriter, read_frames
 from hyportrait.serve.app import create_app
 from hyportrait.serve.client import Client
-from hyportrait.serve.jobs import JobTable, mode_settings
+from hyportrait.serve.jobs import JobTable
 from hyportrait.serve.options import Limits
 from hyportrait.serve.runner import LocalRunner
 from hyportrait.serve.server import start_in_thread, warm_up
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     animator = Animator(**TINY_JOB)
     table = JobTable(jobs_dir, limits)
     runner = LocalRunner(animator, table, limits, overlap=not a.no_overlap)
-    server, url, thread = start_in_thread(create_app(runner, table, limits, mode_settings("fast", True)), runner)
+    server, url, thread = start_in_thread(create_app(runner, table, limits, "fast"), runner)
     try:
         warm_up(runner, table)
         memory = [(0, process.memory_info().rss)]

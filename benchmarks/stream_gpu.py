@@ -56,14 +56,11 @@ import torch
 
 from hyportrait.benchmarks.bench import report_header
 from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
-from hyportrait.networks.arcface import load_arcface
 from hyportrait.networks.contract import CROP_SIZE
-from hyportrait.networks.face_detector import load_face_detector
-from hyportrait.networks.lora import merge_lora
-from hyportrait.networks.weights import load_networks, random_networks
+from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.api import Animator
 from hyportrait.runtime.backends import Models
-from hyportrait.runtime.models import ModelOptions, load_models, torch_models
+from hyportrait.runtime.models import ModelOptions, load_models, torch_networks
 from hyportrait.runtime.pipeline import AnimateConfig, decode_segments, motion_tokens, sample_segments
 from hyportrait.runtime.preprocess import DrivingPreprocessor
 from hyportrait.runtime.video import VideoWriter, read_frames
@@ -145,27 +142,21 @@ def write_driving_video(path: Path, count: int) -> Path:
 
 def networks(a, size: str):
     """The networks, built once: random at `size`, or --weights with --lora merged."""
-    if not a.weights:
-        return random_networks(size)
-    nets = load_networks(a.weights)
-    if a.lora:
-        merge_lora(nets.unet, a.lora)
-    return nets
+    return torch_networks(a.weights, a.lora) if a.weights else random_networks(size)
 
 
 def sessions(a, nets, plan: dict, **options) -> Models:
-    """`nets` as the torch backend runs them (engine rewrites, fp16 on a GPU); `options`: cuda_graph, compile.
-    Every call shares the networks' weights."""
-    return torch_models(nets, device=DEVICE, dtype=torch.float16 if GPU else torch.float32,
-                        size=plan["config"].get("size", CROP_SIZE), faithful=False,
-                        face_detector=load_face_detector(a.weights, DEVICE), **options)
+    """`nets` as the torch backend runs them (engine rewrites, fp16 on a GPU, --weights' face detector);
+    `options`: cuda_graph, compile. Every call shares the networks' weights."""
+    return load_models("torch", nets, DEVICE, ModelOptions(precision="fp16" if GPU else "fp32", faithful=False,
+                                                           size=plan["config"].get("size", CROP_SIZE), **options),
+                       weights=a.weights)
 
 
 def animators(a, nets, plan: dict) -> tuple[Animator, Animator]:
-    """Fast and quality mode over the same eager networks."""
+    """Fast and quality mode over the same eager networks (ArcFace from --weights; none: a zero identity)."""
     config = plan["config"]
-    fast = Animator(sessions(a, nets, plan), mode="fast", **config)
-    fast.arcface = load_arcface(a.weights)  # as Animator(weights=...) has it (None: a zero identity)
+    fast = Animator(sessions(a, nets, plan), weights=a.weights, mode="fast", **config)
     quality = Animator(fast.models, mode="quality", **{**config, "num_steps": plan["quality_steps"]})
     quality.arcface = fast.arcface
     return fast, quality

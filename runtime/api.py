@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
@@ -66,7 +66,8 @@ from .video import STDIN, LiveSource, VideoInfo, VideoWriter, is_url, open_live,
 # Without official weights the torch backend runs tiny random-weight networks: every stage runs quickly on a
 # CPU, and the video is noise. Explicit options still override these.
 RANDOM_MODEL_DEFAULTS = {"num_steps": 4, "size": 128}
-MODES = ("quality", "fast")
+# each mode's settings over AnimateConfig's defaults (the official config: quality mode)
+MODES = {"quality": {}, "fast": FAST_MODE}
 STALL_SECONDS = 10.0  # a live source giving no frame for this long has stalled
 
 
@@ -146,17 +147,34 @@ def make_config(settings: dict, **fixed) -> AnimateConfig:
     return AnimateConfig(**settings, **fixed)
 
 
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise OptionError("mode", f"must be quality or fast, got {mode!r}")
+
+
+def check_option_names(options: dict) -> None:
+    unknown = set(options) - {f.name for f in fields(AnimateConfig)}
+    if unknown:
+        raise InputError(f"unknown option(s) {', '.join(sorted(unknown))}")
+
+
+def mode_config(mode: str, options: dict, under_mode: dict, fixed_window: int | None) -> AnimateConfig:
+    """The config of `mode` on some models: the mode's settings over `under_mode` (what the models set: device,
+    precision, crop size, a fixed window; a random-weight model's few steps), the caller's `options` over both;
+    the first segment checked against `fixed_window` (`first_segment_checked`)."""
+    return first_segment_checked(make_config({**under_mode, **MODES[mode], **options}), options, fixed_window)
+
+
 def first_segment_checked(config: AnimateConfig, options: dict, fixed_window: int | None) -> AnimateConfig:
     """`config` with a first segment the models can run. One asked for in `options` needs segments (`segment` >
     0) and, on models whose UNet takes a fixed number of frames (an export or engine: `fixed_window`), at least
-    that many (OptionError otherwise); a mode's default first segment falls back to a whole window there."""
+    that many (OptionError otherwise); a mode's own first segment falls back to a whole window there."""
     asked = options.get("first_segment")
     if asked and not config.segment:
         raise OptionError("first_segment", f"applies to segmented sampling (segment > 0, fast mode's default), "
                           f"not to the whole clip at once (segment 0), got {asked}")
     if fixed_window and 0 < config.first_segment < fixed_window:
-        # fast mode's own default, also where a mode switch (the service's) passes it on, falls back
-        if asked and asked != FAST_MODE["first_segment"]:
+        if asked:
             raise OptionError("first_segment", f"must be 0 or at least {fixed_window}: these models' UNet runs "
                               f"{fixed_window} frames per call (an export or engine; the torch backend runs any "
                               f"count), got {asked}")
@@ -217,7 +235,8 @@ class Animator:
 
     backend: "torch" (PyTorch modules from `weights`, the official weights folder; without it tiny random
     networks for trying things), "onnxruntime" (`models` = a `hyportrait export` folder) or "tensorrt"
-    (`models` = a `hyportrait build` folder).
+    (`models` = a `hyportrait build` folder); or `models` = `Models` the caller built (e.g. with
+    `load_models`), `weights` then the folder of their ArcFace.
     mode: "quality" (the official sampler) or "fast" (LCM, 4 steps, no guidance: for a UNet with an LCM LoRA
     merged, `lora=` on the torch backend or `hyportrait export --lora`).
     faithful (torch only): True runs the modules as the official code does (the reference, bit-identical);
@@ -237,11 +256,8 @@ class Animator:
                  cuda_graph: bool = False, compile: bool | str = False, float8: bool = False,
                  progress: bool = False, **options):
         tic = time.perf_counter()
-        if mode not in MODES:
-            raise OptionError("mode", f"must be quality or fast, got {mode!r}")
-        unknown = set(options) - {f.name for f in fields(AnimateConfig)} - {"precision", "device"}
-        if unknown:
-            raise InputError(f"unknown option(s) {', '.join(sorted(unknown))}")
+        check_mode(mode)
+        check_option_names(options)
         if precision is not None and precision not in PRECISIONS:
             raise OptionError("precision", f"must be fp16 or fp32, got {precision!r}")
         # every value is checked before any network loads; the segment against the window only once the models,
@@ -254,40 +270,41 @@ class Animator:
         self.backend = backend
         self.progress = progress
         self._lock = threading.Lock()
+        # what the caller asked: a view (`with_options`) lays its own over them
+        self.mode, self.options = mode, options
         precision = precision or ("fp16" if self.device.type == "cuda" else "fp32")  # fp16 is slow on CPUs
-        settings = dict(FAST_MODE) if mode == "fast" else {}
         model_options = ModelOptions(precision=precision, lora=None if lora is None else Path(lora),
                                      faithful=faithful, cuda_graph=cuda_graph, compile=compile, float8=float8)
-        if isinstance(models, Models):  # networks the caller built
+        # the settings under the mode's: a random-weight model's few steps, then those the models fix
+        under_mode = {"device": str(self.device)}
+        if isinstance(models, Models):  # networks the caller built (`weights`: their folder, for ArcFace)
             self.models = models
-            self.config = self._fixed_size_config(settings, options)
-            arcface_folder = None
+            arcface_folder = weights
         elif backend == "torch":
             if models is not None:
                 raise InputError("the torch backend loads `weights` (a weights folder), not `models`")
             if weights is None:
-                settings.update(RANDOM_MODEL_DEFAULTS)
+                under_mode.update(RANDOM_MODEL_DEFAULTS)
                 print("hyportrait: no weights given: running a tiny random-weight model; the video shows noise, "
                       "not a face. Pass the official pretrained_weights/ folder for real results.", file=sys.stderr)
-            settings.update(options)
-            self.config = first_segment_checked(make_config(settings, precision=precision, device=str(self.device)),
-                                                options, None)
-            self.models = load_models(backend, weights, self.device,
-                                      replace(model_options, size=self.config.size))
+            size = mode_config(mode, options, {**under_mode, "precision": precision}, None).size
+            self.models = load_models(backend, weights, self.device, replace(model_options, size=size))
             arcface_folder = weights
         else:
             self.models = load_models(backend, models, self.device, model_options)
             if self.models.random_weights:
-                settings.setdefault("num_steps", RANDOM_MODEL_DEFAULTS["num_steps"])
-            self.config = self._fixed_size_config(settings, options)
+                under_mode["num_steps"] = RANDOM_MODEL_DEFAULTS["num_steps"]
             # ArcFace (arcface.onnx) is copied into the export folder
             arcface_folder = models
+        self._under_mode = {**under_mode, **self._fixed_settings(options)}
+        self.config = mode_config(mode, options, self._under_mode, self.models.window)
         self.detector = self.models.face_detector
         self.arcface = load_arcface(Path(arcface_folder) if arcface_folder else None)
         self.load_seconds = time.perf_counter() - tic
 
-    def _fixed_size_config(self, settings: dict, options: dict) -> AnimateConfig:
-        """The config of models whose crop size and window are fixed (by an export, or by the caller)."""
+    def _fixed_settings(self, options: dict) -> dict:
+        """The settings the models fix: the crop size, the precision and, for an export or engine, the window
+        (InputError when `options` ask for another size or window)."""
         models = self.models
         size = models.pose_map.shape[-1] * 8  # the UNet's latent fixes the crop size
         for option, fixed in (("size", size), ("window", models.window)):
@@ -297,17 +314,21 @@ class Animator:
                                  f"{option}={options[option]} was asked for")
         # a fixed window keeps the official overlap's share of it (3 of 25): 3 of a tiny export's 4 frames would
         # sample every frame four times
-        fixed = {"window": models.window, "overlap": min(3, models.window // 4)} if models.window else {}
-        settings = {"size": size, **fixed, **settings, **options}
-        return first_segment_checked(make_config(settings, precision="fp16" if models.dtype == torch.float16
-                                                 else "fp32", device=str(self.device)), options, models.window)
+        window = {"window": models.window, "overlap": min(3, models.window // 4)} if models.window else {}
+        return {"size": size, "precision": "fp16" if models.dtype == torch.float16 else "fp32", **window}
 
-    def with_options(self, **options) -> Animator:
-        """These networks with other sampling options (any `AnimateConfig` field): a view sharing the networks,
-        the detector and the lock, e.g. one per request of a server."""
+    def with_options(self, mode: str | None = None, **options) -> Animator:
+        """These networks in `mode` (None: this Animator's) with other sampling options (any `AnimateConfig`
+        field) laid over the ones this Animator was made with: a view sharing the networks, the detector and the
+        lock, e.g. one per job of a server. The mode's settings are defaults, as at creation: on models with a
+        fixed window (exports, engines) its own first segment falls back to a whole window, while a shorter one
+        asked for (here or at creation) is refused."""
+        check_mode(mode or self.mode)
+        check_option_names(options)
+        self._fixed_settings(options)
         view = copy.copy(self)
-        view.config = first_segment_checked(make_config({**asdict(self.config), **options}), options,
-                                            self.models.window)
+        view.mode, view.options = mode or self.mode, {**self.options, **options}
+        view.config = mode_config(view.mode, view.options, self._under_mode, self.models.window)
         return view
 
     # -- the stages ----------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 - `load_models(backend, source, device, options)`: the one entry point (the CLI, the Animator API and the
   benchmarks go through it): a weights folder for torch (None: tiny random networks), an export folder for
   onnxruntime, an engine folder for tensorrt.
+- `torch_networks(source, lora)`: the PyTorch networks of a weights folder (or random ones), a LoRA merged.
 - `torch_models(nets, ...)`: the PyTorch modules. `faithful=True` calls them exactly as the official
   inference does (the reference: bit-identical); `faithful=False` runs the engine rewrites of the export
   (K/V of shared contexts projected once, DINO's constant position table and pruned adapters), the same up
@@ -107,26 +108,35 @@ class ModelOptions:
     float8: bool = False  # torch: the UNet's transformer linears as fp8 GEMMs
 
 
-def load_models(backend: str, source, device: torch.device | str, options: ModelOptions = ModelOptions()) -> Models:
+def torch_networks(source, lora: Path | None = None):
+    """The torch backend's `Networks`: the official weights folder `source` loaded (None: tiny random networks;
+    `Networks` already built are taken as they are), with the PEFT LoRA `lora` merged into the UNet."""
+    from hyportrait.networks.lora import merge_lora
+    from hyportrait.networks.weights import load_networks, random_networks
+
+    if isinstance(source, (str, os.PathLike)):
+        nets = load_networks(Path(source))
+    else:
+        nets = source if source is not None else random_networks("tiny")
+    if lora is not None:
+        if not Path(lora).exists():
+            raise InputError(f"LoRA {lora} does not exist")
+        merge_lora(nets.unet, lora)
+    return nets
+
+
+def load_models(backend: str, source, device: torch.device | str, options: ModelOptions = ModelOptions(), *,
+                weights: str | Path | None = None) -> Models:
     """The networks of `backend` from `source`: the official weights folder (torch; None: tiny random
-    networks; or `Networks` already built, e.g. the benchmarks' random official-size ones), a
+    networks; or `Networks` already built, e.g. the benchmarks' random official-size ones or a folder's networks
+    that several `Models` share, `weights` then naming the folder they came from, for its face detector), a
     `hyportrait export` folder (onnxruntime) or a `hyportrait build` folder (tensorrt)."""
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     device = torch.device(device)
     if backend == "torch":
-        from hyportrait.networks.lora import merge_lora
-        from hyportrait.networks.weights import load_networks, random_networks
-
-        folder = Path(source) if isinstance(source, (str, os.PathLike)) else None
-        if folder is not None:
-            nets = load_networks(folder)
-        else:
-            nets = source if source is not None else random_networks("tiny")
-        if options.lora is not None:
-            if not Path(options.lora).exists():
-                raise InputError(f"LoRA {options.lora} does not exist")
-            merge_lora(nets.unet, options.lora)
+        folder = Path(source) if isinstance(source, (str, os.PathLike)) else weights
+        nets = torch_networks(source, options.lora)
         try:
             return torch_models(nets, device=device, dtype=PRECISIONS[options.precision],
                                 size=options.size, faithful=options.faithful, cuda_graph=options.cuda_graph,

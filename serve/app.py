@@ -105,9 +105,9 @@ def check_inputs(job: Job, limits: Limits) -> None:
     job.frames_total = frames
 
 
-def create_app(runner: Runner, table: JobTable, limits: Limits, modes: dict[str, dict], *,
+def create_app(runner: Runner, table: JobTable, limits: Limits, default_mode: str, *,
                token: str | None = None) -> FastAPI:
-    """The service's app. `modes`: the settings of each mode over the runner's config (`jobs.mode_settings`);
+    """The service's app. `default_mode`: the mode of a job whose options name none;
     `token`: the bearer token /v1/ requests must carry (None: no authentication)."""
     app = FastAPI(title="hyportrait", summary="Portrait animation jobs", docs_url="/docs", redoc_url=None)
     app.state.runner = runner
@@ -176,8 +176,8 @@ def create_app(runner: Runner, table: JobTable, limits: Limits, modes: dict[str,
                 raise ServeError("bad_request", "the field options must be text (JSON), got a file", 400)
             if unknown := sorted(set(form.keys()) - {"image", "video", "options"}):
                 raise ServeError("bad_request", f"unknown field(s) {', '.join(unknown)}", 400)
-            mode, settings, stream = parse_options(options, limits, modes)
-            runner.check_settings(settings)
+            mode, settings, stream = parse_options(options, limits, default_mode)
+            runner.check_settings(mode, settings)
             job = table.create(mode, settings, stream)
             try:
                 await run_in_threadpool(_store, image, job.image, limits.max_upload_bytes, "image")

@@ -14,21 +14,19 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hyportrait.errors import ServeError
 from hyportrait.files import write_json
-from hyportrait.runtime.api import RANDOM_MODEL_DEFAULTS
-from hyportrait.runtime.pipeline import FAST_MODE, X264_PRESETS, AnimateConfig
+from hyportrait.runtime.api import MODES
+from hyportrait.runtime.pipeline import X264_PRESETS
 
 from .options import Limits
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 FINAL = ("done", "failed", "cancelled")
 KINDS = ("cropped", "full")  # a job's two videos
-# the quality mode's values of the fields fast mode changes (AnimateConfig's defaults are the official config)
-QUALITY_MODE = {name: f.default for f in fields(AnimateConfig) if (name := f.name) in FAST_MODE}
 
 
 def _number(options: dict, name: str, kind: type, low, high):
@@ -57,20 +55,10 @@ def _choice(options: dict, name: str, choices) -> str:
     return options[name]
 
 
-def mode_settings(default_mode: str, random_model: bool) -> dict[str, dict]:
-    """The settings each mode lays over the served Animator's config (which was made in `default_mode`):
-    nothing for that mode, the other mode's sampler settings for the other (the tiny random model keeps its
-    few steps)."""
-    other = "quality" if default_mode == "fast" else "fast"
-    switch = dict(FAST_MODE if other == "fast" else QUALITY_MODE)
-    if random_model:
-        switch["num_steps"] = RANDOM_MODEL_DEFAULTS["num_steps"]
-    return {default_mode: {}, other: switch}
-
-
-def parse_options(text: str | None, limits: Limits, modes: dict[str, dict]) -> tuple[str, dict, bool]:
-    """The `options` form field (JSON with the CLI's option names) -> (mode, overrides of the Animator's config,
-    stream). `modes`: `mode_settings(...)`, its first key the default mode. `stream` (default false in both
+def parse_options(text: str | None, limits: Limits, default_mode: str) -> tuple[str, dict, bool]:
+    """The `options` form field (JSON with the CLI's option names) -> (mode, the options asked for, as the
+    Animator's keywords, stream): a job runs on `Animator.with_options(mode, **options)`, which lays the mode's
+    settings under them. `default_mode`: the mode of a job that names none. `stream` (default false in both
     modes: a streamed video is a fragmented MP4 of about twice the bytes, benchmarks/RESULTS.md) runs the job on
     the segmented path and writes its videos as they are made; `segment` and `first_segment` apply to streamed jobs
     only."""
@@ -85,8 +73,8 @@ def parse_options(text: str | None, limits: Limits, modes: dict[str, dict]) -> t
              "first_segment"}
     if unknown := sorted(set(options) - known):
         raise ServeError("bad_options", f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    mode = _choice(options, "mode", tuple(modes)) if "mode" in options else next(iter(modes))
-    settings = dict(modes[mode])
+    mode = _choice(options, "mode", tuple(MODES)) if "mode" in options else default_mode
+    settings = {}
     for name, target, kind, low, high in (("steps", "num_steps", int, 1, limits.max_steps),
                                           ("seed", "seed", int, 0, 2**63 - 1),
                                           ("max_frames", "max_frames", int, 1, limits.max_frames),
@@ -123,8 +111,8 @@ def parse_options(text: str | None, limits: Limits, modes: dict[str, dict]) -> t
 class Job:
     id: str
     folder: Path
-    mode: str
-    settings: dict
+    mode: str | None  # None: the served Animator's own (the warm-up job)
+    settings: dict  # the options asked for (`parse_options`)
     stream: bool = False  # videos written (and served) as they are made, as fragmented MP4s
     status: str = "queued"  # queued, preparing, denoising, writing, done, failed, cancelled
     created: float = field(default_factory=time.time)
@@ -205,7 +193,7 @@ class JobTable:
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
 
-    def create(self, mode: str, settings: dict, stream: bool = False) -> Job:
+    def create(self, mode: str | None, settings: dict, stream: bool = False) -> Job:
         job_id = uuid.uuid4().hex
         folder = self.root / job_id
         folder.mkdir()

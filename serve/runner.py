@@ -78,9 +78,10 @@ class Runner:
             raise ServeError("queue_full", f"{self.depth()} jobs are waiting; retry later", 429,
                              {"Retry-After": str(self.retry_after())})
 
-    def check_settings(self, settings: dict) -> None:
-        """Refuse (422 bad_options), before the upload is stored, settings the served models cannot run (e.g. a
-        segment shorter than their window). Here none are known: Ray replicas check a job's when it runs."""
+    def check_settings(self, mode: str, settings: dict) -> None:
+        """Refuse (422 bad_options), before the upload is stored, a job's settings the served models cannot run
+        in its mode (e.g. a segment shorter than their window). Here none are known: Ray replicas check a job's
+        when it runs."""
 
     def submit(self, job: Job) -> None:
         self.check_capacity()
@@ -178,9 +179,9 @@ class LocalRunner(Runner):
         for thread in self.threads:
             thread.start()
 
-    def check_settings(self, settings: dict) -> None:
+    def check_settings(self, mode: str, settings: dict) -> None:
         try:
-            self.animator.with_options(**settings)
+            self.animator.with_options(mode, **settings)
         except OptionError as exc:
             raise ServeError("bad_options", exc.message) from None
 
@@ -191,7 +192,7 @@ class LocalRunner(Runner):
         while True:
             job = self._next()
             try:
-                view = self.animator.with_options(**job.settings)
+                view = self.animator.with_options(job.mode, **job.settings)
                 job.status, job.started, job.worker = "preparing", time.time(), WORKER
                 prepared = None  # a streamed job is prepared segment by segment on the denoise stage
                 if job.stream:

@@ -14,7 +14,7 @@ import uvicorn
 from hyportrait.errors import HyportraitError, InputError
 from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 
-from .jobs import ID_PATTERN, JobTable, mode_settings
+from .jobs import ID_PATTERN, JobTable
 from .options import Limits, limits_from
 from .runner import Runner
 
@@ -31,7 +31,7 @@ def animator_options(args) -> dict:
 def warm_up(runner: Runner, table: JobTable) -> None:
     """One short job on the bundled sample through the runner (loads kernels, compiles with --compile);
     the service is ready once it is done."""
-    job = table.create("default", {"max_frames": WARMUP_FRAMES})
+    job = table.create(None, {"max_frames": WARMUP_FRAMES})
     shutil.copyfile(SAMPLE_IMAGE, job.image)
     shutil.copyfile(SAMPLE_VIDEO, job.video)
     runner.waiting.put(job)
@@ -80,8 +80,7 @@ def main(args) -> int:
             raise InputError(f"the token file {args.token_file} is empty")
     limits = limits_from(args)
     runner, table = build(args, limits)
-    modes = mode_settings(args.mode, random_model=args.backend == "torch" and args.weights is None)
-    app = create_app(runner, table, limits, modes, token=token)
+    app = create_app(runner, table, limits, args.mode, token=token)
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                            timeout_graceful_shutdown=5), runner, args.grace)
     failed = []

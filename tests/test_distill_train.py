@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from hyportrait.benchmarks import distill_gpu
-from hyportrait.distill import toy
+from hyportrait.distill import random_run, toy
 from hyportrait.distill.train import TrainConfig, train
 from hyportrait.errors import DataError, RunError, WeightsError
 from hyportrait.networks.lora import merge_lora
@@ -163,14 +163,9 @@ DDP_RANK = """
 import os, sys
 from pathlib import Path
 import torch
-from hyportrait.benchmarks.distill_gpu import SHAPES
-from hyportrait.distill.train import TrainConfig, train
-from hyportrait.networks.unet import UNetWithAdapters
-out, s = Path(sys.argv[1]), SHAPES["tiny"]
-torch.manual_seed(0)
-unet = UNetWithAdapters(s["unet"])
-config = TrainConfig(mode="distill", steps=2, batch=1, accumulate=2, rank=4, checkpoint_every=10**9)
-train(config, out / "data", out / "run", unet, torch.zeros(s["pose_channels"], s["latent"], s["latent"]))
+from hyportrait.distill.random_run import train_random
+out = Path(sys.argv[1])
+unet = train_random("tiny", out / "data", out / "run", steps=2, batch=1, accumulate=2, rank=4, checkpointing=False)
 torch.save({n: p.detach() for n, p in unet.named_parameters() if "lora" in n}, out / f"rank{os.environ['RANK']}.pt")
 """
 
@@ -179,7 +174,7 @@ def test_ddp_with_gradient_accumulation_keeps_the_ranks_in_step(tmp_path):
     """2 gloo ranks (torchrun), 2 micro-batches a step (DDP's no_sync on the first): the run ends and both ranks
     hold the same trained adapter, which they only do when the gradients of their different examples were
     averaged."""
-    distill_gpu.official_data(tmp_path / "data", "tiny")
+    random_run.random_data(tmp_path / "data", "tiny")
     script = tmp_path / "rank.py"
     script.write_text(DDP_RANK)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -29,10 +29,12 @@ from hyportrait.export.onnx_io import (
     relative_error,
     validate_onnx,
 )
-from hyportrait.networks.face_detector import PNet, PNetAnySize
+from hyportrait.networks.face_detector import PNet, PNetAnySize, YoloFaceDetector
 from hyportrait.networks.init_weights import randomize_weights
 from hyportrait.networks.vae import decode_latents, encode_image
 from hyportrait.networks.weights import CHECKPOINTS, random_networks, save_networks
+from hyportrait.runtime.api import Animator
+from hyportrait.runtime.models import ModelOptions, load_models
 
 MY_MODELS = ("vae_encoder", "vae_decoder", "pose_guider", "mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet")
 
@@ -235,6 +237,14 @@ def test_arcface_is_checked_and_copied(tiny_weights, tmp_path):
     (tmp_path / "bad" / "arcface.onnx").write_bytes(b"not a model")
     with pytest.raises(WeightsError, match="ArcFace"):
         copy_arcface(tmp_path / "bad", tmp_path / "out")
+
+
+def test_networks_already_built_take_their_folders_detector_and_arcface(tiny_weights):
+    """Networks built once (a benchmark shares them between several Models) with the face detector and ArcFace
+    of the weights folder they came from."""
+    models = load_models("torch", random_networks("tiny"), "cpu", ModelOptions(size=64), weights=tiny_weights)
+    assert isinstance(models.face_detector, YoloFaceDetector)
+    assert Animator(models, weights=tiny_weights).arcface is not None and Animator(models).arcface is None
 
 
 def test_export_all_from_a_weights_folder(tiny_weights, tmp_path, monkeypatch, nets):

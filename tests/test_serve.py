@@ -28,7 +28,7 @@ from hyportrait.runtime.api import Animator
 from hyportrait.runtime.video import VideoWriter, probe_video, read_frames
 from hyportrait.serve.app import create_app
 from hyportrait.serve.client import Client
-from hyportrait.serve.jobs import JobTable, mode_settings
+from hyportrait.serve.jobs import JobTable
 from hyportrait.serve.options import Limits
 from hyportrait.serve.runner import LocalRunner
 from hyportrait.serve.server import start_in_thread, warm_up
@@ -49,13 +49,12 @@ def service():
     animator = Animator(**TINY)
     table = JobTable(jobs, LIMITS)
     runner = LocalRunner(animator, table, LIMITS)
-    modes = mode_settings("fast", random_model=True)
-    server, url, thread = start_in_thread(create_app(runner, table, LIMITS, modes), runner, grace=0.0)
+    server, url, thread = start_in_thread(create_app(runner, table, LIMITS, "fast"), runner, grace=0.0)
     assert requests.get(f"{url}/readyz", timeout=5).status_code == 503  # not warm yet
     warm_up(runner, table)
     # the same runner behind a token (a second app: tokens are per service)
     secured, secured_url, secured_thread = start_in_thread(
-        create_app(runner, table, LIMITS, modes, token=TOKEN), runner, grace=0.0)
+        create_app(runner, table, LIMITS, "fast", token=TOKEN), runner, grace=0.0)
     yield {"url": url, "runner": runner, "table": table, "jobs": jobs, "server": server, "thread": thread,
            "secured_url": secured_url}
     for srv, th in ((server, thread), (secured, secured_thread)):

@@ -21,7 +21,7 @@ from test_serve import LIMITS, STREAMED, TINY, follow, slow_driving_video, submi
 
 from hyportrait.runtime.video import read_frames
 from hyportrait.serve.app import create_app
-from hyportrait.serve.jobs import JobTable, mode_settings
+from hyportrait.serve.jobs import JobTable
 from hyportrait.serve.ray_app import RayRunner
 from hyportrait.serve.server import start_in_thread
 
@@ -37,7 +37,7 @@ def cluster():
     try:
         table = JobTable(jobs, LIMITS)
         runner = RayRunner(table, LIMITS, SCALING, TINY)
-        app = create_app(runner, table, LIMITS, mode_settings("fast", random_model=True))
+        app = create_app(runner, table, LIMITS, "fast")
         server, url, thread = start_in_thread(app, runner, grace=0.0)
         yield {"url": url, "runner": runner}
         server.should_exit = True

@@ -33,7 +33,7 @@ from hyportrait.runtime.pipeline import (
 from hyportrait.runtime.sampling import karras_sigmas, sample_euler_windows, sample_lcm_windows
 from hyportrait.runtime.video import VideoWriter, open_live, probe_video, read_frames
 from hyportrait.runtime.windows import pad_motion_tokens, padded_motion, segment_window_indices
-from hyportrait.serve.jobs import mode_settings, parse_options
+from hyportrait.serve.jobs import parse_options
 from hyportrait.serve.options import Limits
 
 # a 4-frame window with one frame of overlap: segments of 4 frames take 3 new ones each; one guidance branch (the
@@ -229,8 +229,18 @@ def test_first_segment_options_are_checked(models, tmp_path, capsys):
     assert Animator(fixed, mode="fast").config.first_segment == 0
     with pytest.raises(OptionError, match="first_segment must be 0 or at least 25: these models' UNet runs 25"):
         Animator(fixed, mode="fast", first_segment=8)
-    # fast mode's default passed on by a mode switch (a quality-mode service's fast jobs) falls back too
-    assert Animator(fixed).with_options(**mode_settings("quality", False)["fast"]).config.first_segment == 0
+    # a quality-mode Animator (a service's) switched to fast mode: the mode's first segment falls back, one asked
+    # for is refused, also where it is fast mode's default (a service's job gives the mode and what it asked)
+    quality = Animator(fixed)
+    fast = quality.with_options(mode="fast")
+    assert (fast.config.sampler, fast.config.segment, fast.config.first_segment_frames) == ("lcm", 25, 25)
+    mode, settings, _ = parse_options('{"mode": "fast"}', Limits(), "quality")
+    assert quality.with_options(mode, **settings).config == fast.config
+    mode, settings, _ = parse_options('{"mode": "fast", "stream": true, "first_segment": 16}', Limits(), "quality")
+    with pytest.raises(OptionError, match="first_segment must be 0 or at least 25") as refused:
+        quality.with_options(mode, **settings)
+    assert refused.value.option == "first_segment"
+    assert fast.with_options(mode="quality").config == quality.config
     # the command names its flags, before any network is built
     for flags, message in ((["--first-segment", "8"], "--first-segment applies to segmented sampling"),
                            (["--mode", "fast", "--first-segment", "-1"], "--first-segment must be between 0"),
@@ -239,10 +249,9 @@ def test_first_segment_options_are_checked(models, tmp_path, capsys):
                     *flags, *CLI_TINY]) == 2
         assert message in capsys.readouterr().err
     # a service's job: streamed only, like segment
-    modes = mode_settings("fast", random_model=True)
-    assert parse_options('{"stream": true, "first_segment": 8}', Limits(), modes)[1]["first_segment"] == 8
+    assert parse_options('{"stream": true, "first_segment": 8}', Limits(), "fast")[1]["first_segment"] == 8
     with pytest.raises(ServeError, match="option first_segment applies to streamed jobs"):
-        parse_options('{"first_segment": 8}', Limits(), modes)
+        parse_options('{"first_segment": 8}', Limits(), "fast")
 
 
 def live_tensor_bytes() -> int:
