@@ -140,8 +140,8 @@ def bench_worker(group, options: dict) -> dict | None:
                         run["identical_to_1_gpu"] = bool(np.array_equal(frames, reference))
                         report["long"][f"{mode}/{scheme}/{k}"] = run
                 group.barrier()
-    for mode, (settings, full_steps) in modes.items():
-        config_options = {**size["config"], **settings, "num_steps": size["demo_steps"] or full_steps,
+    for mode, (_, full_steps) in modes.items():
+        config_options = {**size["config"], "mode": mode, "num_steps": size["demo_steps"] or full_steps,
                           "max_frames": options["demo_frames"]}
         spread = options["demo_scheme"] if mode == "quality" else "window"  # one branch: windows only
         for k, scheme in ((1, None), (group.size, spread)) if group.size > 1 else ((1, None),):

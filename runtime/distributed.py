@@ -238,8 +238,8 @@ class ParallelAnimator(Animator):
         if not isinstance(models, Models):  # networks the caller built are already on their device
             options["device"] = str(group.device)
         options["progress"] = options.get("progress", False) and group.is_root
+        options["segment"] = 0  # the ranks sample the whole clip in step (no segments); an option, so views keep it
         super().__init__(models, **options)
-        self.config = replace(self.config, segment=0)  # the ranks sample the whole clip in step (no segments)
         self.group, self.scheme = group, scheme
         if scheme == "guidance":
             branch_shares(len(GUIDANCE_BRANCHES[self.config.guidance_branches]), group.size)  # refuses early
