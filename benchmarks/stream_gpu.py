@@ -227,10 +227,12 @@ def first_frame_run(animator: Animator, frames: list, stages: dict | None = None
                                              for name in ("motion", "unet", "vae_decoder")})
     start = time.perf_counter()
     stream = animator.stream(SAMPLE_IMAGE, source(), fps=FPS)
-    next(stream)
-    end = time.perf_counter()
-    out.set()
-    stream.close()
+    try:
+        next(stream)
+        end = time.perf_counter()
+    finally:
+        out.set()  # the source goes on (and ends) whatever happened
+        stream.close()
     if stages is not None:
         stages["preprocess_chunk"] = first_calls["motion"] - handed["segment"]
     return {"after_call_s": end - start, "after_segment_frames_s": end - handed["segment"]}

@@ -26,7 +26,8 @@ def random_data(out: Path, size: str, examples: int = 8) -> Path:
     g = torch.Generator().manual_seed(0)
 
     def example():
-        return {"latents": torch.randn(f, 4, h, h, generator=g).half(), "image_latent": torch.randn(4, h, h).half(),
+        return {"latents": torch.randn(f, 4, h, h, generator=g).half(),
+                "image_latent": torch.randn(4, h, h, generator=g).half(),
                 "appearance": torch.randn(64, 1024, generator=g).half(),
                 "motion": torch.randn(f, 64, 1024, generator=g).half()}
 

@@ -42,7 +42,7 @@ from hyportrait.networks.contract import PRECISIONS
 
 from .backends import Models, resolve_device
 from .inputs import load_image
-from .models import ModelOptions, load_models
+from .models import ModelOptions, check_folder, load_models
 from .paste_back import PasteBack
 from .pipeline import (
     FAST_MODE,
@@ -158,11 +158,13 @@ def check_option_names(options: dict) -> None:
         raise InputError(f"unknown option(s) {', '.join(sorted(unknown))}")
 
 
-def mode_config(mode: str, options: dict, under_mode: dict, fixed_window: int | None) -> AnimateConfig:
+def mode_config(mode: str, options: dict, under_mode: dict, fixed_window: int | None,
+                asked: dict | None = None) -> AnimateConfig:
     """The config of `mode` on some models: the mode's settings over `under_mode` (what the models set: device,
     precision, crop size, a fixed window; a random-weight model's few steps), the caller's `options` over both;
-    the first segment checked against `fixed_window` (`first_segment_checked`)."""
-    return first_segment_checked(make_config({**under_mode, **MODES[mode], **options}), options, fixed_window)
+    the first segment of `asked` (default: `options`) checked against `fixed_window` (`first_segment_checked`)."""
+    config = make_config({**under_mode, **MODES[mode], **options})
+    return first_segment_checked(config, options if asked is None else asked, fixed_window)
 
 
 def first_segment_checked(config: AnimateConfig, options: dict, fixed_window: int | None) -> AnimateConfig:
@@ -278,6 +280,8 @@ class Animator:
         # the settings under the mode's: a random-weight model's few steps, then those the models fix
         under_mode = {"device": str(self.device)}
         if isinstance(models, Models):  # networks the caller built (`weights`: their folder, for ArcFace)
+            if weights is not None:
+                check_folder(weights)
             self.models = models
             arcface_folder = weights
         elif backend == "torch":
@@ -328,7 +332,8 @@ class Animator:
         self._fixed_settings(options)
         view = copy.copy(self)
         view.mode, view.options = mode or self.mode, {**self.options, **options}
-        view.config = mode_config(view.mode, view.options, self._under_mode, self.models.window)
+        # only a first segment asked here is checked: one from creation was, and goes unused without segments
+        view.config = mode_config(view.mode, view.options, self._under_mode, self.models.window, options)
         return view
 
     # -- the stages ----------------------------------------------------------------------------------------
@@ -348,8 +353,8 @@ class Animator:
         tokens = []
         total = min(info.num_frames, config.max_frames)
         with tqdm(total=total, desc="preprocess", unit="frame", disable=not self.progress) as bar:
-            for chunk in driving.chunks(read_frames(video, limit=config.max_frames), chunk_frames=config.window,
-                                        first=config.first_chunk_frames):
+            # window-sized chunks: `sample` takes the whole clip (segments go through `_streamed`)
+            for chunk in driving.chunks(read_frames(video, limit=config.max_frames), chunk_frames=config.window):
                 tokens.append(motion_tokens(self.models, torch.from_numpy(chunk.expression_images),
                                             torch.from_numpy(chunk.pose_images), chunk.head_bucket,
                                             chunk.exp_bucket))

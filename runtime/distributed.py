@@ -29,7 +29,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hyportrait.errors import BackendError, DistributedError, HyportraitError, InputError, WorkerError
+from hyportrait.errors import (
+    BackendError,
+    DistributedError,
+    HyportraitError,
+    InputError,
+    OptionError,
+    WorkerError,
+)
 
 from .api import Animator, Prepared
 from .backends import Models
@@ -226,6 +233,14 @@ def _tensors(cond: Conditioning) -> dict[str, torch.Tensor]:
 
 # --- the animator -------------------------------------------------------------------------------------------
 
+def whole_clip(options: dict) -> dict:
+    """`options` with segment 0: the ranks sample the whole clip in step (an option, so views keep it); segments
+    asked for are refused (as the CLI refuses --segment with --gpus)."""
+    if options.get("segment"):
+        raise OptionError("segment", f"runs on one GPU: several GPUs sample the whole clip, got {options['segment']}")
+    return {**options, "segment": 0}
+
+
 class ParallelAnimator(Animator):
     """An Animator on one rank of `group`: its networks on this rank's device, the sampling spread by `scheme`
     ("window" or "guidance"), decoding by chunks. Every rank calls `animate` (or iterates `frames`) with the
@@ -238,14 +253,23 @@ class ParallelAnimator(Animator):
         if not isinstance(models, Models):  # networks the caller built are already on their device
             options["device"] = str(group.device)
         options["progress"] = options.get("progress", False) and group.is_root
-        options["segment"] = 0  # the ranks sample the whole clip in step (no segments); an option, so views keep it
-        super().__init__(models, **options)
+        super().__init__(models, **whole_clip(options))
         self.group, self.scheme = group, scheme
         if scheme == "guidance":
-            branch_shares(len(GUIDANCE_BRANCHES[self.config.guidance_branches]), group.size)  # refuses early
+            self._check_branches()
             self.models = replace(self.models, unet=GuidanceParallelUNet(self.models.unet, group))
         elif group.size > 1:
             self.map_windows = window_parallel(group)
+
+    def with_options(self, mode: str | None = None, **options) -> ParallelAnimator:
+        view = super().with_options(mode, **whole_clip(options))
+        if self.scheme == "guidance":
+            view._check_branches()
+        return view
+
+    def _check_branches(self) -> None:
+        """InputError unless the guidance branches can be shared by the ranks (before any work)."""
+        branch_shares(len(GUIDANCE_BRANCHES[self.config.guidance_branches]), self.group.size)
 
     def prepare(self, image, video) -> Prepared:
         prepared, error = None, None

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hyportrait.errors import InputError, describe
+from hyportrait.errors import InputError, WeightsError, describe
 from hyportrait.export.manifest import MANIFEST_FILE, Manifest, read_manifest
 from hyportrait.export.onnx_io import ModelRecord
 from hyportrait.networks import contract
@@ -125,6 +125,12 @@ def torch_networks(source, lora: Path | None = None):
     return nets
 
 
+def check_folder(weights: str | Path) -> None:
+    """WeightsError unless `weights` is a folder (one named for built networks would otherwise be ignored)."""
+    if not Path(weights).is_dir():
+        raise WeightsError(f"weights folder {weights} does not exist or is not a folder")
+
+
 def load_models(backend: str, source, device: torch.device | str, options: ModelOptions = ModelOptions(), *,
                 weights: str | Path | None = None) -> Models:
     """The networks of `backend` from `source`: the official weights folder (torch; None: tiny random
@@ -134,6 +140,11 @@ def load_models(backend: str, source, device: torch.device | str, options: Model
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     device = torch.device(device)
+    if weights is not None:
+        if backend != "torch" or isinstance(source, (str, os.PathLike)):
+            raise InputError("`weights` names the folder of networks already built (torch backend), not a second "
+                             "source")
+        check_folder(weights)
     if backend == "torch":
         folder = Path(source) if isinstance(source, (str, os.PathLike)) else weights
         nets = torch_networks(source, options.lora)

@@ -91,7 +91,7 @@ class AnimateConfig:
     max_appearance_guidance: float = 2.0
     min_motion_guidance: float = 2.0
     max_motion_guidance: float = 2.0
-    window: int = WINDOW  # n_sample_frames: also the chunk of the motion encoders and bucket ids
+    window: int = WINDOW  # n_sample_frames: also the chunk of the motion encoders and bucket ids (first_chunk_frames)
     overlap: int = 3
     shift_offset: int = 3
     pad_frames: int = 15
@@ -149,10 +149,11 @@ class AnimateConfig:
 
     @property
     def first_chunk_frames(self) -> int:
-        """Driving frames of the first motion chunk (the later ones hold a window each, as the official): with a
-        first segment, the real frames it holds (at least one), so that it starts as soon as they are in; its
-        bucket ids are then computed over those frames only (a live source has no later frames to look at)."""
-        if not (self.segment and self.first_segment):
+        """Driving frames of the first motion chunk when segmented: the real frames of the first segment (at least
+        one, at most a window), so that it starts as soon as they are in; its bucket ids are computed over those
+        frames only (a live source has no later frames to look at; one frame gives ids 0), and the later chunks of
+        a window each start there. The whole clip (`segment` 0) keeps the official chunks of a window."""
+        if not self.segment:
             return self.window
         return min(self.window, max(1, self.first_segment_frames - self.pad_frames))
 
@@ -181,7 +182,8 @@ def motion_tokens(models: Models, expression_images: torch.Tensor, pose_images: 
                   head_bucket: int, exp_bucket: int) -> torch.Tensor:
     """Motion tokens (n, 64, 1024) fp32 of one chunk of driving frames (n <= 25).
 
-    The intensity bucket ids are computed per chunk (25 frames), so the encoders run per chunk too.
+    The intensity bucket ids are computed per chunk (a window; `first_chunk_frames`), so the encoders run per
+    chunk too.
     """
     device = models.device
     head_id, exp_id = (torch.tensor([i], dtype=torch.int32, device=device) for i in (head_bucket, exp_bucket))

@@ -14,7 +14,7 @@ import torch
 
 from hyportrait.benchmarks import multigpu_gpu
 from hyportrait.cli import main as cli_main
-from hyportrait.errors import InputError, WorkerError
+from hyportrait.errors import InputError, OptionError, WorkerError
 from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.runtime import distributed
 from hyportrait.runtime.api import Animator, Prepared
@@ -127,8 +127,14 @@ def test_animate_on_2_processes_writes_the_frames_of_one_process_on_rank_0_only(
     one = Animator(models, **options).animate(SAMPLE_IMAGE, SAMPLE_VIDEO, tmp_path / "one")
 
     def worker(group):
-        result = ParallelAnimator(models, group=group, **options).animate(SAMPLE_IMAGE, SAMPLE_VIDEO,
-                                                                          tmp_path / "two")
+        animator = ParallelAnimator(models, group=group, **options)
+        # views keep the whole clip (segments would part the ranks) and the scheme's limits
+        assert animator.with_options(mode="fast").config.segment == 0
+        with pytest.raises(OptionError, match="segment runs on one GPU"):
+            animator.with_options(segment=4)
+        with pytest.raises(InputError, match="it needs at most 1 GPUs"):
+            ParallelAnimator(models, group=group, scheme="guidance", **options).with_options(mode="fast")
+        result = animator.animate(SAMPLE_IMAGE, SAMPLE_VIDEO, tmp_path / "two")
         return result.as_dict() if result is not None else None
 
     two = distributed.launch(worker, 2, device_type="cpu", timeout_s=60)

@@ -245,6 +245,13 @@ def test_networks_already_built_take_their_folders_detector_and_arcface(tiny_wei
     models = load_models("torch", random_networks("tiny"), "cpu", ModelOptions(size=64), weights=tiny_weights)
     assert isinstance(models.face_detector, YoloFaceDetector)
     assert Animator(models, weights=tiny_weights).arcface is not None and Animator(models).arcface is None
+    missing = tiny_weights / "missing"
+    with pytest.raises(WeightsError, match="missing does not exist"):
+        Animator(models, weights=missing)
+    with pytest.raises(WeightsError, match="missing does not exist"):
+        load_models("torch", random_networks("tiny"), "cpu", ModelOptions(size=64), weights=missing)
+    with pytest.raises(InputError, match="not a second source"):
+        load_models("torch", tiny_weights, "cpu", ModelOptions(size=64), weights=tiny_weights)
 
 
 def test_export_all_from_a_weights_folder(tiny_weights, tmp_path, monkeypatch, nets):

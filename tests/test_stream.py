@@ -214,6 +214,20 @@ def test_the_first_frame_needs_only_the_first_segments_driving_frames(models, sa
     streamed = [first, *stream]
     from_file = list(animator.frames(SAMPLE_IMAGE, SAMPLE_VIDEO))
     assert len(streamed) == 6 and all(np.array_equal(f.cropped, g) for f, g in zip(streamed, from_file))
+    # a segment of one window starts after its real frames too; the whole clip keeps the official chunks, also
+    # in `prepare` (whose tokens feed the whole clip whatever the segment)
+    one_window = AnimateConfig(segment=25, first_segment=25)
+    assert AnimateConfig(segment=25).first_chunk_frames == one_window.first_chunk_frames == 10
+    assert AnimateConfig(segment=0, first_segment=16).first_chunk_frames == 25
+    seen = []
+
+    def motion(**inputs):
+        seen.append(len(inputs["face_images"]))
+        return models.motion(**inputs)
+
+    animator.models = dataclasses.replace(models, motion=motion)
+    animator.prepare(SAMPLE_IMAGE, SAMPLE_VIDEO)
+    assert seen == [4, 2]
 
 
 def test_first_segment_options_are_checked(models, tmp_path, capsys):
@@ -224,6 +238,8 @@ def test_first_segment_options_are_checked(models, tmp_path, capsys):
         Animator(models, **TINY).with_options(first_segment=2)
     assert Animator(models, mode="fast", segment=0, **TINY).config.first_segment == 16
     assert Animator(models, **TINY).with_options(segment=4, first_segment=2).config.first_segment == 2
+    # a first segment from creation goes unused, not refused, in a view without segments
+    assert Animator(models, mode="fast", first_segment=2, **TINY).with_options(segment=0).config.segment == 0
     # an exported UNet runs a fixed window: the fast default falls back to it, one asked for is refused
     fixed = dataclasses.replace(models, window=25)
     assert Animator(fixed, mode="fast").config.first_segment == 0
