@@ -17,7 +17,7 @@ and 3-4 more with a compiled setting (the default: one):
      takes minutes). `Animator.stream` until its first frame from a live source that hands over the first
      segment's driving frames (its first motion chunk) and nothing more until that frame is out; the median of
      --repeats runs after one unmeasured run (compiling or capturing the shapes), then one run with each
-     network's time.
+     network's and the face detector's time.
   1. fast mode (LCM 4 steps, one UNet batch, segments of 25 frames), 192 driving frames (8 s):
      `Animator.stream` from frames in memory: latency of the first output frame after the first motion chunk's
      driving frames were handed over, and steady-state fps (after the first segment); then `Animator.animate`
@@ -41,8 +41,10 @@ is printed at the end.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
+import math
 import sys
 import tempfile
 import threading
@@ -202,12 +204,29 @@ def clocked(session, seconds: dict, first_calls: dict):
     return call
 
 
+def clocked_detector(detector, seconds: dict, since: dict):
+    """`detector` whose `detect_batch` calls started after `since["segment"]` (the driving frames' hand-over, not
+    the source image's detection) add their seconds (synchronised) to `seconds["face_detection"]`."""
+    def detect_batch(images):
+        synchronize()
+        tic = time.perf_counter()
+        faces = detector.detect_batch(images)
+        synchronize()
+        if tic >= since.get("segment", math.inf):
+            seconds["face_detection"] = seconds.get("face_detection", 0.0) + time.perf_counter() - tic
+        return faces
+
+    view = copy.copy(detector)
+    view.detect_batch = detect_batch
+    return view
+
+
 def first_frame_run(animator: Animator, frames: list, stages: dict | None = None) -> dict:
     """`Animator.stream` until its first output frame, from a live source: it hands over the first segment's
     driving frames (its first motion chunk) at once, then gives nothing more until the first frame is out.
     Seconds from the call and from the hand-over to the first frame. `stages`: the seconds of each network's
-    calls (synchronised, so the latency is then slightly longer) and of the first chunk's preprocessing (face
-    detection and crops: from its hand-over to the motion encoder's first call)."""
+    calls (synchronised, so the latency is then slightly longer), of the first chunk's preprocessing (face
+    detection and crops: from its hand-over to the motion encoder's first call) and of its face detection."""
     real = animator.config.first_chunk_frames
     handed, out = {}, threading.Event()
 
@@ -225,6 +244,7 @@ def first_frame_run(animator: Animator, frames: list, stages: dict | None = None
         animator = animator.with_options()
         animator.models = replace(models, **{name: clocked(getattr(models, name), stages, first_calls)
                                              for name in ("motion", "unet", "vae_decoder")})
+        animator.detector = clocked_detector(animator.detector, stages, handed)
     start = time.perf_counter()
     stream = animator.stream(SAMPLE_IMAGE, source(), fps=FPS)
     try:

@@ -11,7 +11,8 @@ def test_the_stream_benchmark_runs_every_part(tmp_path):
     first = report["first_frame"]["eager"]  # the GPU's CUDA graphs and compiled runs are left out on a CPU
     assert [(run["first_segment"], run["pad_frames"]) for run in first.values()] == [(3, 0), (4, 1)]
     assert all(0 < run["after_segment_frames_s"] < run["after_call_s"] for run in first.values())
-    assert all(set(run["stages_s"]) == {"preprocess_chunk", "motion", "unet", "vae_decoder"} for run in first.values())
+    assert all(set(run["stages_s"]) == {"preprocess_chunk", "face_detection", "motion", "unet",
+                                                 "vae_decoder"} for run in first.values())
     segmented = report["fast_stream"]["segmented"]
     assert segmented["frames"] == 6 and segmented["first_frame_after_first_chunk_s"] > 0
     assert {run["frames"] for run in report["fast_animate"].values()} == {6}
