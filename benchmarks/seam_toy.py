@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     p.add_argument("--clips", type=int, default=8)
     a = p.parse_args(argv)
     size = toy.SIZES[a.size]
-    teacher = a.toy / "teacher" / "unet.safetensors"
+    teacher = a.toy / toy.TEACHER
     unet = toy.merged_student(size, teacher, a.toy / "student" / "lora").set_engine_rewrites(True).eval()
     task = toy.Task(replace(size, frames=a.frames))  # the same colours, tokens and pose map, longer clips
     clips = task.clips(a.clips, seed=3)  # held out: neither the training (1) nor the table's (2) seed

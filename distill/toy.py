@@ -5,7 +5,8 @@ instead of the real 64 x 1024, see ToySize) learns a synthetic conditional video
 clip; the appearance tokens choose its shape and colour, the image latent is the first frame, the motion tokens
 carry each frame's position. The data is written with distill/data.py, so the trainer reads it as real data.
 The trainer's teacher mode trains the teacher (conditions dropped at random, so three-branch guidance means
-something), its distill mode the student; two negative controls run the same way (learning rate 0; the target
+something; kept in fp16 as DIR/teacher.safetensors, which a later run may start from: `--teacher`), its distill
+mode the student; two negative controls run the same way (learning rate 0; the target
 taken from the student itself at the same sigma). On held-out clips, from the same starting noise:
 
     reference      teacher, 25 Euler steps, three-branch guidance
@@ -18,14 +19,17 @@ position error <= 1.5 x the reference's; each control must fail it. The last pri
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
+from hyportrait.errors import WeightsError
 from hyportrait.files import atomic_path, write_json
 from hyportrait.networks.unet import UNetConfig, UNetWithAdapters
 from hyportrait.runtime.pipeline import AnimateConfig
@@ -153,6 +157,40 @@ def _stack(clips) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[int]]:
     return batch, torch.stack([c[1] for c in clips]), [c[2] for c in clips]
 
 
+TEACHER = "teacher.safetensors"  # DIR/teacher.safetensors: the teacher every later stage of the proof uses
+
+
+def teacher_identity(size: ToySize) -> dict:
+    """What a toy teacher is made from: the task's shapes, its data and the teacher's recipe."""
+    shapes = {k: getattr(size, k) for k in ("latent", "frames", "channels", "train_clips", "tokens", "width")}
+    return {**shapes, "teacher": asdict(size.teacher)}
+
+
+def save_teacher(size: ToySize, trained: Path, path: Path) -> None:
+    """The trained teacher in fp16 (half the file: the tests bundle one; the rounding is far below what the
+    proof measures), with the identity of what made it."""
+    weights = {k: v.half() for k, v in load_file(str(trained)).items()}
+    with atomic_path(path) as tmp:
+        save_file(weights, str(tmp), metadata={"toy": json.dumps(teacher_identity(size), sort_keys=True)})
+
+
+def use_teacher(size: ToySize, given: Path, path: Path) -> None:
+    """A teacher saved by an earlier run (`save_teacher`) copied in as this run's, if made for this toy."""
+    try:
+        with safe_open(str(given), "pt") as f:
+            made_for = json.loads((f.metadata() or {}).get("toy", "null"))
+    except (OSError, SafetensorError, ValueError) as e:  # missing, not safetensors, not our metadata
+        raise WeightsError(f"{given}: not a toy teacher ({e})") from None
+    if made_for is None:
+        raise WeightsError(f"{given}: not a toy teacher (no record of the toy that made it)")
+    if made_for != json.loads(json.dumps(teacher_identity(size))):  # lists and tuples compared as JSON
+        raise WeightsError(f"{given}: a teacher of another toy or recipe ({made_for}); make it again with "
+                           f"`hyportrait distill toy --out DIR` and copy DIR/{TEACHER}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(given.read_bytes())
+
+
 def load_teacher(size: ToySize, path: Path) -> UNetWithAdapters:
     unet = toy_unet(size)
     unet.load_state_dict(load_file(str(path)))
@@ -217,18 +255,26 @@ def side_by_side(rows: list[Row], path: Path, clips: int = 4) -> None:
                                                   Image.NEAREST).save(tmp, format="PNG")
 
 
-def run_toy(out: str | Path, size: str | ToySize = "cpu", phases: int | None = None, print_fn=print) -> dict:
+def run_toy(out: str | Path, size: str | ToySize = "cpu", phases: int | None = None, print_fn=print,
+            teacher: str | Path | None = None) -> dict:
     """The whole proof: data, teacher, student, the two controls, the table (DIR/table.json, DIR/frames.png).
-    Runs already finished in DIR are reused (each trainer run resumes from its checkpoint)."""
+    Runs already finished in DIR are reused (each trainer run resumes from its checkpoint). `teacher`: the
+    DIR/teacher.safetensors of an earlier run of this toy, used instead of training the teacher again."""
     out = Path(out)
     size_name = size if isinstance(size, str) else "custom"
     size = SIZES[size] if isinstance(size, str) else size
     phases = phases or size.student.phases
+    teacher_file = out / TEACHER
+    if teacher is not None:
+        print_fn(f"toy: the teacher of {teacher}")
+        use_teacher(size, Path(teacher), teacher_file)
     task = Task(size)
     data = write_toy_data(task, out / "data", size.train_clips, seed=1)
     pose = task.pose_map
-    print_fn(f"toy: teacher, {size.teacher.steps} steps on {size.train_clips} clips")
-    teacher_run = train(size.teacher, data, out / "teacher", toy_unet(size), pose, weights="toy (random init)")
+    if not teacher_file.is_file():
+        print_fn(f"toy: teacher, {size.teacher.steps} steps on {size.train_clips} clips")
+        trained = train(size.teacher, data, out / "teacher", toy_unet(size), pose, weights="toy (random init)")
+        save_teacher(size, trained.output, teacher_file)
     students, steps, moved = {}, {}, {}
     controls = {"steps": size.control_steps, "checkpoint_every": size.control_steps}
     variants = {"student": {}, "control lr=0": {"lr": 0.0, **controls},
@@ -237,13 +283,12 @@ def run_toy(out: str | Path, size: str | ToySize = "cpu", phases: int | None = N
         config = replace(size.student, phases=phases, **change)
         print_fn(f"toy: {name}, {config.steps} distillation steps")
         folder = out / name.replace(" ", "-").replace("=", "")
-        result = train(config, data, folder, load_teacher(size, teacher_run.output), pose,
-                       weights=str(teacher_run.output))
-        students[name] = merged_student(size, teacher_run.output, result.output)
+        result = train(config, data, folder, load_teacher(size, teacher_file), pose, weights=str(teacher_file))
+        students[name] = merged_student(size, teacher_file, result.output)
         steps[name] = config.steps
         moved[name] = _adapter_moved(result.output)
     clips = task.clips(size.eval_clips, seed=2)  # held out: another seed than the training data
-    rows = evaluate(task, load_teacher(size, teacher_run.output), students, phases, clips)
+    rows = evaluate(task, load_teacher(size, teacher_file), students, phases, clips)
     reference, teacher4 = rows[0], rows[1]
     verdicts = {r.name: passes(r, teacher4, reference) for r in rows[2:] if " 4," in r.name}
     student_ok = verdicts["student 4, no guidance"]

@@ -321,6 +321,7 @@ class Trainer:
         else:
             try:
                 from peft import LoraConfig, get_peft_model
+                from peft.tuners.tuners_utils import BaseTunerLayer
             except ImportError:
                 raise RunError("distill mode needs peft: pip install 'hyportrait[train]'") from None
 
@@ -328,6 +329,7 @@ class Trainer:
             torch.manual_seed(config.seed)  # peft draws lora_A from the global generator: same run, same start
             self.model = get_peft_model(unet, LoraConfig(r=config.rank, lora_alpha=config.rank,
                                                          target_modules=LORA_TARGETS[config.lora_targets]))
+            self.adapter_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]  # teacher()
         self.model.to(device).train()
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if config.init_lora:
@@ -344,13 +346,26 @@ class Trainer:
                                                broadcast_buffers=False)
         groups = [[p for n, p in self.trainable.items() if _is_temporal(n) == t] for t in (False, True)]
         self.optimizer = torch.optim.AdamW([{"params": g} for g in groups if g], lr=config.lr,
-                                           weight_decay=config.weight_decay, fused=device.type == "cuda")
+                                           weight_decay=config.weight_decay, fused=device.type == "cuda",
+                                           foreach=device.type != "cuda")  # CPU: one call per list, not per tensor
         self.ema = EMA(self.trainable, config.ema) if config.mode == "distill" and config.target == "ema" else None
         self.pose_map = pose_map.to(device)
         a = AnimateConfig()
         self.time_ids = torch.tensor([a.fps_condition, a.motion_bucket_id, a.noise_aug_strength], device=device)
         self.sigmas = obj.sigma_grid(config.grid, a.sigma_min, a.sigma_max).to(device)
         self.edges = obj.phase_edges(config.grid, config.phases)
+
+    @contextlib.contextmanager
+    def teacher(self):
+        """The frozen base UNet: every adapter layer switched off, as peft's `disable_adapter()` does, without
+        its check of the whole model's state on each call (at the toy's size 60 ms a step, 7 % of it)."""
+        for layer in self.adapter_layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in self.adapter_layers:
+                layer.enable_adapters(True)
 
     def _uniform(self, bounds, b, g) -> torch.Tensor:
         return (bounds[0] + (bounds[1] - bounds[0]) * torch.rand(b, generator=g)).to(self.device)
@@ -377,7 +392,7 @@ class Trainer:
         x = x0 + s5 * noise
         g_app, g_mot = self._uniform(c.appearance_guidance, b, g), self._uniform(c.motion_guidance, b, g)
         with torch.no_grad(), self.autocast:
-            with self.model.disable_adapter():
+            with self.teacher():
                 v_teacher = guided_teacher_v(self.model, x, sig, cond, self.pose_map, self.time_ids, g_app, g_mot)
             x_next = obj.teacher_step(x, v_teacher.float(), s5, n5)
             target = None

@@ -212,12 +212,14 @@ def _add_distill_toy(dsub) -> None:
     y.add_argument("--size", choices=["cpu", "gpu"], default="cpu", help="cpu: 8x8 latents, 4 frames; "
                    "gpu: 16x16, 8 frames")
     y.add_argument("--phases", type=int, help="phases of the student (default: the size's, 4)")
+    y.add_argument("--teacher", type=Path, help="the teacher.safetensors of an earlier run of this size: skip "
+                   "training the teacher")
 
 
 def _distill_toy(args) -> int:
     from hyportrait.distill.toy import run_toy
 
-    return 0 if run_toy(args.out, args.size, args.phases)["verdict"] else 1
+    return 0 if run_toy(args.out, args.size, args.phases, teacher=args.teacher)["verdict"] else 1
 
 
 def _distill_train(args) -> int:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from hyportrait.benchmarks import distill_gpu
 from hyportrait.distill import random_run, toy
-from hyportrait.distill.train import TrainConfig, train
+from hyportrait.distill.train import TrainConfig, Trainer, train
 from hyportrait.errors import DataError, RunError, WeightsError
 from hyportrait.networks.lora import merge_lora
 from hyportrait.networks.unet import UNetWithAdapters
@@ -70,6 +70,25 @@ def test_trained_lora_merges_as_peft_does(data, tmp_path):
         train(replace(QUICK, init_lora=str(result.output)), folder, tmp_path / "base", other, task.pose_map)
     run = (tmp_path / "run" / "run.json").read_text()
     assert '"commit"' in run and '"shards_sha256"' in run
+
+
+def test_the_distill_teacher_is_the_base_unet(data):
+    """Inside `Trainer.teacher()` the student's model computes the base UNet (every adapter layer off), and after
+    it the student again, its adapter still trainable."""
+    task, _ = data
+    trainer = Trainer(QUICK, toy.toy_unet(SIZE), task.pose_map, torch.device("cpu"), 1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in trainer.trainable.items():
+            if "lora_B" in name:  # peft starts B at zero, where student and teacher agree
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        inputs = _unet_inputs(task)
+        base = toy.toy_unet(SIZE).set_engine_rewrites(True)(*inputs)
+        student = trainer.model(*inputs)
+        with trainer.teacher():
+            assert torch.allclose(trainer.model(*inputs), base, atol=1e-6)
+        assert torch.equal(trainer.model(*inputs), student) and not torch.allclose(student, base, atol=1e-3)
+    assert all(p.requires_grad for p in trainer.trainable.values())
 
 
 def _cli(*args):
