@@ -1,7 +1,8 @@
 """The proof (distill/toy.py) on the CPU: the student distilled from the bundled toy teacher, the table's pass line
 met by the student and failed by both negative controls, then the seam benchmark on the trained toy; and the
-teacher's own stage: teacher mode lowers its loss, and the bundled teacher is the one the toy's recipe makes.
-`make test` starts this file first on one worker (about 3 minutes of one core)."""
+teacher's own stage: teacher mode lowers its loss, and the bundled teacher is of today's recipe (others refused).
+`make test` starts this file first on one worker (about 4 minutes of one core; 6 to 9 when the proof trained
+its teacher)."""
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,7 @@ TEACHER = Path(__file__).parent / "data" / "toy_teacher.safetensors"
 
 
 def test_toy_student_passes_and_controls_fail(tmp_path):
-    """About 3 minutes of one core. One thread, as the recipe was measured (thread counts change float sums,
+    """About 4 minutes of one core. One thread, as the recipe was measured (thread counts change float sums,
     which 250 training steps carry into the table's last digits)."""
     lines = []
     threads = torch.get_num_threads()
