@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 from collections import Counter
+from dataclasses import replace
 
 import ml_dtypes
 import numpy as np
@@ -190,6 +191,25 @@ def test_large_models_keep_their_weights_in_one_data_file(large_unet, qdq):
     # fp8 rewrites onnxruntime's int8 model: one byte a weight again, in one data file of its own
     sizes = [(folder / f"unet.{precision}.onnx.data").stat().st_size for precision in ("int8", "fp8")]
     assert abs(sizes[1] - sizes[0]) < 0.05 * sizes[0], sizes
+
+
+def test_float8_takes_the_placement_of_a_current_int8_model_only(large_unet, qdq, tmp_path):
+    """fp8 is placed as int8 is: a current int8 model beside the source (as `qdq` made one first) is rewritten
+    instead of running onnxruntime's placement again; one of another source, another selection or edited
+    since is not (the fp8 tests above check what the rewrite makes)."""
+    selection = select_nodes(onnx.load(str(large_unet), load_external_data=False))
+    sha = qdq["int8"].source_sha256
+    (tmp_path / "a").mkdir()
+    assert quantize._int8_placement(large_unet, sha, selection, tmp_path / "a" / "unet.fp8.onnx") is True
+    assert (tmp_path / "a" / "unet.int8.onnx.data").is_file()  # the weights, under the name the model reads
+    assert not quantize._int8_placement(large_unet, "another source", selection, tmp_path / "b.onnx")
+    fewer = replace(selection, quantized=selection.quantized[1:])
+    assert not quantize._int8_placement(large_unet, sha, fewer, tmp_path / "c.onnx")
+    edited = tmp_path / "edited"
+    shutil.copytree(large_unet.parent, edited)
+    with open(edited / "unet.int8.onnx", "ab") as f:
+        f.write(b"\0")
+    assert not quantize._int8_placement(edited / "unet.onnx", sha, selection, tmp_path / "d.onnx")
 
 
 def test_torch_ranges_are_the_onnxruntime_ranges(unet, feeds, ranges):
