@@ -218,7 +218,8 @@ def test_an_embedding_script_killed_while_writing_leaves_nothing(tiny_export, tm
     temp, out = tmp_path / "tmp", tmp_path / "out"
     temp.mkdir()
     script = (
-        "import signal, threading\n"
+        "import faulthandler, signal, threading\n"
+        "faulthandler.enable()  # a crash shows every thread's stack in the assertion below\n"
         "from pathlib import Path\n"
         "from hyportrait.runtime.api import Animator\n"
         "from hyportrait.runtime.video import VideoWriter\n"
