@@ -49,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -189,36 +190,21 @@ def stream_run(animator: Animator, frames: list) -> dict:
             "thumbs": np.stack(thumbs)}
 
 
-def clocked(session, seconds: dict, first_calls: dict):
-    """`session` with the seconds of its calls (synchronised around each) added to `seconds[session.name]`, and
-    the time of its first call in `first_calls[session.name]`."""
-    def call(**inputs):
+def clocked(function: Callable, name: str, seconds: dict, first_calls: dict,
+            counted: Callable[[float], bool] | None = None):
+    """`function` with the seconds of its calls (synchronised around each) added to `seconds[name]` (those whose
+    start time is `counted`; default all), and the time of its first call in `first_calls[name]`."""
+    def call(*args, **kwargs):
         synchronize()
         tic = time.perf_counter()
-        first_calls.setdefault(session.name, tic)
-        out = session(**inputs)
+        first_calls.setdefault(name, tic)
+        out = function(*args, **kwargs)
         synchronize()
-        seconds[session.name] = seconds.get(session.name, 0.0) + time.perf_counter() - tic
+        if counted is None or counted(tic):
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - tic
         return out
 
     return call
-
-
-def clocked_detector(detector, seconds: dict, since: dict):
-    """`detector` whose `detect_batch` calls started after `since["segment"]` (the driving frames' hand-over, not
-    the source image's detection) add their seconds (synchronised) to `seconds["face_detection"]`."""
-    def detect_batch(images):
-        synchronize()
-        tic = time.perf_counter()
-        faces = detector.detect_batch(images)
-        synchronize()
-        if tic >= since.get("segment", math.inf):
-            seconds["face_detection"] = seconds.get("face_detection", 0.0) + time.perf_counter() - tic
-        return faces
-
-    view = copy.copy(detector)
-    view.detect_batch = detect_batch
-    return view
 
 
 def first_frame_run(animator: Animator, frames: list, stages: dict | None = None) -> dict:
@@ -242,9 +228,12 @@ def first_frame_run(animator: Animator, frames: list, stages: dict | None = None
     if stages is not None:
         models = animator.models
         animator = animator.with_options()
-        animator.models = replace(models, **{name: clocked(getattr(models, name), stages, first_calls)
+        animator.models = replace(models, **{name: clocked(getattr(models, name), name, stages, first_calls)
                                              for name in ("motion", "unet", "vae_decoder")})
-        animator.detector = clocked_detector(animator.detector, stages, handed)
+        # the driving frames' detection only, not the source image's (before their hand-over)
+        animator.detector = copy.copy(animator.detector)
+        animator.detector.detect_batch = clocked(animator.detector.detect_batch, "face_detection", stages, {},
+                                                 lambda tic: tic >= handed.get("segment", math.inf))
     start = time.perf_counter()
     stream = animator.stream(SAMPLE_IMAGE, source(), fps=FPS)
     try:

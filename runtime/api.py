@@ -142,9 +142,9 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def make_config(settings: dict, **fixed) -> AnimateConfig:
+def make_config(settings: dict) -> AnimateConfig:
     """An AnimateConfig; an invalid value raises OptionError (a coded input error naming the option)."""
-    return AnimateConfig(**settings, **fixed)
+    return AnimateConfig(**settings)
 
 
 def check_mode(mode: str) -> None:
