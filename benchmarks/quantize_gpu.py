@@ -180,7 +180,7 @@ def modelopt(a, precision: str, calibration: Path) -> dict:
     """ModelOpt's quantized UNet, measured as `quality` measures."""
     quantized, seconds = modelopt_model(a.size, precision, calibration)
     models = networks(a.size)[1]
-    models = replace(models, unet=TorchSession("unet", quantized, models.unet.dtypes))
+    models = replace(models, unet=TorchSession(models.unet.name, quantized, models.unet.dtypes))
     sets = len(recorded(a.size, calibration)[0])
     result = {"recipe": RECIPE, "calibration": f"the {sets} recorded input sets", "quantize_seconds": seconds,
               **quantizer_summary(quantized)}

@@ -27,10 +27,10 @@ from pathlib import Path
 import onnx
 from torch import nn
 
-from hyportrait.errors import BackendError, InputError
+from hyportrait.errors import BackendError
 from hyportrait.files import atomic_path
 
-from .quantize import PRECISIONS, QDQ_OPSET
+from .quantize import QDQ_OPSET, check_precision
 
 SMOOTHQUANT_ALPHA = 0.8
 # module-name scopes the example keeps unquantized in UNets (conv_shortcut: the residual path's 1x1 conv;
@@ -57,9 +57,7 @@ def recipe_config(precision: str, high_precision_dtype: str) -> dict:
     """ModelOpt's quantization config for `precision`: its preset, the example's algorithm settings, the
     exclusions, and the float type of the exported Q/DQ scales ("Half" for an fp16 model, "Float" for fp32:
     ModelOpt's int8 export casts a Q/DQ's input to that type and leaves the output in it)."""
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown quantization precision {precision!r}: choose one of "
-                         f"{', '.join(PRECISIONS)}")
+    check_precision(precision)
     mtq = modelopt_quantization()
     config = copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG if precision == "int8" else mtq.FP8_DEFAULT_CFG)
     if precision == "int8":

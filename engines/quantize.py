@@ -312,13 +312,14 @@ def ranges_from_amax(model: onnx.ModelProto, amax: dict[str, float]):
         for name, value in amax.items()})
 
 
-def _as_float8(model_path: Path, source: onnx.ModelProto, ranges, large: bool) -> None:
-    """onnxruntime's int8 Q/DQ model of `source` turned float8 e4m3fn, with amax / 448 scales (as TensorRT
+def _as_float8(int8_path: Path, model_path: Path, source: onnx.ModelProto, ranges, large: bool) -> None:
+    """onnxruntime's int8 Q/DQ model of `source` (at `int8_path`) turned float8 e4m3fn and written to
+    `model_path`, with amax / 448 scales (as TensorRT
     maps them): activations per tensor (scales in the tensor's own float type, as QuantizeLinear-19
     requires), weights per output channel along the axis onnxruntime chose, quantized here from the float
     weights of `source` in one vectorised cast (onnxruntime's own float8 weight path runs a reference
     evaluator per channel: 834 s at the official size on 2 cores, where this takes seconds)."""
-    model = onnx.load(str(model_path))
+    model = onnx.load(str(int8_path))
     initializers = {t.name: t for t in model.graph.initializer}
     weights = {t.name: t for t in source.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
@@ -343,7 +344,7 @@ def _as_float8(model_path: Path, source: onnx.ModelProto, ranges, large: bool) -
             scale = np.asarray(max(_amax(ranges, name) / FP8_MAX, np.finfo(scale_dtype).tiny), dtype=scale_dtype)
         replace(scale_name, scale)
         replace(zero_name, np.zeros(numpy_helper.to_array(initializers[zero_name]).shape, float8))
-    if large:  # onnx appends to an existing data file: the int8 weights' file goes first
+    if large:  # onnx appends to an existing data file
         model_path.with_name(f"{model_path.name}.data").unlink(missing_ok=True)
         onnx.save_model(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{model_path.name}.data")
@@ -351,21 +352,16 @@ def _as_float8(model_path: Path, source: onnx.ModelProto, ranges, large: bool) -
         onnx.save_model(model, str(model_path))
 
 
-def _int8_placement(source: Path, source_sha256: str, selection: NodeSelection, output: Path) -> bool:
-    """The int8 model of `source` beside it (with its data file) copied to `output`, when it is current: made
-    from this source with the present scheme and selection, unchanged since. float8 is placed as int8 is (the
-    same nodes, axes and shared pairs; scales and weights are its own, from the ranges and `source`), so
-    onnxruntime's placement, most of a quantization's time, need not run again for it."""
+def _int8_placement(source: Path, source_sha256: str, selection: NodeSelection) -> Path | None:
+    """The int8 model of `source` beside it when it is current: made from this source with the present scheme
+    and selection, unchanged since. float8 is placed as int8 is (the same nodes, axes and shared pairs; scales
+    and weights are its own, from the ranges and `source`), so onnxruntime's placement, most of a
+    quantization's time, need not run again for it."""
+    report = current_report(source, "int8", source_sha256=source_sha256)
     int8 = quantized_path(source, "int8")
-    report = read_report(report_path(int8))
-    if not (report and int8.is_file() and report.source_sha256 == source_sha256 and report.scheme == SCHEME
-            and report.quantized_nodes == len(selection.quantized) and report.excluded == selection.excluded
-            and report.output_sha256 == sha256_file(int8)):
-        return False
-    if report.data_file:  # read under its own name (the model names it), rewritten under the fp8 model's
-        shutil.copyfile(int8.with_name(report.data_file), output.with_name(report.data_file))
-    shutil.copyfile(int8, output)
-    return True
+    current = (report and report.quantized_nodes == len(selection.quantized) and report.excluded == selection.excluded
+               and report.output_sha256 == sha256_file(int8))
+    return int8 if current else None
 
 
 def _quantize_static(source: Path, output: Path, precision: str, selection: NodeSelection, ranges,
@@ -389,7 +385,7 @@ def _quantize_static(source: Path, output: Path, precision: str, selection: Node
                     calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large,
                     calibration_cache_path=str(cache), extra_options=extra)
     if precision == "fp8":
-        _as_float8(output, model, ranges, large)
+        _as_float8(output, output, model, ranges, large)
 
 
 def _session(model_path: Path, providers: Sequence | None):
@@ -419,6 +415,11 @@ def evaluate(reference: Path, quantized: Path, feeds: Sequence[dict[str, np.ndar
             "provider": str((providers or default_providers())[0])}
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown quantization precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+
+
 def quantize_model(source: Path, precision: str, ranges, *, calibration: dict, source_sha256: str | None = None,
                    eval_feeds: Sequence[dict[str, np.ndarray]] | None = None,
                    providers: Sequence | None = None) -> QuantizationReport:
@@ -426,8 +427,7 @@ def quantize_model(source: Path, precision: str, ranges, *, calibration: dict, s
     `quantized_path(source, precision)` and its report. calibration: a description of the ranges' inputs
     (recorded). eval_feeds: input sets for the quality report (None: no evaluation, e.g. a model too large
     for onnxruntime on this machine)."""
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown quantization precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     start = time.perf_counter()
     source = Path(source)
     final = quantized_path(source, precision)
@@ -442,8 +442,9 @@ def quantize_model(source: Path, precision: str, ranges, *, calibration: dict, s
         _check_coverage(model, selection, ranges)
         output = tmp / final.name
         source_sha256 = source_sha256 or sha256_file(source)
-        if precision == "fp8" and _int8_placement(source, source_sha256, selection, output):
-            _as_float8(output, model, ranges, large=_is_large(source))
+        int8 = _int8_placement(source, source_sha256, selection) if precision == "fp8" else None
+        if int8 is not None:
+            _as_float8(int8, output, model, ranges, large=_is_large(source))
         else:
             _quantize_static(upgraded, output, precision, selection, ranges, model, large=_is_large(source))
         del model
@@ -551,13 +552,13 @@ def read_calibration(path: Path) -> Calibration:
 
 
 def current_report(source: Path, precision: str, *, source_sha256: str,
-                   calibration_sha256: str) -> QuantizationReport | None:
+                   calibration_sha256: str | None = None) -> QuantizationReport | None:
     """The report of the quantized model of `source` when that model is current: made from this source, with
-    this calibration and the present scheme."""
+    this calibration (None: any) and the present scheme."""
     target = quantized_path(source, precision)
     report = read_report(report_path(target))
     current = (report and target.is_file() and report.source_sha256 == source_sha256 and report.scheme == SCHEME
-               and report.calibration.get("sha256") == calibration_sha256)
+               and calibration_sha256 in (None, report.calibration.get("sha256")))
     return report if current else None
 
 

@@ -199,17 +199,17 @@ def test_float8_takes_the_placement_of_a_current_int8_model_only(large_unet, qdq
     since is not (the fp8 tests above check what the rewrite makes)."""
     selection = select_nodes(onnx.load(str(large_unet), load_external_data=False))
     sha = qdq["int8"].source_sha256
-    (tmp_path / "a").mkdir()
-    assert quantize._int8_placement(large_unet, sha, selection, tmp_path / "a" / "unet.fp8.onnx") is True
-    assert (tmp_path / "a" / "unet.int8.onnx.data").is_file()  # the weights, under the name the model reads
-    assert not quantize._int8_placement(large_unet, "another source", selection, tmp_path / "b.onnx")
+    int8 = quantize._int8_placement(large_unet, sha, selection)
+    assert int8 == large_unet.with_name("unet.int8.onnx")  # read where it is, its weights file beside it
+    assert (large_unet.parent / "unet.int8.onnx.data").is_file()
+    assert quantize._int8_placement(large_unet, "another source", selection) is None
     fewer = replace(selection, quantized=selection.quantized[1:])
-    assert not quantize._int8_placement(large_unet, sha, fewer, tmp_path / "c.onnx")
+    assert quantize._int8_placement(large_unet, sha, fewer) is None
     edited = tmp_path / "edited"
     shutil.copytree(large_unet.parent, edited)
     with open(edited / "unet.int8.onnx", "ab") as f:
         f.write(b"\0")
-    assert not quantize._int8_placement(edited / "unet.onnx", sha, selection, tmp_path / "d.onnx")
+    assert quantize._int8_placement(edited / "unet.onnx", sha, selection) is None
 
 
 def test_torch_ranges_are_the_onnxruntime_ranges(unet, feeds, ranges):
