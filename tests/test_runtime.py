@@ -5,6 +5,9 @@ module-scoped Animators and the torch one's frames of the sample; the clip is 6 
 """
 import io
 import json
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -340,6 +343,37 @@ def test_consumed_in_background_keeps_order_and_raises_a_failure_in_the_caller()
     with pytest.raises(OSError, match="No space"), consumed_in_background(failing, depth=8, name="t") as hand_over:
         for i in range(4):
             hand_over(i)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_an_interrupt_while_the_block_waits_for_its_consumer_still_waits_for_it():
+    """The CLI's SIGINT/SIGTERM handler raises in the main thread while it waits for an encoder thread: the block
+    must not end (and close the writers) before that thread has. A Thread.join interrupted there marks the
+    thread as ended before Python 3.13, which crashed the encoder in a full suite (SIGTERM at frame 2)."""
+    log = []
+
+    def consume(item):
+        time.sleep(0.2)  # the caller has handed its one item over and waits for the end
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+        time.sleep(0.3)
+        log.append(item)
+
+    def raise_interrupted(signum, frame):
+        raise _Interrupted
+
+    handler = signal.signal(signal.SIGUSR1, raise_interrupted)
+    try:
+        with pytest.raises(_Interrupted), consumed_in_background(consume, depth=2, name="t") as hand_over:
+            hand_over("frame")
+        assert log == ["frame"]  # consumed before the block ended, not after
+    finally:
+        deadline = time.monotonic() + 5
+        while not log and time.monotonic() < deadline:  # a late consumer never signals the next test
+            time.sleep(0.05)
+        signal.signal(signal.SIGUSR1, handler)
 
 
 def test_a_failing_output_write_is_a_clear_error_and_leaves_nothing(tmp_path, torch_animator, monkeypatch):
