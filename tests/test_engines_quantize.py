@@ -9,6 +9,7 @@ numbers with margin; real conditioning and trained weights are the device script
 import json
 import re
 import shutil
+import tempfile
 from collections import Counter
 from dataclasses import replace
 
@@ -94,6 +95,37 @@ def qdq(unet, large_unet, feeds, ranges):
                                           calibration={"origin": "random", "input_sets": 2},
                                           source_sha256=unet[1].sha256, eval_feeds=feeds)
                 for precision in PRECISIONS}
+
+
+def test_calibration_ranges_are_onnxruntimes_minmax_ranges(tiny_export):
+    """calibrate() adds its own reduce nodes (onnxruntime's calibrator inserts them in time quadratic in the graph's
+    size): on the tiny appearance encoder (MatMul and Conv) it gives onnxruntime's symmetric MinMax ranges, the
+    same tensors, values and dtypes, and leaves no file beside the model."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.sets = iter(feeds)
+
+        def get_next(self):
+            return next(self.sets, None)
+
+    model = tiny_export / "appearance.onnx"
+    rng = np.random.default_rng(0)
+    feeds = [{"image": rng.standard_normal((1, 3, 224, 224), np.float32),
+              "id_embedding": rng.standard_normal((1, 512), np.float32)} for _ in range(2)]
+    before = sorted(tiny_export.iterdir())
+    ranges = calibrate(model, feeds)
+    assert sorted(tiny_export.iterdir()) == before
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = create_calibrator(model, ["MatMul", "Conv", "Gemm"], augmented_model_path=f"{tmp}/a.onnx",
+                                      calibrate_method=CalibrationMethod.MinMax, extra_options={"symmetric": True})
+        reference.collect_data(Reader())
+        expected = reference.compute_data()
+    assert set(ranges.keys()) == set(expected.keys()) and len(ranges.keys()) > 60
+    for name in expected:
+        for mine, theirs in zip(ranges[name].range_value, expected[name].range_value):
+            assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs), name
 
 
 def test_sensitive_layers_are_selected_out(unet):
