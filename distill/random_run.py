@@ -1,5 +1,5 @@
 """Distill runs of a random-weight UNet on random examples at the shapes the runtime feeds: what the trainer's
-speed (benchmarks/distill_gpu.py) and its multi-process behaviour (the DDP test) are measured on; neither depends
+speed (benchmarks/distill_gpu.py) and its multi-process behaviour (the ranks' agreement under DDP) are measured on; neither depends
 on the values."""
 from __future__ import annotations
 
