@@ -53,7 +53,7 @@ def measure(size: str, data: Path, run: Path, batch: int, accumulate: int = 1) -
 
 
 def ranks_agree(unet) -> bool | None:
-    """Whether every rank holds rank 0's trained adapter, bit for bit (None in a single process)."""
+    """Whether every rank holds rank 0's trained adapter, value for value (None in a single process)."""
     if not dist.is_initialized():
         return None
     mine = torch.cat([p.detach().flatten() for name, p in unet.named_parameters() if "lora" in name])

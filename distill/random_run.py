@@ -1,6 +1,6 @@
 """Distill runs of a random-weight UNet on random examples at the shapes the runtime feeds: what the trainer's
-speed (benchmarks/distill_gpu.py) and its multi-process behaviour (the ranks' agreement under DDP) are measured on; neither depends
-on the values."""
+speed and its ranks' agreement under DDP (benchmarks/distill_gpu.py) are measured on; neither depends on the
+values."""
 from __future__ import annotations
 
 from dataclasses import replace

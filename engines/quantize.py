@@ -5,9 +5,10 @@ Scheme (what TensorRT's explicit quantization expects):
   tensor, both symmetric (zero point 0); outputs and biases stay in the model's float type, so each Q/DQ
   pair sits where TensorRT fuses it into the quantized kernel. Other consumers of a quantized activation
   (skip connections, the norm beside a shortcut convolution) read it unquantized.
-- Scales come from a min/max calibration: onnxruntime runs of the model over recorded input sets (the ranges of onnxruntime's symmetric MinMax calibrator, in linear time), or the
-  same amax recorded in PyTorch (`torch_quant.py`, where onnxruntime cannot run the model). int8 maps amax
-  to 127; fp8 (e4m3fn) maps amax to 448, as TensorRT does. onnxruntime places the Q/DQ nodes (as int8) and
+- Scales come from a min/max calibration: onnxruntime runs of the model over recorded input sets (the ranges
+  of onnxruntime's symmetric MinMax calibrator, in linear time), or the same amax recorded in PyTorch
+  (`torch_quant.py`, where onnxruntime cannot run the model). int8 maps amax to 127; fp8 (e4m3fn) maps amax
+  to 448, as TensorRT does. onnxruntime places the Q/DQ nodes (as int8) and
   `_as_float8` then sets the float8 types, scales and weights: onnxruntime's own float8 path would fit a
   Gaussian to each tensor (a larger error on the test UNet) and quantize weights channel by channel in
   Python (14 minutes at the official size), and it cannot be steered otherwise without patching it.
@@ -228,13 +229,15 @@ def upgrade_opset(source: Path, out: Path) -> Path:
 def calibrate(model_path: Path, feeds: Sequence[dict[str, np.ndarray]], *, providers: Sequence | None = None):
     """Per-tensor symmetric ranges (-amax, amax) of the inputs and outputs of every MatMul/Conv/Gemm over `feeds`,
     run with onnxruntime (providers default: `default_providers()`), as onnxruntime's MinMax calibrator with
-    `symmetric` computes them (the same tensors, values and dtypes; its TensorsData is returned). Its calibrator is
-    not used: inserting its reduce nodes is quadratic in the graph's size (33 of its 35 s on the tiny UNet), and it
-    rewrites the weights of a large model beside its graph. Tensor names are the export's, so ranges taken on one
-    export of a network apply to another export of it (e.g. at a smaller latent size)."""
+    `symmetric` computes them (the same tensors, values and dtypes; its TensorsData is returned). Its calibrator
+    is not used: it inserts its reduce nodes in time quadratic in the graph's size (38 s against 2 s here on the
+    tiny UNet), and rewrites a large model's weights beside its graph. Tensor names are the export's, so ranges
+    taken on one export of a network apply to another export of it (e.g. at a smaller latent size)."""
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, TensorsData
 
+    if not feeds:
+        raise ValueError("calibration needs at least one input set")
     model_path = Path(model_path)
     model = onnx.load(str(model_path), load_external_data=False)
     dtypes = tensor_dtypes(model)
@@ -243,13 +246,18 @@ def calibrate(model_path: Path, feeds: Sequence[dict[str, np.ndarray]], *, provi
     tensors = sorted({name for node in model.graph.node if node.op_type in QUANTIZED_OP_TYPES
                       for name in (*node.input, *node.output)
                       if name and name not in weights and dtypes.get(name) in (np.float32, np.float16)})
-    amax = [f"{name}_amax" for name in tensors]
-    for name, out in zip(tensors, amax):  # appended: each reads a tensor made earlier, so the order stays valid
-        model.graph.node.extend([onnx.helper.make_node("Abs", [name], [f"{out}_abs"]),
-                                 onnx.helper.make_node("ReduceMax", [f"{out}_abs"], [out], keepdims=0)])
-        model.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[name])), []))
+    taken = set(dtypes) | {name for node in model.graph.node for name in node.output}
+    amax = []
+    for name in tensors:  # appended: each reads a tensor made earlier, so the order stays valid
+        absolute, top = _unused(f"{name}/abs", taken), _unused(f"{name}/amax", taken)
+        model.graph.node.extend([onnx.helper.make_node("Abs", [name], [absolute]),
+                                 onnx.helper.make_node("ReduceMax", [absolute], [top], keepdims=0)])
+        element = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[name]))
+        model.graph.output.append(onnx.helper.make_tensor_value_info(top, element, []))
+        amax.append(top)
     # beside the source, so that its weights file is read under the same relative name (not copied)
-    fd, augmented = tempfile.mkstemp(dir=model_path.parent, prefix=f".{model_path.stem}.calibration-", suffix=".onnx")
+    fd, augmented = tempfile.mkstemp(dir=model_path.parent, prefix=f".{model_path.stem}.calibration-",
+                                     suffix=".onnx")
     os.close(fd)
     try:
         onnx.save_model(model, augmented)
@@ -260,13 +268,21 @@ def calibrate(model_path: Path, feeds: Sequence[dict[str, np.ndarray]], *, provi
         runs = [session.run(amax, {k: np.asarray(v).astype(inputs[k]) for k, v in feed.items()}) for feed in feeds]
     finally:
         os.unlink(augmented)
-    if not runs:
-        raise ValueError("calibration needs at least one input set")
     ranges = {}
     for name, values in zip(tensors, zip(*runs)):
         top = np.nanmax(np.stack(values)).reshape(1)
         ranges[name] = (-top, top)
     return TensorsData(CalibrationMethod.MinMax, ranges)
+
+
+def _unused(name: str, taken: set[str]) -> str:
+    """`name`, or with the first counter suffix that no tensor of the graph has; then taken."""
+    candidate, count = name, 0
+    while candidate in taken:
+        count += 1
+        candidate = f"{name}_{count}"
+    taken.add(candidate)
+    return candidate
 
 
 def _amax(ranges, name: str) -> float:

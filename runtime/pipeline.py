@@ -440,7 +440,7 @@ def prefetched(items: Iterator, depth: int, check: Callable[[], None] | None = N
         except BaseException as exc:  # noqa: BLE001 -- handed to the caller's thread, raised there
             put((_END, exc))
 
-    ended = _started(produce, "hyportrait-prefetch")
+    thread, ended = _started(produce, "hyportrait-prefetch")
     try:
         while True:
             try:
@@ -456,9 +456,9 @@ def prefetched(items: Iterator, depth: int, check: Callable[[], None] | None = N
     finally:
         stop.set()
         if check is None:
-            _wait_through_interrupts(ended)
-        else:  # a producer blocked in a stalled source is not waited for (it ends when its read returns)
-            ended.wait(timeout=1.0)
+            _wait_through_interrupts(thread, ended)
+        elif ended.wait(timeout=1.0):  # a producer blocked in a stalled source is not waited for (it ends when
+            thread.join()  # its read returns); one that returned is joined (its exit is all that is left)
 
 
 @contextmanager
@@ -483,21 +483,21 @@ def consumed_in_background(consume: Callable, depth: int, name: str) -> Iterator
             raise errors[0]
         pending.put(item)
 
-    ended = _started(run, name)
+    thread, ended = _started(run, name)
     try:
         yield hand_over
     except BaseException as exc:
         errors.append(exc)  # the caller failed or was interrupted: what is queued is dropped, not consumed
         raise
     finally:
-        _wait_through_interrupts(ended, lambda: pending.put(_END), errors)
+        _wait_through_interrupts(thread, ended, lambda: pending.put(_END), errors)
     if errors:
         raise errors[0]
 
 
-def _started(target: Callable[[], None], name: str) -> threading.Event:
+def _started(target: Callable[[], None], name: str) -> tuple[threading.Thread, threading.Event]:
     """Run `target` on a daemon thread of its own; the event is set once it has returned or raised. Callers wait
-    on that event, not on Thread.join: before Python 3.13 a join interrupted by a signal handler's exception (the
+    on that event before joining: before Python 3.13 a join interrupted by a signal handler's exception (the
     CLI's SIGINT or SIGTERM) can mark a running thread as ended, and the caller would then close the video
     writers under it (a crash in the encoder)."""
     ended = threading.Event()
@@ -508,22 +508,25 @@ def _started(target: Callable[[], None], name: str) -> threading.Event:
         finally:
             ended.set()
 
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return ended
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread, ended
 
 
-def _wait_through_interrupts(ended: threading.Event, end: Callable | None = None, errors: list | None = None):
-    """Call `end` (what tells the thread to stop) once and wait until the thread has `ended`, even when an
-    interrupt (SIGINT, or SIGTERM as the CLI turns it) arrives meanwhile, then raise that interrupt: the caller
-    goes on to close what the thread may still be using (the video writers). An interrupt is also appended to
-    `errors`, which makes a consumer drop what is still queued."""
+def _wait_through_interrupts(thread: threading.Thread, ended: threading.Event, end: Callable | None = None,
+                             errors: list | None = None):
+    """Call `end` (what tells `thread` to stop) once and wait until its target has `ended` and the thread has
+    exited, even when an interrupt (SIGINT, or SIGTERM as the CLI turns it) arrives meanwhile, then raise that
+    interrupt: the caller goes on to close what the thread may still be using (the video writers). An interrupt
+    is also appended to `errors`, which makes a consumer drop what is still queued."""
     interrupt = None
-    while end is not None or not ended.is_set():
+    while end is not None or not ended.is_set() or thread.is_alive():
         try:
             if end is not None:
                 end()
                 end = None
             ended.wait()
+            thread.join()  # the target has returned; an interrupted join can only hide the thread's own exit
         except BaseException as exc:  # noqa: BLE001 -- raised below, once the thread has ended
             interrupt = exc
             if errors is not None:

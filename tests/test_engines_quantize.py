@@ -115,7 +115,7 @@ def test_calibration_ranges_are_onnxruntimes_minmax_ranges(tiny_export):
     feeds = [{"image": rng.standard_normal((1, 3, 224, 224), np.float32),
               "id_embedding": rng.standard_normal((1, 512), np.float32)} for _ in range(2)]
     before = sorted(tiny_export.iterdir())
-    ranges = calibrate(model, feeds)
+    ranges = calibrate(model, feeds, providers=["CPUExecutionProvider"])  # as the reference runs
     assert sorted(tiny_export.iterdir()) == before
     with tempfile.TemporaryDirectory() as tmp:
         reference = create_calibrator(model, ["MatMul", "Conv", "Gemm"], augmented_model_path=f"{tmp}/a.onnx",
@@ -126,6 +126,33 @@ def test_calibration_ranges_are_onnxruntimes_minmax_ranges(tiny_export):
     for name in expected:
         for mine, theirs in zip(ranges[name].range_value, expected[name].range_value):
             assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs), name
+
+
+def test_calibration_names_stay_clear_of_the_graphs_own(tmp_path):
+    """A graph whose tensors already bear the names calibrate() would give its outputs ("x/amax"): the ranges are
+    still each tensor's own amax, and an empty calibration set is refused before any work."""
+    from onnx import helper
+
+    w = np.arange(-6, 6, dtype=np.float32).reshape(3, 4) / 4
+    w2 = np.arange(8, dtype=np.float32).reshape(4, 2) / 8 - 0.5
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["x/amax"]), helper.make_node("Relu", ["x/amax"], ["x/abs"]),
+         helper.make_node("MatMul", ["x/abs", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 2])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w2, "w2")])
+    path = tmp_path / "clash.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = np.array([[1, -2, 0.5], [0, 3, -1]], np.float32)
+    ranges = calibrate(path, [{"x": x}], providers=["CPUExecutionProvider"])
+    hidden = x @ w
+    expected = {"x": x, "x/amax": hidden, "x/abs": np.maximum(hidden, 0), "y": np.maximum(hidden, 0) @ w2}
+    assert set(ranges.keys()) == set(expected)
+    for name, value in expected.items():
+        assert ranges[name].range_value[1] == pytest.approx([np.abs(value).max()], rel=1e-6), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clash.onnx"]
+    with pytest.raises(ValueError, match="at least one input set"):
+        calibrate(path, [])
 
 
 def test_sensitive_layers_are_selected_out(unet):
