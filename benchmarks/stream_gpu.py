@@ -17,7 +17,7 @@ and 3-4 more with a compiled setting (the default: one):
      takes minutes). `Animator.stream` until its first frame from a live source that hands over the first
      segment's driving frames (its first motion chunk) and nothing more until that frame is out; the median of
      --repeats runs after one unmeasured run (compiling or capturing the shapes), then one run with each
-     network's and the face detector's time.
+     network's and the face detector's time, and one with the detector's host profile (cProfile).
   1. fast mode (LCM 4 steps, one UNet batch, segments of 25 frames), 192 driving frames (8 s):
      `Animator.stream` from frames in memory: latency of the first output frame after the first motion chunk's
      driving frames were handed over, and steady-state fps (after the first segment); then `Animator.animate`
@@ -42,9 +42,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
 import gc
 import json
 import math
+import pstats
 import sys
 import tempfile
 import threading
@@ -207,12 +209,33 @@ def clocked(function: Callable, name: str, seconds: dict, first_calls: dict,
     return call
 
 
-def first_frame_run(animator: Animator, frames: list, stages: dict | None = None) -> dict:
+def profiled(function: Callable, rows: list, counted: Callable[[float], bool], top: int = 15):
+    """`function`, its first `counted` call (by start time) run under cProfile: `rows` gets the `top` functions by
+    own time (GPU work shows where the host waits for it: `.cpu()`, synchronisation)."""
+    def call(*args, **kwargs):
+        tic = time.perf_counter()
+        if rows or not counted(tic):
+            return function(*args, **kwargs)
+        profile = cProfile.Profile()
+        out = profile.runcall(function, *args, **kwargs)
+        synchronize()
+        stats = pstats.Stats(profile).stats  # (file, line, name) -> (calls, primitive calls, own, cumulative, callers)
+        for (file, line, name), (calls, _, own, cumulative, _) in sorted(stats.items(), key=lambda i: -i[1][2])[:top]:
+            rows.append({"function": f"{Path(file).name}:{line}({name})", "calls": calls, "own_s": round(own, 4),
+                         "cumulative_s": round(cumulative, 4)})
+        return out
+
+    return call
+
+
+def first_frame_run(animator: Animator, frames: list, stages: dict | None = None,
+                    detector_profile: list | None = None) -> dict:
     """`Animator.stream` until its first output frame, from a live source: it hands over the first segment's
     driving frames (its first motion chunk) at once, then gives nothing more until the first frame is out.
     Seconds from the call and from the hand-over to the first frame. `stages`: the seconds of each network's
     calls (synchronised, so the latency is then slightly longer), of the first chunk's preprocessing (face
-    detection and crops: from its hand-over to the motion encoder's first call) and of its face detection."""
+    detection and crops: from its hand-over to the motion encoder's first call) and of its face detection.
+    `detector_profile` (with `stages`): the host profile of the driving frames' face detection (`profiled`)."""
     real = animator.config.first_chunk_frames
     handed, out = {}, threading.Event()
 
@@ -224,21 +247,26 @@ def first_frame_run(animator: Animator, frames: list, stages: dict | None = None
         out.wait()
         yield from frames[real:]
 
+    def first_frames_calls(tic: float) -> bool:  # not the source image's (before), nor the next chunk's (after)
+        return handed.get("segment", math.inf) <= tic < handed.get("out", math.inf)
+
     first_calls = {}
     if stages is not None:
         models = animator.models
         animator = animator.with_options()
-        animator.models = replace(models, **{name: clocked(getattr(models, name), name, stages, first_calls)
+        animator.models = replace(models, **{name: clocked(getattr(models, name), name, stages, first_calls,
+                                                           first_frames_calls)
                                              for name in ("motion", "unet", "vae_decoder")})
-        # the driving frames' detection only, not the source image's (before their hand-over)
         animator.detector = copy.copy(animator.detector)
-        animator.detector.detect_batch = clocked(animator.detector.detect_batch, "face_detection", stages, {},
-                                                 lambda tic: tic >= handed.get("segment", math.inf))
+        detect = animator.detector.detect_batch
+        if detector_profile is not None:
+            detect = profiled(detect, detector_profile, first_frames_calls)
+        animator.detector.detect_batch = clocked(detect, "face_detection", stages, {}, first_frames_calls)
     start = time.perf_counter()
     stream = animator.stream(SAMPLE_IMAGE, source(), fps=FPS)
     try:
         next(stream)
-        end = time.perf_counter()
+        end = handed["out"] = time.perf_counter()
     finally:
         out.set()  # the source goes on (and ends) whatever happened
         stream.close()
@@ -280,9 +308,11 @@ def first_frames(models: Models, settings: list[str], a, plan: dict, eager: Anim
         runs = [first_frame_run(view, frames) for _ in range(a.repeats)]
         stages: dict = {}
         first_frame_run(view, frames, stages)
+        profile: list = []
+        first_frame_run(view, frames, {}, profile)
         results[name] = {"first_segment": view.config.first_segment_frames, "pad_frames": view.config.pad_frames,
                          **{key: float(np.median([run[key] for run in runs])) for key in runs[0]},
-                         "runs": runs, "warm_up_s": warm_up_s, "stages_s": stages}
+                         "runs": runs, "warm_up_s": warm_up_s, "stages_s": stages, "detector_profile": profile}
     return results
 
 
@@ -489,6 +519,9 @@ def print_table(report: dict) -> None:
             latency = (f"{run['after_segment_frames_s']:.3f} s after its driving frames ({run['after_call_s']:.3f} "
                        f"after the call; {stages})")
             rows.append((setting, latency))
+            if run.get("detector_profile"):
+                rows.append(("  its detection's host time, most first", ", ".join(
+                    f"{r['function']} {r['own_s']:.3f}" for r in run["detector_profile"][:3])))
     if "fast_stream" in report:
         rows += _stream_rows(report)
     for name, runs in report.get("memory", {}).items():

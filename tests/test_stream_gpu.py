@@ -13,6 +13,8 @@ def test_the_stream_benchmark_runs_every_part(tmp_path):
     assert all(0 < run["after_segment_frames_s"] < run["after_call_s"] for run in first.values())
     assert all(set(run["stages_s"]) == {"preprocess_chunk", "face_detection", "motion", "unet",
                                                  "vae_decoder"} for run in first.values())
+    # the driving frames' detection profiled once: its functions by own time, the detector's among them
+    assert all(any("face_detector.py" in row["function"] for row in run["detector_profile"]) for run in first.values())
     segmented = report["fast_stream"]["segmented"]
     assert segmented["frames"] == 6 and segmented["first_frame_after_first_chunk_s"] > 0
     assert {run["frames"] for run in report["fast_animate"].values()} == {6}
