@@ -51,6 +51,7 @@ from .pipeline import (
     Conditioning,
     build_conditioning,
     check_range,
+    closed,
     consumed_in_background,
     decode_frames,
     decode_segments,
@@ -518,8 +519,11 @@ class Animator:
                     f"{'stream' if live else _stem(video, 'video')}")
             folder = folder or result_folder(Path(out), name)
             tic = time.perf_counter()
-            written = self._write(folder, crops, paste_back, opened.fps, opened.audio, busy,
-                                  progressive=progressive, total=None, on_frame=on_frame)
+            try:
+                written = self._write(folder, crops, paste_back, opened.fps, opened.audio, busy,
+                                      progressive=progressive, total=None, on_frame=on_frame)
+            finally:
+                made.close()  # stopped early: its preprocessing thread stops now, under the lock
             # decode_encode is wall time; busy_* the seconds each of its threads worked
             timings = dict(preprocess_source=tic - start, decode_encode=time.perf_counter() - tic, **busy.seconds)
             timings["total"] = time.perf_counter() - start
@@ -572,6 +576,7 @@ class Animator:
         except OSError as exc:
             raise InputError(f"cannot write the output videos under {folder}: {describe(exc)}") from None
         finally:
+            closed(crops)  # stopped early (a failure, an interrupt): the decoding thread stops now
             # the writers removed their partial files; leave no empty result folder behind either
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()

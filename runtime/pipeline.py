@@ -455,7 +455,9 @@ def prefetched(items: Iterator, depth: int, check: Callable[[], None] | None = N
             yield item
     finally:
         stop.set()
-        if check is None:
+        if threading.current_thread() is thread:
+            pass  # the garbage collector finalized this generator on its own producer: stopping is all it can do
+        elif check is None:
             _wait_through_interrupts(thread, ended)
         elif ended.wait(timeout=1.0):  # a producer blocked in a stalled source is not waited for (it ends when
             thread.join()  # its read returns); one that returned is joined (its exit is all that is left)
@@ -556,10 +558,21 @@ class BusyTimes:
 
     def items(self, key: str, items: Iterator) -> Iterator:
         items = iter(items)
-        while True:
-            tic = time.perf_counter()
-            item = next(items, _END)
-            self._add(key, tic)
-            if item is _END:
-                return
-            yield item
+        try:
+            while True:
+                tic = time.perf_counter()
+                item = next(items, _END)
+                self._add(key, tic)
+                if item is _END:
+                    return
+                yield item
+        finally:
+            closed(items)
+
+
+def closed(items: Iterator) -> None:
+    """Close `items` when it is a generator (a `prefetched` one then stops and waits for its thread): a caller
+    that stops early closes what it read, instead of leaving it, and its thread, to the garbage collector."""
+    close = getattr(items, "close", None)
+    if close is not None:
+        close()

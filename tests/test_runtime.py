@@ -3,6 +3,7 @@
 The expensive fixtures are shared: the session's tiny export and tiny torch models (conftest.py), two
 module-scoped Animators and the torch one's frames of the sample; the clip is 6 driving frames.
 """
+import gc
 import io
 import json
 import signal
@@ -376,9 +377,13 @@ def test_an_interrupt_while_the_block_waits_for_its_consumer_still_waits_for_it(
         signal.signal(signal.SIGUSR1, handler)
 
 
-def test_a_failing_output_write_is_a_clear_error_and_leaves_nothing(tmp_path, torch_animator, monkeypatch):
+@pytest.mark.parametrize("segmented", [False, True])
+def test_a_failing_output_write_is_a_clear_error_and_leaves_nothing(tmp_path, torch_animator, monkeypatch,
+                                                                    segmented):
     """The full-resolution video is pasted and encoded on its own thread: its failure still reaches the
-    caller as an input error, and neither video nor the result folder is left behind."""
+    caller as an input error, neither video nor the result folder is left behind, and the thread that decodes
+    (or preprocesses, sampling in segments) ahead of the writing has stopped when the call returns, not when
+    the garbage collector finds it (at the interpreter's exit it could wait for it forever)."""
     from hyportrait.runtime import api
 
     calls = []
@@ -391,8 +396,15 @@ def test_a_failing_output_write_is_a_clear_error_and_leaves_nothing(tmp_path, to
             return super().__call__(frame)
 
     monkeypatch.setattr(api, "PasteBack", PasteBackUntilTheDiskFills)
-    with pytest.raises(InputError, match="cannot write the output videos.*No space left"):
-        torch_animator.animate(SAMPLE_IMAGE, SAMPLE_VIDEO, tmp_path)
+    # the whole sample (36 frames), decoded a frame at a time: its threads are still at work when the write fails
+    animator = torch_animator.with_options(max_frames=36, decode_chunk=1, **({"segment": 4} if segmented else {}))
+    gc.disable()  # only the call itself may stop its threads
+    try:
+        with pytest.raises(InputError, match="cannot write the output videos.*No space left"):
+            animator.animate(SAMPLE_IMAGE, SAMPLE_VIDEO, tmp_path)
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("hyportrait-")]
+    finally:
+        gc.enable()
     assert not list(tmp_path.rglob("*"))
 
 
