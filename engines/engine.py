@@ -10,6 +10,7 @@ and replayed, the inputs copied into the graph's static buffers and the outputs 
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,9 @@ class TensorRTEngine:
         self.cuda_graphs = cuda_graphs
         # each capture's warm-up enqueue does the set-up work of a new shape, which a capture must not contain
         self._graphs = CudaGraphs(lambda inputs: self._enqueue(inputs, torch.cuda.current_stream(self.device)))
+        # one execution context: a call sets its tensors' addresses, then enqueues; calls from several threads
+        # (the service's overlapped stages) take turns
+        self._lock = threading.Lock()
 
     def run(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Outputs by name for inputs by name (cast to the engine's dtypes and moved to its device), on the
@@ -98,8 +102,8 @@ class TensorRTEngine:
         check_engine(self.manifest, **self._environment, shapes={k: tuple(v.shape) for k, v in feed.items()})
         inputs = {name: feed[name].to(device=self.device, dtype=self.dtypes[name]).contiguous()
                   for name in self.input_names}
-        self._bind_memory()
-        with torch.no_grad():
+        with self._lock, torch.no_grad():
+            self._bind_memory()
             if self.cuda_graphs:
                 return self._graphs(inputs)
             return self._enqueue(inputs, torch.cuda.current_stream(self.device))

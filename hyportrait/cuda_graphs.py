@@ -4,9 +4,15 @@
 input-shape key, after a warm-up run on a side stream (cuDNN, cuBLAS and TensorRT do their set-up work
 there, outside the capture), and replays it: inputs are copied into the graph's static buffers, outputs are
 cloned out of it. Only for computations that depend on input shapes alone.
+
+Calls from several threads (the service overlaps one job's preparation with another's denoising and a third's
+decoding, all on the same networks) take turns: the static buffers hold one call's inputs at a time, and the
+next call's copy-in waits, on the GPU too, until the last one's outputs were cloned out (its caller may be on
+another CUDA stream).
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -24,13 +30,18 @@ def _cloned(outputs):
 class CudaGraphs:
     def __init__(self, run: Callable[[dict[str, torch.Tensor]], object]):
         self.run = run
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], object]] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], object, torch.cuda.Event]] = {}
+        self._lock = threading.Lock()
 
     def clear(self) -> None:
         """Forget every capture (e.g. when memory the graphs address was replaced)."""
         self._graphs.clear()
 
     def __call__(self, inputs: dict[str, torch.Tensor]):
+        with self._lock:
+            return self._replay(inputs)
+
+    def _replay(self, inputs: dict[str, torch.Tensor]):
         key = shape_key(inputs)
         if key not in self._graphs:
             static = {k: v.clone() for k, v in inputs.items()}
@@ -45,9 +56,13 @@ class CudaGraphs:
             # capture when several GPUs work on one video (runtime/distributed.py)
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 outputs = self.run(static)
-            self._graphs[key] = (graph, static, outputs)
-        graph, static, outputs = self._graphs[key]
+            self._graphs[key] = (graph, static, outputs, torch.cuda.Event())
+        graph, static, outputs, cloned = self._graphs[key]
+        stream = torch.cuda.current_stream(next(iter(static.values())).device)
+        stream.wait_event(cloned)  # the previous call's outputs are out of the buffers (a no-op before any)
         for k, v in inputs.items():
             static[k].copy_(v)
         graph.replay()
-        return _cloned(outputs)
+        result = _cloned(outputs)
+        cloned.record(stream)
+        return result

@@ -17,6 +17,7 @@ backend wraps the PyTorch modules to the same contract.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -156,6 +157,7 @@ class OnnxRuntimeSession:
         self.output = self.session.get_outputs()[0]
         self._shapes: dict[tuple, tuple[int, ...]] = {}
         self._graphs: dict[tuple, tuple] = {}
+        self._replaying = threading.Lock()  # a graph's static buffers hold one call's inputs at a time
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         inputs = {k: v.to(self.input_dtypes[k]).contiguous() for k, v in inputs.items() if k in self.input_dtypes}
@@ -217,6 +219,10 @@ class OnnxRuntimeSession:
         return out
 
     def _replay(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self._replaying:
+            return self._replay_alone(inputs)
+
+    def _replay_alone(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         import onnxruntime as ort
 
         key = tuple((k, tuple(v.shape)) for k, v in inputs.items())

@@ -21,7 +21,7 @@ from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime import distributed
 from hyportrait.runtime.api import Animator
-from hyportrait.runtime.backends import BackendError, resolve_device
+from hyportrait.runtime.backends import BackendError, TorchSession, resolve_device
 from hyportrait.runtime.float8 import Float8Linear, check_float8_device, to_float8
 from hyportrait.runtime.models import torch_models
 from hyportrait.runtime.pipeline import (
@@ -229,6 +229,35 @@ def test_compiled_torch_models_follow_the_eager_ones():
         assert distributed.launch(worker, 2, device_type="cpu", timeout_s=120) is True
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device)")
+def test_cuda_graph_sessions_called_from_several_threads_take_turns():
+    """The service calls one session from several threads (overlapped stages): each call gets its own inputs'
+    outputs, as eager runs give them, although the captured graph has one set of static buffers."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(4, 32, 3, padding=1), torch.nn.GELU(),
+                                 torch.nn.Conv2d(32, 4, 3, padding=1)).cuda().eval()
+    session = TorchSession("toy", module, {"input": torch.float32}, cuda_graph=True)
+    inputs = [torch.randn(2, 4, 64, 64, device="cuda") for _ in range(16)]
+    with torch.no_grad():
+        expected = [module(x) for x in inputs]
+    results: list = []  # (input index, output) of every call
+
+    def calls(thread: int):
+        stream = torch.cuda.Stream()  # each thread on a stream of its own, as the service's stages may be
+        with torch.cuda.stream(stream):
+            for _ in range(20):
+                for i in range(thread, len(inputs), 2):
+                    results.append((i, session(input=inputs[i])))
+        stream.synchronize()
+
+    threads = [threading.Thread(target=calls, args=(t,)) for t in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 320 and all(torch.allclose(out, expected[i], atol=1e-4) for i, out in results)
 
 
 def test_a_float8_linear_is_the_gemm_of_its_quantized_operands():
