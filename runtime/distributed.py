@@ -21,6 +21,7 @@ import math
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -342,9 +343,26 @@ def launch(worker: Callable, size: int, *args, device_type: str = "cuda", timeou
                                    f"{getattr(exc, 'exit_code', None)}) without an error report") from None
         rank, _, code, message = next((e for e in errors if e[2] != DistributedError.code), errors[0])
         raise WorkerError(code, f"{message} (rank {rank} of {size})") from None
+    except BaseException:  # an interrupt (the CLI's SIGINT/SIGTERM): the workers end with it, not after their run
+        _stop(context.processes)
+        raise
     while not results.empty():
         messages.append(results.get())
     return next(m[2] for m in messages if m[0] == 0)
+
+
+def _stop(processes, grace_s: float = 5.0) -> None:
+    """SIGTERM to the live workers, SIGKILL to those still alive `grace_s` later (a SIGTERM sent to the parent
+    alone, as `docker stop` does, never reaches them; multiprocessing would then wait for their whole run)."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(max(deadline - time.monotonic(), 0))
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def _worker_main(rank: int, size: int, port: int, worker: Callable, args: tuple, results, device_type: str,

@@ -4,7 +4,11 @@ latents and frames as one process, one coded error when a rank fails.
 Each test is one multi-process run (CPU workers are forked from the test process and share its networks);
 every rank records its checks in a JSON file that the test reads after the run."""
 import json
+import multiprocessing
 import re
+import signal
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -120,6 +124,33 @@ def test_sampling_over_2_and_3_processes_matches_one_process(models, tmp_path):
         checks = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert len(checks) == (11 if rank < 2 else 7), checks
         assert [k for k, ok in checks.items() if not ok] == [], rank
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _sleep(group):
+    time.sleep(120)
+
+
+def test_an_interrupted_launch_ends_its_workers():
+    """An interrupt of the parent's wait (the CLI turns SIGTERM into an exception; a SIGTERM to the parent alone
+    never reaches the workers) ends the workers too, instead of the parent waiting out their run at exit."""
+    def interrupted(signum, frame):
+        raise _Interrupted
+
+    handler = signal.signal(signal.SIGUSR1, interrupted)
+    timer = threading.Timer(3.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGUSR1))
+    timer.start()
+    try:
+        tic = time.monotonic()
+        with pytest.raises(_Interrupted):
+            distributed.launch(_sleep, 2, device_type="cpu", timeout_s=60)
+        assert not multiprocessing.active_children() and time.monotonic() - tic < 30
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, handler)
 
 
 def test_animate_on_2_processes_writes_the_frames_of_one_process_on_rank_0_only(models, tmp_path):
