@@ -33,7 +33,8 @@ def torch_dtype(trt, data_type) -> torch.dtype:
 
 
 class DeviceMemory:
-    """One activation-memory block for engines that never run at the same time, as large as the largest."""
+    """One activation-memory block for engines that never run at the same time (their calls are serialised on
+    one CUDA stream: the runtime's threads share torch's default stream), as large as the largest."""
 
     def __init__(self, device: torch.device | str = "cuda"):
         self.device = torch.device(device)

@@ -8,7 +8,8 @@ cloned out of it. Only for computations that depend on input shapes alone.
 Calls from several threads (the service overlaps one job's preparation with another's denoising and a third's
 decoding, all on the same networks) take turns: the static buffers hold one call's inputs at a time, and the
 next call's copy-in waits, on the GPU too, until the last one's outputs were cloned out (its caller may be on
-another CUDA stream).
+another CUDA stream). TensorRT engines also share one activation-memory block across engines, so their callers
+must share one stream, as the runtime's threads do (torch's default stream).
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ def _cloned(outputs):
 class CudaGraphs:
     def __init__(self, run: Callable[[dict[str, torch.Tensor]], object]):
         self.run = run
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], object, torch.cuda.Event]] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], object]] = {}
         self._lock = threading.Lock()
+        self._cloned: torch.cuda.Event | None = None  # recorded after each call's outputs are cloned out
 
     def clear(self) -> None:
         """Forget every capture (e.g. when memory the graphs address was replaced)."""
@@ -56,13 +58,16 @@ class CudaGraphs:
             # capture when several GPUs work on one video (runtime/distributed.py)
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 outputs = self.run(static)
-            self._graphs[key] = (graph, static, outputs, torch.cuda.Event())
-        graph, static, outputs, cloned = self._graphs[key]
+            self._graphs[key] = (graph, static, outputs)
+        graph, static, outputs = self._graphs[key]
         stream = torch.cuda.current_stream(next(iter(static.values())).device)
-        stream.wait_event(cloned)  # the previous call's outputs are out of the buffers (a no-op before any)
-        for k, v in inputs.items():
-            static[k].copy_(v)
-        graph.replay()
-        result = _cloned(outputs)
-        cloned.record(stream)
-        return result
+        if self._cloned is None:
+            self._cloned = torch.cuda.Event()
+        stream.wait_event(self._cloned)  # the previous call is out of the graphs (a no-op before any call)
+        try:
+            for k, v in inputs.items():
+                static[k].copy_(v)
+            graph.replay()
+            return _cloned(outputs)
+        finally:
+            self._cloned.record(stream)

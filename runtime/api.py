@@ -471,7 +471,10 @@ class Animator:
         with self._lock:
             if self.config.segment:
                 made, *_ = self._streamed_video(image, video, STALL_SECONDS)
-                yield from (frame.cropped for frame in made)
+                try:
+                    yield from (frame.cropped for frame in made)
+                finally:
+                    made.close()  # a caller that stops early: the preprocessing thread stops now, under the lock
                 return
             prepared = self.prepare(image, video)
             latents = self.sample(prepared)
@@ -576,8 +579,10 @@ class Animator:
         except OSError as exc:
             raise InputError(f"cannot write the output videos under {folder}: {describe(exc)}") from None
         finally:
-            closed(crops)  # stopped early (a failure, an interrupt): the decoding thread stops now
-            # the writers removed their partial files; leave no empty result folder behind either
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+            try:
+                closed(crops)  # stopped early (a failure, an interrupt): the decoding thread stops now
+            finally:
+                # the writers removed their partial files; leave no empty result folder behind either
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
         return written

@@ -241,7 +241,9 @@ class OnnxRuntimeSession:
             static[k].copy_(v)
         torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding, options)
-        return out.clone()
+        result = out.clone()
+        torch.cuda.current_stream(self.device).synchronize()  # cloned before the next call may fill `out`
+        return result
 
 
 # --- TensorRT -----------------------------------------------------------------------------------------------

@@ -357,12 +357,17 @@ def _stop(processes, grace_s: float = 5.0) -> None:
     for process in processes:
         if process.is_alive():
             process.terminate()
-    deadline = time.monotonic() + grace_s
+    deadline, interrupt = time.monotonic() + grace_s, None
     for process in processes:
-        process.join(max(deadline - time.monotonic(), 0))
+        try:  # a second interrupt meanwhile does not spare the workers not yet stopped
+            process.join(max(deadline - time.monotonic(), 0))
+        except BaseException as exc:  # noqa: BLE001 -- raised below, once every worker was stopped
+            interrupt = exc
         if process.is_alive():
             process.kill()
-            process.join()
+            process.join(grace_s)  # a worker stuck in the driver is not waited for without end
+    if interrupt is not None:
+        raise interrupt
 
 
 def _worker_main(rank: int, size: int, port: int, worker: Callable, args: tuple, results, device_type: str,

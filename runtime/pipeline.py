@@ -441,6 +441,7 @@ def prefetched(items: Iterator, depth: int, check: Callable[[], None] | None = N
             put((_END, exc))
 
     thread, ended = _started(produce, "hyportrait-prefetch")
+    consumer = threading.current_thread()
     try:
         while True:
             try:
@@ -455,8 +456,9 @@ def prefetched(items: Iterator, depth: int, check: Callable[[], None] | None = N
             yield item
     finally:
         stop.set()
-        if threading.current_thread() is thread:
-            pass  # the garbage collector finalized this generator on its own producer: stopping is all it can do
+        if threading.current_thread() is not consumer:
+            pass  # finalized by the garbage collector on another thread (the producer, or one holding a lock the
+            # producer may wait for): stopping is all it can do
         elif check is None:
             _wait_through_interrupts(thread, ended)
         elif ended.wait(timeout=1.0):  # a producer blocked in a stalled source is not waited for (it ends when
