@@ -17,6 +17,7 @@ launcher (or torchrun) ends the others; collectives time out rather than wait fo
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import socket
@@ -327,8 +328,17 @@ def launch(worker: Callable, size: int, *args, device_type: str = "cuda", timeou
         raise BackendError(f"{size} GPUs were asked for, torch sees {torch.cuda.device_count()}")
     method = "spawn" if device_type == "cuda" or sys.platform != "linux" else "fork"
     results = mp.get_context(method).SimpleQueue()
-    context = mp.start_processes(_worker_main, args=(size, free_port(), worker, args, results, device_type,
-                                                     timeout_s), nprocs=size, join=False, start_method=method)
+    if method == "fork":
+        # garbage of this process (e.g. a PyAV encoder in an exception's reference cycle) is freed here, where
+        # its library's threads exist; freed by a forked child's collector, it waits for them forever
+        gc.collect()
+        gc.freeze()
+    try:
+        context = mp.start_processes(_worker_main, args=(size, free_port(), worker, args, results, device_type,
+                                                         timeout_s), nprocs=size, join=False, start_method=method)
+    finally:
+        if method == "fork":
+            gc.unfreeze()
     messages = []
     try:
         while not context.join(timeout=0.2):

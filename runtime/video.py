@@ -600,7 +600,9 @@ class VideoWriter:
 
     def _close_handles(self) -> None:
         container, audio = self._container, self._audio
-        self._container = self._audio = None
+        # the stream too: its encoder (x264's threads) goes with the file, not whenever the collector frees a
+        # writer caught in an exception's reference cycle (in a forked process that free never returns)
+        self._container = self._audio = self._video = None
         try:
             if audio is not None:
                 audio.close()

@@ -5,8 +5,11 @@ Each test is one multi-process run (CPU workers are forked from the test process
 every rank records its checks in a JSON file that the test reads after the run."""
 import json
 import multiprocessing
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -151,6 +154,41 @@ def test_an_interrupted_launch_ends_its_workers():
     finally:
         timer.cancel()
         signal.signal(signal.SIGUSR1, handler)
+
+
+# a PyAV encoder (x264 and swscale threads) left in a reference cycle, then CPU workers forked, whose collector runs
+FORK_AFTER_ENCODER_GARBAGE = """
+import gc, io
+import av, numpy as np
+from hyportrait.runtime import distributed
+
+def worker(group):
+    gc.collect()
+    return group.rank
+
+gc.disable()
+container = av.open(io.BytesIO(), "w", format="mp4")
+stream = container.add_stream("libx264", rate=25)
+stream.width = stream.height = 256
+stream.pix_fmt = "yuv420p"
+for _ in range(3):
+    for packet in stream.encode(av.VideoFrame.from_ndarray(np.zeros((256, 256, 3), np.uint8), format="rgb24")):
+        container.mux(packet)
+container.close()
+cycle = {"stream": stream}
+cycle["self"] = cycle
+del cycle, stream, container
+print(distributed.launch(worker, 2, device_type="cpu", timeout_s=60))
+"""
+
+
+def test_forked_workers_do_not_free_the_parents_garbage():
+    """Garbage of the parent (here a PyAV encoder in a reference cycle, as a failed write leaves one) is freed
+    before the workers are forked: freed by a child's collector, the encoder waits for threads that only exist
+    in the parent, and the run hung (the suite once did, on a fork after test_serve's failed writes)."""
+    done = subprocess.run([sys.executable, "-c", FORK_AFTER_ENCODER_GARBAGE], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    assert done.returncode == 0 and done.stdout.split() == ["0"], done.stderr[-2000:]
 
 
 def test_animate_on_2_processes_writes_the_frames_of_one_process_on_rank_0_only(models, tmp_path):
