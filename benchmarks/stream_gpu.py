@@ -235,7 +235,7 @@ def first_frame_run(animator: Animator, frames: list, stages: dict | None = None
     Seconds from the call and from the hand-over to the first frame. `stages`: the seconds of each network's
     calls (synchronised, so the latency is then slightly longer), of the first chunk's preprocessing (face
     detection and crops: from its hand-over to the motion encoder's first call) and of its face detection.
-    `detector_profile` (with `stages`): the host profile of the driving frames' face detection (`profiled`)."""
+    `detector_profile`: the host profile of the driving frames' face detection (`profiled`)."""
     real = animator.config.first_chunk_frames
     handed, out = {}, threading.Event()
 
@@ -258,10 +258,13 @@ def first_frame_run(animator: Animator, frames: list, stages: dict | None = None
                                                            first_frames_calls)
                                              for name in ("motion", "unet", "vae_decoder")})
         animator.detector = copy.copy(animator.detector)
-        detect = animator.detector.detect_batch
-        if detector_profile is not None:
-            detect = profiled(detect, detector_profile, first_frames_calls)
-        animator.detector.detect_batch = clocked(detect, "face_detection", stages, {}, first_frames_calls)
+        animator.detector.detect_batch = clocked(animator.detector.detect_batch, "face_detection", stages, {},
+                                                 first_frames_calls)
+    if detector_profile is not None:
+        animator = animator.with_options()
+        animator.detector = copy.copy(animator.detector)
+        animator.detector.detect_batch = profiled(animator.detector.detect_batch, detector_profile,
+                                                  first_frames_calls)
     start = time.perf_counter()
     stream = animator.stream(SAMPLE_IMAGE, source(), fps=FPS)
     try:
@@ -309,7 +312,7 @@ def first_frames(models: Models, settings: list[str], a, plan: dict, eager: Anim
         stages: dict = {}
         first_frame_run(view, frames, stages)
         profile: list = []
-        first_frame_run(view, frames, {}, profile)
+        first_frame_run(view, frames, detector_profile=profile)
         results[name] = {"first_segment": view.config.first_segment_frames, "pad_frames": view.config.pad_frames,
                          **{key: float(np.median([run[key] for run in runs])) for key in runs[0]},
                          "runs": runs, "warm_up_s": warm_up_s, "stages_s": stages, "detector_profile": profile}

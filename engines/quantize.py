@@ -241,7 +241,7 @@ def calibrate(model_path: Path, feeds: Sequence[dict[str, np.ndarray]], *, provi
     model_path = Path(model_path)
     model = onnx.load(str(model_path), load_external_data=False)
     dtypes = tensor_dtypes(model)
-    inputs = model_input_dtypes(model_path)
+    inputs = {i.name: dtypes[i.name] for i in model.graph.input}
     weights = {t.name for t in model.graph.initializer}
     tensors = sorted({name for node in model.graph.node if node.op_type in QUANTIZED_OP_TYPES
                       for name in (*node.input, *node.output)

@@ -143,6 +143,16 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _crops(made: Iterator[StreamFrame]) -> Iterator[np.ndarray]:
+    """The cropped frames of a stream; closed (a caller that stopped early), it closes the stream, whose
+    preprocessing thread then stops at once, under the Animator's lock."""
+    try:
+        for frame in made:
+            yield frame.cropped
+    finally:
+        made.close()
+
+
 def make_config(settings: dict) -> AnimateConfig:
     """An AnimateConfig; an invalid value raises OptionError (a coded input error naming the option)."""
     return AnimateConfig(**settings)
@@ -471,10 +481,7 @@ class Animator:
         with self._lock:
             if self.config.segment:
                 made, *_ = self._streamed_video(image, video, STALL_SECONDS)
-                try:
-                    yield from (frame.cropped for frame in made)
-                finally:
-                    made.close()  # a caller that stops early: the preprocessing thread stops now, under the lock
+                yield from _crops(made)
                 return
             prepared = self.prepare(image, video)
             latents = self.sample(prepared)
@@ -516,17 +523,14 @@ class Animator:
             start, busy = time.perf_counter(), BusyTimes()
             made, source, opened, driving = self._streamed_video(image, video, stall_timeout)
             # the seconds the writing waited for frames: sampling and decoding, preprocessing a chunk ahead
-            crops = busy.items("busy_sample_decode", (frame.cropped for frame in made))
+            crops = busy.items("busy_sample_decode", _crops(made))
             paste_back = PasteBack(source.original_image, source.crop_box)
             name = (f"{datetime.now():%Y%m%d_%H%M%S}_{_stem(image, 'image')}_"
                     f"{'stream' if live else _stem(video, 'video')}")
             folder = folder or result_folder(Path(out), name)
             tic = time.perf_counter()
-            try:
-                written = self._write(folder, crops, paste_back, opened.fps, opened.audio, busy,
-                                      progressive=progressive, total=None, on_frame=on_frame)
-            finally:
-                made.close()  # stopped early: its preprocessing thread stops now, under the lock
+            written = self._write(folder, crops, paste_back, opened.fps, opened.audio, busy,
+                                  progressive=progressive, total=None, on_frame=on_frame)
             # decode_encode is wall time; busy_* the seconds each of its threads worked
             timings = dict(preprocess_source=tic - start, decode_encode=time.perf_counter() - tic, **busy.seconds)
             timings["total"] = time.perf_counter() - start

@@ -54,7 +54,8 @@ def exported(spec, tmp_path_factory):
 # (--no-loadscope-reorder), and a long file started last would run alone at the end. The worker that starts
 # the toy proof (about 250 s of one core: its student; the teacher is bundled) is also handed the third file at
 # once (xdist gives each worker two files to begin with), which waits for the proof: a short one, so that this
-# worker then takes files from the queue as the other does and the two end together. Measured CPU seconds of each file's own work (2026-11-28,
+# worker then takes files from the queue as the other does and the two end together. Measured CPU seconds of
+# each file's own work (2026-11-28,
 # the shared tiny export and the interpreter start aside): quantizers about 125, test_runtime 130,
 # test_distill_train 75 to 100, test_serve 65, test_cpp_example 50, the others 45 down to 15; the files not
 # named here take under 15 each.
