@@ -17,7 +17,9 @@ and 3-4 more with a compiled setting (the default: one):
      takes minutes). `Animator.stream` until its first frame from a live source that hands over the first
      segment's driving frames (its first motion chunk) and nothing more until that frame is out; the median of
      --repeats runs after one unmeasured run (compiling or capturing the shapes), then one run with each
-     network's and the face detector's time, and one with the detector's host profile (cProfile).
+     network's and the face detector's time, and one with the detector's host profile (cProfile); with --trace
+     one more run of each compiled setting under torch.profiler, its Chrome trace (every thread's calls and the
+     CUDA kernels) in DIR/trace-<setting>.json.
   1. fast mode (LCM 4 steps, one UNet batch, segments of 25 frames), 192 driving frames (8 s):
      `Animator.stream` from frames in memory: latency of the first output frame after the first motion chunk's
      driving frames were handed over, and steady-state fps (after the first segment); then `Animator.animate`
@@ -290,16 +292,19 @@ def first_frame_part(a, nets, plan: dict, eager: Animator, frames: list, compile
         ways.append(("compiled", lambda: sessions(a, nets, plan, cuda_graph=True, compile=True), a.compile_configs))
     results = {}
     for way, make, settings in ways:
-        results[way] = first_frames(make(), settings, a, plan, eager, frames)
+        trace = a.out if a.trace and way == "compiled" else None
+        results[way] = first_frames(make(), settings, a, plan, eager, frames, trace)
         gc.collect()  # a session and its CUDA graphs refer to each other
         if GPU:  # the graphs' memory pools and compiled code go before the parts that measure memory
             torch.cuda.empty_cache()
     return results
 
 
-def first_frames(models: Models, settings: list[str], a, plan: dict, eager: Animator, frames: list) -> dict:
+def first_frames(models: Models, settings: list[str], a, plan: dict, eager: Animator, frames: list,
+                 trace: Path | None = None) -> dict:
     """Each setting runs once unmeasured (compiling or capturing its shapes), then --repeats times (the median
-    reported), then once with each network's time."""
+    reported), then once with each network's time, once with the detector's profile and (`trace`: a folder) once
+    under torch.profiler."""
     animator = Animator(models, mode="fast", **plan["config"])
     animator.arcface = eager.arcface
     results = {}
@@ -313,6 +318,11 @@ def first_frames(models: Models, settings: list[str], a, plan: dict, eager: Anim
         first_frame_run(view, frames, stages)
         profile: list = []
         first_frame_run(view, frames, detector_profile=profile)
+        if trace is not None:
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=activities) as profiler:
+                first_frame_run(view, frames)
+            profiler.export_chrome_trace(str(trace / f"trace-{name.replace(' ', '_')}.json"))
         results[name] = {"first_segment": view.config.first_segment_frames, "pad_frames": view.config.pad_frames,
                          **{key: float(np.median([run[key] for run in runs])) for key in runs[0]},
                          "runs": runs, "warm_up_s": warm_up_s, "stages_s": stages, "detector_profile": profile}
@@ -411,6 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile-configs", nargs="*", choices=list(PLANS["official"]["first_frame"]), default=["live"],
                    help="first-frame settings also run compiled (GPU; each compiles the UNet at its frame count, "
                    "2-3 minutes, and the first one the VAE decoder, about 1 minute); none: no compiled run")
+    p.add_argument("--trace", action="store_true", help="part 0: a Chrome trace of each compiled setting's run")
     p.add_argument("--repeats", type=int, default=3, help="measured first-frame runs per setting (median)")
     p.add_argument("--lengths", type=float, nargs="+", help="part 3: driving seconds at --size (default: the plan's)")
     p.add_argument("--tiny-lengths", type=float, nargs="*",

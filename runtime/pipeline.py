@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import os
 import queue
 import threading
 import time
@@ -440,7 +441,7 @@ def prefetched(items: Iterator, depth: int, check: Callable[[], None] | None = N
         except BaseException as exc:  # noqa: BLE001 -- handed to the caller's thread, raised there
             put((_END, exc))
 
-    thread, ended = _started(produce, "hyportrait-prefetch")
+    ended = _started(produce, "hyportrait-prefetch")
     consumer = threading.current_thread()
     try:
         while True:
@@ -460,9 +461,9 @@ def prefetched(items: Iterator, depth: int, check: Callable[[], None] | None = N
             pass  # finalized by the garbage collector on another thread (the producer, or one holding a lock the
             # producer may wait for): stopping is all it can do
         elif check is None:
-            _wait_through_interrupts(thread, ended)
-        elif ended.wait(timeout=1.0):  # a producer blocked in a stalled source is not waited for (it ends when
-            thread.join()  # its read returns); one that returned is joined (its exit is all that is left)
+            _wait_through_interrupts(ended)
+        else:  # a producer blocked in a stalled source is not waited for long: it ends when its read returns
+            ended.wait(timeout=1.0)
 
 
 @contextmanager
@@ -487,51 +488,76 @@ def consumed_in_background(consume: Callable, depth: int, name: str) -> Iterator
             raise errors[0]
         pending.put(item)
 
-    thread, ended = _started(run, name)
+    ended = _started(run, name)
     try:
         yield hand_over
     except BaseException as exc:
         errors.append(exc)  # the caller failed or was interrupted: what is queued is dropped, not consumed
         raise
     finally:
-        _wait_through_interrupts(thread, ended, lambda: pending.put(_END), errors)
+        _wait_through_interrupts(ended, lambda: pending.put(_END), errors)
     if errors:
         raise errors[0]
 
 
-def _started(target: Callable[[], None], name: str) -> tuple[threading.Thread, threading.Event]:
-    """Run `target` on a daemon thread of its own; the event is set once it has returned or raised. Callers wait
-    on that event before joining: before Python 3.13 a join interrupted by a signal handler's exception (the
-    CLI's SIGINT or SIGTERM) can mark a running thread as ended, and the caller would then close the video
-    writers under it (a crash in the encoder)."""
-    ended = threading.Event()
+class _Workers:
+    """Long-lived daemon threads for the background work (prefetching, encoding), reused from call to call.
+    CUDA libraries keep caches per thread: cuDNN builds its execution plans again on every new thread (about 2 ms
+    a convolution shape: 0.09 of the first chunk's 0.11 s of face detection on an H200), so a stream or a job
+    that started threads of its own paid that every time. A worker is named after its task while it runs it,
+    and IDLE between tasks."""
 
-    def run():
-        try:
-            target()
-        finally:
-            ended.set()
+    IDLE = "idle worker"
 
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    return thread, ended
+    def __init__(self):
+        self._forget()
+        os.register_at_fork(after_in_child=self._forget)  # a forked child has none of the parent's threads
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue] = []  # the inboxes of the idle workers, the latest last
+
+    def start(self, target: Callable[[], None], name: str) -> threading.Event:
+        """Run `target` on an idle worker (the one idle last: its caches are the warmest) or a new one; the event
+        is set once it has returned or raised, after the worker has taken the IDLE name again."""
+        ended = threading.Event()
+        with self._lock:
+            inbox = self._idle.pop() if self._idle else None
+        if inbox is None:
+            inbox = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(inbox,), name=name, daemon=True).start()
+        inbox.put((target, name, ended))
+        return ended
+
+    def _serve(self, inbox: queue.SimpleQueue) -> None:
+        me = threading.current_thread()
+        while True:
+            target, me.name, ended = inbox.get()
+            try:
+                target()  # what it raises ends this worker, as it ended a thread of its own (threading.excepthook)
+            finally:
+                me.name = self.IDLE
+                ended.set()
+            with self._lock:
+                self._idle.append(inbox)
 
 
-def _wait_through_interrupts(thread: threading.Thread, ended: threading.Event, end: Callable | None = None,
-                             errors: list | None = None):
-    """Call `end` (what tells `thread` to stop) once and wait until its target has `ended` and the thread has
-    exited, even when an interrupt (SIGINT, or SIGTERM as the CLI turns it) arrives meanwhile, then raise that
-    interrupt: the caller goes on to close what the thread may still be using (the video writers). An interrupt
-    is also appended to `errors`, which makes a consumer drop what is still queued."""
+_started = _Workers().start
+
+
+def _wait_through_interrupts(ended: threading.Event, end: Callable | None = None, errors: list | None = None):
+    """Call `end` (what tells a worker's task to stop) once and wait until the task has `ended`, even when an
+    interrupt (SIGINT, or SIGTERM as the CLI turns it) arrives meanwhile, then raise that interrupt: the caller
+    goes on to close what the task may still be using (the video writers). An interrupt is also appended to
+    `errors`, which makes a consumer drop what is still queued."""
     interrupt = None
-    while end is not None or not ended.is_set() or thread.is_alive():
+    while end is not None or not ended.is_set():
         try:
             if end is not None:
                 end()
                 end = None
             ended.wait()
-            thread.join()  # the target has returned; an interrupted join can only hide the thread's own exit
-        except BaseException as exc:  # noqa: BLE001 -- raised below, once the thread has ended
+        except BaseException as exc:  # noqa: BLE001 -- raised below, once the task has ended
             interrupt = exc
             if errors is not None:
                 errors.append(exc)

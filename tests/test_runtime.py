@@ -352,6 +352,17 @@ def test_prefetched_keeps_order_raises_and_stops_early():
     assert len(produced) <= 5
 
 
+def test_background_work_runs_on_reused_threads():
+    """CUDA libraries keep caches per thread (cuDNN's execution plans): the next stream's background work runs on
+    the thread the last one used, which has them, not on a new thread that builds them again."""
+    def where():
+        yield threading.current_thread()
+
+    first, second = (list(prefetched(where(), depth=1)) for _ in range(2))
+    assert first == second and first[0] is not threading.current_thread()
+    assert first[0].name == "idle worker"  # named after its task only while it runs one
+
+
 def test_consumed_in_background_keeps_order_and_raises_a_failure_in_the_caller():
     seen = []
     with consumed_in_background(seen.append, depth=2, name="test") as hand_over:
