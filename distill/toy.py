@@ -61,7 +61,7 @@ class ToySize:
 # The student's recipe, found by a sweep on the CPU toy (benchmarks/RESULTS.md): LoRA on every Linear, the target
 # network the student itself (no EMA lag), a cosine-decayed learning rate and a pseudo-Huber c near the toy's
 # latent scale.
-_STUDENT = TrainConfig(mode="distill", steps=250, batch=8, lr=1e-2, lr_schedule="cosine", rank=16,
+_STUDENT = TrainConfig(mode="distill", steps=200, batch=8, lr=1e-2, lr_schedule="cosine", rank=16,
                        lora_targets="all-linear", target="student", huber_c=0.03, phases=4, grid=13,
                        checkpoint_every=100)
 SIZES = {

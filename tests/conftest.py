@@ -52,7 +52,7 @@ def exported(spec, tmp_path_factory):
 
 # The longest files first: `make test` hands whole files to two xdist workers in collection order
 # (--no-loadscope-reorder), and a long file started last would run alone at the end. The worker that starts
-# the toy proof (about 250 s of one core: its student; the teacher is bundled) is also handed the third file at
+# the toy proof (about 190 s of one core: its student; the teacher is bundled) is also handed the third file at
 # once (xdist gives each worker two files to begin with), which waits for the proof: a short one, so that this
 # worker then takes files from the queue as the other does and the two end together. Measured CPU seconds of
 # each file's own work (2026-11-28,

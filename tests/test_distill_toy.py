@@ -1,7 +1,7 @@
 """The proof (distill/toy.py) on the CPU: the student distilled from the bundled toy teacher, the table's pass line
 met by the student and failed by both negative controls, then the seam benchmark on the trained toy; and the
 teacher's own stage: teacher mode lowers its loss, and the bundled teacher is of today's recipe (others refused).
-`make test` starts this file first on one worker (about 4 minutes of one core; 6 to 9 when the proof trained
+`make test` starts this file first on one worker (about 3 minutes of one core; 6 to 9 when the proof trained
 its teacher)."""
 import json
 from dataclasses import replace
@@ -25,8 +25,8 @@ TEACHER = Path(__file__).parent / "data" / "toy_teacher.safetensors"
 
 
 def test_toy_student_passes_and_controls_fail(tmp_path):
-    """About 4 minutes of one core. One thread, as the recipe was measured (thread counts change float sums,
-    which 250 training steps carry into the table's last digits)."""
+    """About 3 minutes of one core. One thread, as the recipe was measured (thread counts change float sums,
+    which 200 training steps carry into the table's last digits)."""
     lines = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -170,13 +170,14 @@ def test_bad_input_is_one_coded_line(data, tmp_path, capsys):
 
 
 def test_gpu_script_dry_run(tmp_path, capsys):
-    """benchmarks/distill_gpu.py dry-runs on the CPU: one process, then torchrun with 1 and 2 gloo ranks, 2
-    micro-batches a step (DDP's no_sync on the first). Both ranks end with the same trained adapter, which they
-    only do when the gradients of their different examples were averaged."""
+    """benchmarks/distill_gpu.py dry-runs on the CPU: one process, then torchrun with 2 gloo ranks, 2 micro-batches
+    a step (DDP's no_sync on the first). Both ranks end with the same trained adapter, which they only do when
+    the gradients of their different examples were averaged."""
     distill_gpu.main(["--out", str(tmp_path), "--size", "tiny", "--parts", "one", "two", "--accumulate", "2"])
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["one_gpu"]["samples_per_s"] > 0 and report["one_gpu"]["ranks_agree"] is None
     two = report["two_gpus"]
     assert two["gpus"] == 2 and two["accumulate"] == 2 and two["ranks_agree"] is True and report["ranks_agree"]
+    assert "torchrun_one_gpu" not in report and "scaling" not in report  # the dry run's one torchrun
     assert two["adapter_moved"] and report["one_gpu"]["adapter_moved"]
     assert "adapters agree" in capsys.readouterr().out.splitlines()[-1]

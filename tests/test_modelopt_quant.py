@@ -21,7 +21,12 @@ from hyportrait.engines.quantize import QDQ_OPSET
 from hyportrait.export.onnx_io import ExportSpec, export_onnx, relative_error
 from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 
-pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt (the [modelopt] extra) is missing")
+
+@pytest.fixture(autouse=True, scope="module")
+def modelopt():
+    """Imported when this file's tests run, not when the suite is collected (4 s of a CPU in every worker)."""
+    return pytest.importorskip("modelopt.torch.quantization",
+                               reason="nvidia-modelopt (the [modelopt] extra) is missing")
 
 
 class Block(nn.Module):
