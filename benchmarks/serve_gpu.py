@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", choices=list(SIZES), default="official")
     p.add_argument("--out", type=Path, required=True, help="folder of the report (and the clip and weights)")
     p.add_argument("--jobs", type=int, help="jobs per service run (default 4; tiny 2)")
-    p.add_argument("--cli-runs", type=int, help="back-to-back CLI runs (default 1)")
+    p.add_argument("--cli-runs", type=int, help="back-to-back CLI runs (default 1; 0: none, the service only)")
     p.add_argument("--clip-seconds", type=float, help="driving clip length (default 10; tiny 0.5)")
     a = p.parse_args(argv)
     if a.size == "official" and not torch.cuda.is_available():
@@ -120,9 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="hyportrait-serve-gpu-"))
     try:
-        cli = [cli_run(a.size, weights, clip, work / "cli") for _ in range(settings["cli_runs"])]
-        report["cli"] = {"runs_s": [round(s, 2) for s in cli],
-                         "jobs_per_minute": round(60 / statistics.mean(cli), 2)}
+        if cli := [cli_run(a.size, weights, clip, work / "cli") for _ in range(settings["cli_runs"])]:
+            report["cli"] = {"runs_s": [round(s, 2) for s in cli],
+                             "jobs_per_minute": round(60 / statistics.mean(cli), 2)}
 
         tic = time.perf_counter()
         animator = (Animator(weights=weights, mode="fast", compile=True, faithful=False) if a.size == "official"
@@ -147,14 +147,15 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     overlap, serial = report["service_overlap"]["jobs_per_minute"], report["service_serial"]["jobs_per_minute"]
     report["overlap_gain"] = round(overlap / serial, 3)
-    report["service_vs_cli"] = round(overlap / report["cli"]["jobs_per_minute"], 2)
+    cli_rate = report["cli"]["jobs_per_minute"] if "cli" in report else None
+    report["service_vs_cli"] = round(overlap / cli_rate, 2) if cli_rate else None
     path = a.out / f"serve_gpu_{a.size}.json"
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")
     print(f"{'clip frames':>11} {'CLI jobs/min':>12} {'service ready s':>15} {'serial jobs/min':>15} "
           f"{'overlap jobs/min':>16} {'overlap gain':>12} {'vs CLI':>7}")
-    print(f"{frames:>11} {report['cli']['jobs_per_minute']:>12} {report['service_ready_s']:>15} {serial:>15} "
-          f"{overlap:>16} {report['overlap_gain']:>12} {report['service_vs_cli']:>7}")
+    print(f"{frames:>11} {cli_rate or '-':>12} {report['service_ready_s']:>15} {serial:>15} "
+          f"{overlap:>16} {report['overlap_gain']:>12} {report['service_vs_cli'] or '-':>7}")
     return report
 
 

@@ -178,9 +178,13 @@ def test_the_video_preset_reaches_the_encoder(tmp_path, torch_animator):
 
 def small_run(config_options: dict | None = None, **model_options) -> tuple:
     """A short clip through tiny random torch models (the same networks each call): (models, config,
-    conditioning, the sampling generator's start state, latents, decoded frames)."""
+    conditioning, the sampling generator's start state, latents, decoded frames). One guidance branch (the
+    branches' batch is tested on its own) and one decoder chunk of all 7 latents keep the UNet's and the
+    decoder's calls to one shape each, which also keeps test_compiled_torch_models_follow_the_eager_ones's
+    tracing short."""
     config = AnimateConfig(**{"precision": "fp32", "device": "cpu", "size": 64, "window": 4, "num_steps": 2,
-                              "pad_frames": 1, "decode_chunk": 3, **(config_options or {})})
+                              "pad_frames": 1, "guidance_branches": 1, "decode_chunk": 7,
+                              **(config_options or {})})
     models = torch_models(random_networks("tiny"), device="cpu", dtype=torch.float32, size=64, **model_options)
     cond, generator = small_conditioning(models, config)
     start = generator.get_state()
@@ -204,19 +208,17 @@ def test_rewritten_torch_models_follow_the_faithful_ones(rewritten_frames):
     assert psnr(faithful, rewritten_frames, data_range=255) > 45
 
 
-def test_compiled_torch_models_follow_the_eager_ones():
+def test_compiled_torch_models_follow_the_eager_ones(rewritten_frames):
     # the graphs inductor would compile, decomposed as it does, run without its code generation (minutes on a
-    # CPU); one UNet and one decoder shape keep the tracing short (one decoder chunk of all 7 latents: chunks
-    # of 5 traced the decoder twice, at 5 and 2)
-    one_shape = {"guidance_branches": 1, "decode_chunk": 7}
+    # CPU); small_run's one UNet and one decoder shape keep the tracing short (decoder chunks of 5 traced the
+    # decoder twice, at 5 and 2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # forked workers below run one thread (rounding depends on the thread count)
     try:
-        eager = small_run_frames(one_shape, faithful=False)
-        models, config, cond, start, latents, compiled = small_run(one_shape, faithful=False,
+        models, config, cond, start, latents, compiled = small_run(faithful=False,
                                                                    compile="aot_eager_decomp_partition")
-        assert compiled.shape == eager.shape
-        assert psnr(compiled, eager, data_range=255) > 45
+        assert compiled.shape == rewritten_frames.shape
+        assert psnr(compiled, rewritten_frames, data_range=255) > 45
 
         # the compiled models in window-parallel sampling over 2 processes (gloo; forked, they reuse the traced
         # graphs): the one-process latents, bit for bit
