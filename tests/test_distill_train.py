@@ -1,9 +1,9 @@
 """The trainer (distill/train.py): the LoRA it writes, kill and resume, and bad input, on toy data."""
+import gc
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import replace
 
@@ -91,8 +91,10 @@ def test_the_distill_teacher_is_the_base_unet(data):
     assert all(p.requires_grad for p in trainer.trainable.values())
 
 
-def _cli(*args):
-    return [sys.executable, "-m", "hyportrait", "distill", "train", *map(str, args)]
+def _cli_in_child(*args):
+    from hyportrait.cli import main
+
+    os._exit(main(["distill", "train", *map(str, args)]))
 
 
 def _main(capsys, *args) -> tuple[int, str]:
@@ -105,8 +107,8 @@ def _main(capsys, *args) -> tuple[int, str]:
 
 @pytest.fixture
 def one_thread():
-    """The killed subprocess runs on one thread; the in-process runs must too, or their float sums (and Adam's
-    normalised updates of near-zero LoRA gradients) round differently."""
+    """The killed run (forked from this process, so it inherits this) and the runs it is compared with on one
+    thread, or their float sums (and Adam's normalised updates of near-zero LoRA gradients) round differently."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -118,13 +120,21 @@ def test_killed_run_resumes_from_its_checkpoint(data, tmp_path, capsys, one_thre
     run = tmp_path / "run"
     args = ("--data", folder, "--out", run, "--steps", 5, "--batch", 1, "--rank", 4, "--grid", 13,
             "--checkpoint-every", 2, "--lr", 1e-2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_cli(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # the run in a forked process (one thread, as this one), killed once it has saved a checkpoint; forked, it
+    # does not import everything again (10 s). The parent's garbage is frozen first: a child's collector
+    # must not free what the parent's threads use (distributed.launch does the same)
+    gc.collect()
+    gc.freeze()
+    try:
+        proc = multiprocessing.get_context("fork").Process(target=_cli_in_child, args=args)
+        proc.start()
+    finally:
+        gc.unfreeze()
     deadline = time.time() + 120
-    while not (run / "checkpoint.pt").is_file() and proc.poll() is None and time.time() < deadline:
+    while not (run / "checkpoint.pt").is_file() and proc.is_alive() and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
     saved = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
     assert saved in (2, 4), "killed after its first checkpoint, before the end"
     rows = (run / "log.csv").read_text().splitlines()[1:]
