@@ -480,8 +480,11 @@ class Animator:
         encode themselves)."""
         with self._lock:
             if self.config.segment:
-                made, *_ = self._streamed_video(image, video, STALL_SECONDS)
-                yield from _crops(made)
+                made, _, opened, _ = self._streamed_video(image, video, STALL_SECONDS)
+                try:
+                    yield from _crops(made)
+                finally:
+                    opened.close()
                 return
             prepared = self.prepare(image, video)
             latents = self.sample(prepared)
@@ -522,15 +525,18 @@ class Animator:
         with self._lock, _unwound_on_sigterm():
             start, busy = time.perf_counter(), BusyTimes()
             made, source, opened, driving = self._streamed_video(image, video, stall_timeout)
-            # the seconds the writing waited for frames: sampling and decoding, preprocessing a chunk ahead
-            crops = busy.items("busy_sample_decode", _crops(made))
-            paste_back = PasteBack(source.original_image, source.crop_box)
-            name = (f"{datetime.now():%Y%m%d_%H%M%S}_{_stem(image, 'image')}_"
-                    f"{'stream' if live else _stem(video, 'video')}")
-            folder = folder or result_folder(Path(out), name)
-            tic = time.perf_counter()
-            written = self._write(folder, crops, paste_back, opened.fps, opened.audio, busy,
-                                  progressive=progressive, total=None, on_frame=on_frame)
+            try:
+                # the seconds the writing waited for frames: sampling and decoding, preprocessing a chunk ahead
+                crops = busy.items("busy_sample_decode", _crops(made))
+                paste_back = PasteBack(source.original_image, source.crop_box)
+                name = (f"{datetime.now():%Y%m%d_%H%M%S}_{_stem(image, 'image')}_"
+                        f"{'stream' if live else _stem(video, 'video')}")
+                folder = folder or result_folder(Path(out), name)
+                tic = time.perf_counter()
+                written = self._write(folder, crops, paste_back, opened.fps, opened.audio, busy,
+                                      progressive=progressive, total=None, on_frame=on_frame)
+            finally:
+                opened.close()
             # decode_encode is wall time; busy_* the seconds each of its threads worked
             timings = dict(preprocess_source=tic - start, decode_encode=time.perf_counter() - tic, **busy.seconds)
             timings["total"] = time.perf_counter() - start

@@ -7,6 +7,7 @@ clips never sit in memory. Rotation metadata is ignored: frames come out as stor
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import secrets
@@ -270,6 +271,15 @@ class LiveSource:
     fps: Fraction
     frames: Iterator[tuple[np.ndarray, float]]
     audio: Path | str | bytes | AudioTap | None
+    container: av.container.InputContainer
+
+    def close(self) -> None:
+        """Close the source when no frame was read from it: a generator closed before it started never runs its
+        `with`, and a pipe's or URL's container would stay open until collected (once reading began, the end
+        of `frames` closes it)."""
+        if inspect.getgeneratorstate(self.frames) == inspect.GEN_CREATED:
+            self.frames.close()
+            self.container.close()
 
 
 def open_live(source, limit: int | None = None) -> LiveSource:
@@ -294,7 +304,8 @@ def open_live(source, limit: int | None = None) -> LiveSource:
         name, audio = str(source), source if container.streams.audio else None
     fps = stream.average_rate or stream.guessed_rate or stream.base_rate or Fraction(25)
     tap = audio if isinstance(audio, AudioTap) else None
-    return LiveSource(Fraction(fps), _timed_frames(container, stream, name, limit, Fraction(fps), tap), audio)
+    return LiveSource(Fraction(fps), _timed_frames(container, stream, name, limit, Fraction(fps), tap), audio,
+                      container)
 
 
 def _demuxed_frames(container, stream, tap: AudioTap | None) -> Iterator[av.VideoFrame]:

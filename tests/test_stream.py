@@ -7,6 +7,7 @@ import gc
 import http.server
 import io
 import itertools
+import os
 import sys
 import threading
 import time
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 
 from hyportrait.cli import main as cli
-from hyportrait.errors import OptionError, ServeError, SourceStalledError, VideoError
+from hyportrait.errors import InputError, OptionError, ServeError, SourceStalledError, VideoError
 from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.runtime.api import Animator
 from hyportrait.runtime.pipeline import (
@@ -325,6 +326,25 @@ def test_stream_yields_timed_pasted_frames_reading_the_source_as_needed(animator
     assert [f.index for f in out] == list(range(7))  # max_frames 7
     assert [f.time for f in out] == pytest.approx([0.5 + i / 10 for i in range(7)])
     assert not prefetch_threads()
+
+
+def test_a_run_that_fails_before_its_first_frame_closes_its_source(animator, monkeypatch, tmp_path):
+    """The output cannot be opened, so no driving frame is read: the source is closed by the run, not left open
+    until its generator is collected (the error's traceback holds the run's frames, and the CLI's or a service's
+    error path keeps it a while). A pipe or a URL would stay connected; a file keeps its descriptor."""
+    from hyportrait.runtime import api
+
+    class DiskFull(VideoWriter):
+        def __init__(self, *args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+    def open_sample() -> list:
+        return [fd for fd in Path("/proc/self/fd").iterdir() if os.path.realpath(fd) == str(SAMPLE_VIDEO.resolve())]
+
+    monkeypatch.setattr(api, "VideoWriter", DiskFull)
+    with pytest.raises(InputError, match="cannot write the output videos.*No space left") as failed:
+        animator.animate(SAMPLE_IMAGE, SAMPLE_VIDEO, tmp_path)
+    assert failed.value.__traceback__ is not None and not open_sample()
 
 
 def test_a_consumer_that_stops_stops_the_producer(animator, sample_frames):
