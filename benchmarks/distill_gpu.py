@@ -89,6 +89,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.accumulate < 1:
         parser.error(f"--accumulate must be at least 1, got {args.accumulate}")
+    if args.size != "tiny" and not torch.cuda.is_available():
+        parser.error("no GPU: only --size tiny runs on the CPU")
     out = args.out
     data = out / f"data-{args.size}"
     if args.worker:

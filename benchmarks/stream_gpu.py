@@ -18,8 +18,8 @@ and 3-4 more with a compiled setting (the default: one):
      segment's driving frames (its first motion chunk) and nothing more until that frame is out; the median of
      --repeats runs after one unmeasured run (compiling or capturing the shapes), then one run with each
      network's and the face detector's time, and one with the detector's host profile (cProfile); with --trace
-     one more run of each compiled setting under torch.profiler, its Chrome trace (every thread's calls and the
-     CUDA kernels) in DIR/trace-<setting>.json.
+     one more run of each compiled setting under torch.profiler, its Chrome trace (the calling thread's calls and
+     every CUDA kernel: the profiler records other threads' calls only when asked) in DIR/trace-<setting>.json.
   1. fast mode (LCM 4 steps, one UNet batch, segments of 25 frames), 192 driving frames (8 s):
      `Animator.stream` from frames in memory: latency of the first output frame after the first motion chunk's
      driving frames were handed over, and steady-state fps (after the first segment); then `Animator.animate`

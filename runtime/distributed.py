@@ -187,7 +187,7 @@ def parallel_decode_frames(models, latents: torch.Tensor, decode_chunk: int, num
                            group: Group) -> Iterator[np.ndarray]:
     """`decode_frames` with the chunks dealt round-robin to the ranks: each round every rank decodes one chunk
     and rank 0 gathers them and yields their frames in order (other ranks yield nothing)."""
-    if group.device.type == "cuda":  # this may run on a prefetch thread, whose current device is GPU 0
+    if group.device.type == "cuda":  # this may run on a prefetch worker, whose current device is GPU 0 when new
         torch.cuda.set_device(group.device)
     total = latents.shape[0]
     chunks = decode_chunks(total, decode_chunk, num_pad)

@@ -436,14 +436,16 @@ def prefetched(items: Iterator, depth: int, check: Callable[[], None] | None = N
         try:
             for item in items:
                 if not put((item, None)):
+                    closed(items)  # the caller stopped: what `items` holds (a source, the clip's latents) goes now
                     return
             put((_END, None))
         except BaseException as exc:  # noqa: BLE001 -- handed to the caller's thread, raised there
             put((_END, exc))
 
-    ended = _started(produce, "hyportrait-prefetch")
+    ended = None
     consumer = threading.current_thread()
     try:
+        ended = _started(produce, "hyportrait-prefetch")  # inside: an interrupt right after it still sets stop
         while True:
             try:
                 item, error = pending.get(timeout=None if check is None else 0.1)
@@ -457,8 +459,9 @@ def prefetched(items: Iterator, depth: int, check: Callable[[], None] | None = N
             yield item
     finally:
         stop.set()
-        if threading.current_thread() is not consumer:
-            pass  # finalized by the garbage collector on another thread (the producer, or one holding a lock the
+        if ended is None or threading.current_thread() is not consumer:
+            pass  # not started (or the interrupt came before its event was returned: it stops at its next item), or
+            # finalized by the garbage collector on another thread (the producer, or one holding a lock the
             # producer may wait for): stopping is all it can do
         elif check is None:
             _wait_through_interrupts(ended)
@@ -488,14 +491,18 @@ def consumed_in_background(consume: Callable, depth: int, name: str) -> Iterator
             raise errors[0]
         pending.put(item)
 
-    ended = _started(run, name)
+    ended = None
     try:
+        ended = _started(run, name)
         yield hand_over
     except BaseException as exc:
         errors.append(exc)  # the caller failed or was interrupted: what is queued is dropped, not consumed
         raise
     finally:
-        _wait_through_interrupts(ended, lambda: pending.put(_END), errors)
+        if ended is None:  # interrupted while starting: should it have started all the same, this ends it
+            pending.put(_END)
+        else:
+            _wait_through_interrupts(ended, lambda: pending.put(_END), errors)
     if errors:
         raise errors[0]
 
@@ -519,7 +526,8 @@ class _Workers:
 
     def start(self, target: Callable[[], None], name: str) -> threading.Event:
         """Run `target` on an idle worker (the one idle last: its caches are the warmest) or a new one; the event
-        is set once it has returned or raised, after the worker has taken the IDLE name again."""
+        is set once it has returned or raised, after the worker has taken the IDLE name again and, when it
+        returned, is idle again (a task started next reuses it)."""
         ended = threading.Event()
         with self._lock:
             inbox = self._idle.pop() if self._idle else None
@@ -533,13 +541,17 @@ class _Workers:
         me = threading.current_thread()
         while True:
             target, me.name, ended = inbox.get()
+            returned = False
             try:
                 target()  # what it raises ends this worker, as it ended a thread of its own (threading.excepthook)
+                returned = True
             finally:
+                target = None  # an idle worker keeps nothing of its last task alive (its generators, its tensors)
                 me.name = self.IDLE
+                if returned:
+                    with self._lock:
+                        self._idle.append(inbox)
                 ended.set()
-            with self._lock:
-                self._idle.append(inbox)
 
 
 _started = _Workers().start

@@ -274,11 +274,16 @@ class LiveSource:
     container: av.container.InputContainer
 
     def close(self) -> None:
-        """Close the source when no frame was read from it: a generator closed before it started never runs its
-        `with`, and a pipe's or URL's container would stay open until collected (once reading began, the end
-        of `frames` closes it)."""
-        if inspect.getgeneratorstate(self.frames) == inspect.GEN_CREATED:
-            self.frames.close()
+        """Close the source now, whatever was read: a pipe's or URL's container would otherwise stay open until its
+        generator is collected, which the error's traceback of a failed run delays. A generator closed before it
+        started never runs its `with`, so its container is closed here; one being read on another thread (a
+        stalled read) is left to end with its read."""
+        state = inspect.getgeneratorstate(self.frames)
+        try:
+            self.frames.close()  # a suspended one runs its `with`: the container closes
+        except ValueError:  # "generator already executing": the producer is in a read
+            return
+        if state == inspect.GEN_CREATED:
             self.container.close()
 
 

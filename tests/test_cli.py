@@ -1,4 +1,6 @@
 """`hyportrait animate` end to end on the tiny random-weight model, and its errors on bad input."""
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,13 @@ def test_animate_the_bundled_sample(tmp_path, capsys):
     assert "random-weight model" in printed.err
     assert printed.out.count("wrote ") == 2
     check_result(tmp_path, 6, probe_video(SAMPLE_VIDEO).fps, Image.open(SAMPLE_IMAGE).size)
+
+
+def test_python_dash_m_runs_the_command_and_returns_its_exit_code(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "hyportrait", "animate", "--image", str(tmp_path / "missing.png"),
+                           "--video", str(SAMPLE_VIDEO), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and done.stderr.startswith("hyportrait: error [bad_input]: source image"), done
 
 
 def test_no_face_in_the_image(tmp_path, capsys):

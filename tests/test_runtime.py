@@ -9,6 +9,7 @@ import json
 import signal
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -363,6 +364,25 @@ def test_background_work_runs_on_reused_threads():
     first, second = (list(prefetched(where(), depth=1)) for _ in range(2))
     assert first == second and first[0] is not threading.current_thread()
     assert first[0].name == "idle worker"  # named after its task only while it runs one
+
+
+def test_an_idle_worker_keeps_nothing_of_its_last_task():
+    """A stream stopped early: its producer's source (here a stand-in for a URL's container, or the clip's
+    latents) is freed when the stream closes, not kept by the idle worker until its next task."""
+    class Source:
+        pass
+
+    def endless(source):
+        while True:
+            yield source
+
+    source = Source()
+    freed = weakref.ref(source)
+    stream = prefetched(endless(source), depth=1)
+    del source
+    next(stream)
+    stream.close()
+    assert freed() is None
 
 
 def test_consumed_in_background_keeps_order_and_raises_a_failure_in_the_caller():

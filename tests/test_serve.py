@@ -446,7 +446,7 @@ def test_serve_command_refuses_a_missing_token_file(tmp_path, capsys):
 
 def test_gpu_benchmark_dry_run(tmp_path):
     """benchmarks/serve_gpu.py --size tiny: the lead's GPU script on the CPU (the service, overlap on/off), without
-    its CLI run (a process that imports and builds everything again: 20 s here; test_cli runs the command)."""
+    its CLI run (a process that imports and builds everything again: 20 s here; test_cli tests the command)."""
     from hyportrait.benchmarks import serve_gpu
 
     report = serve_gpu.main(["--size", "tiny", "--out", str(tmp_path), "--clip-seconds", "0.2", "--jobs", "1",

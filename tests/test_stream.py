@@ -328,23 +328,33 @@ def test_stream_yields_timed_pasted_frames_reading_the_source_as_needed(animator
     assert not prefetch_threads()
 
 
-def test_a_run_that_fails_before_its_first_frame_closes_its_source(animator, monkeypatch, tmp_path):
-    """The output cannot be opened, so no driving frame is read: the source is closed by the run, not left open
-    until its generator is collected (the error's traceback holds the run's frames, and the CLI's or a service's
-    error path keeps it a while). A pipe or a URL would stay connected; a file keeps its descriptor."""
-    from hyportrait.runtime import api
+@pytest.mark.parametrize("failing", ["open", "frame 2"])
+def test_a_run_that_fails_closes_its_source(animator, monkeypatch, tmp_path, failing):
+    """The output cannot be opened (no driving frame read yet), or fails at its second frame: the run closes its
+    source, instead of leaving it open until its generator is collected (the error's traceback holds the
+    run's frames, and the CLI's or a service's error path keeps it a while). A pipe or a URL would stay
+    connected; a file keeps its descriptor."""
+    import hyportrait.runtime.api as api
 
     class DiskFull(VideoWriter):
         def __init__(self, *args, **kwargs):
-            raise OSError(28, "No space left on device")
+            if failing == "open":
+                raise OSError(28, "No space left on device")
+            super().__init__(*args, **kwargs)
+
+        def write(self, frame):
+            if self.frames_written == 1:
+                raise OSError(28, "No space left on device")
+            super().write(frame)
 
     def open_sample() -> list:
         return [fd for fd in Path("/proc/self/fd").iterdir() if os.path.realpath(fd) == str(SAMPLE_VIDEO.resolve())]
 
     monkeypatch.setattr(api, "VideoWriter", DiskFull)
+    before = open_sample()  # the module's other readers of the sample
     with pytest.raises(InputError, match="cannot write the output videos.*No space left") as failed:
         animator.animate(SAMPLE_IMAGE, SAMPLE_VIDEO, tmp_path)
-    assert failed.value.__traceback__ is not None and not open_sample()
+    assert failed.value.__traceback__ is not None and open_sample() == before
 
 
 def test_a_consumer_that_stops_stops_the_producer(animator, sample_frames):
@@ -378,9 +388,10 @@ def test_a_stalled_source_raises_a_coded_error_and_its_thread_ends(animator, sam
     with pytest.raises(SourceStalledError, match="no frame for 0.3 s") as caught:
         list(animator.stream(SAMPLE_IMAGE, stalling(), stall_timeout=0.3))
     assert caught.value.code == "source_stalled" and time.perf_counter() - tic < 10
-    resume.set()  # the read returns: the thread sees it was stopped and ends
-    for thread in prefetch_threads():
-        thread.join(5)
+    resume.set()  # the read returns: the producer sees it was stopped and ends (its worker goes idle)
+    deadline = time.monotonic() + 5
+    while prefetch_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not prefetch_threads()
 
 
