@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -102,6 +103,11 @@ class AnimatorReplica:
         while not job.final:
             time.sleep(0.1)
         self.table.forget(job)
+
+    def __del__(self):
+        """Serve calls this when it stops the replica (a scale-down, a redeploy, its shutdown): the replica's job
+        folder goes with it (a killed replica's cannot)."""
+        shutil.rmtree(self.table.root, ignore_errors=True)
 
     def check_health(self) -> None:
         """Ray Serve restarts a replica whose pipeline threads died."""
