@@ -334,7 +334,7 @@ def test_a_run_that_fails_closes_its_source(animator, monkeypatch, tmp_path, fai
     source, instead of leaving it open until its generator is collected (the error's traceback holds the
     run's frames, and the CLI's or a service's error path keeps it a while). A pipe or a URL would stay
     connected; a file keeps its descriptor."""
-    import hyportrait.runtime.api as api
+    from hyportrait.runtime import api
 
     class DiskFull(VideoWriter):
         def __init__(self, *args, **kwargs):
