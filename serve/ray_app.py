@@ -106,8 +106,10 @@ class AnimatorReplica:
 
     def __del__(self):
         """Serve calls this when it stops the replica (a scale-down, a redeploy, its shutdown): the replica's job
-        folder goes with it (a killed replica's cannot)."""
-        shutil.rmtree(self.table.root, ignore_errors=True)
+        folder goes with it (a killed replica's cannot). Also called for a replica whose __init__ failed."""
+        table = getattr(self, "table", None)  # None: its __init__ failed before making the folder
+        if table is not None:
+            shutil.rmtree(table.root, ignore_errors=True)
 
     def check_health(self) -> None:
         """Ray Serve restarts a replica whose pipeline threads died."""
