@@ -447,13 +447,18 @@ class Animator:
         frames = self.decode(prepared, latents)
         return prefetched(busy.items("busy_decode", frames) if busy else frames, depth=2 * self.config.decode_chunk)
 
+    @contextmanager
     def _streamed_video(self, image, video, stall_timeout: float
-                        ) -> tuple[Iterator[StreamFrame], SourceInputs, LiveSource, DrivingPreprocessor]:
-        """`_streamed` over a video file, "-" or a URL (`open_live`)."""
+                        ) -> Iterator[tuple[Iterator[StreamFrame], SourceInputs, LiveSource, DrivingPreprocessor]]:
+        """`_streamed` over a video file, "-" or a URL (`open_live`); the source is closed when the block ends,
+        also when it failed before reading a frame."""
         source, identity = self._source(image)
         driving, opened = DrivingPreprocessor(self.detector), open_live(video, self.config.max_frames)
-        made = self._streamed(source, identity, opened.frames, driving, float(opened.fps), stall_timeout)
-        return made, source, opened, driving
+        try:
+            yield self._streamed(source, identity, opened.frames, driving, float(opened.fps), stall_timeout), \
+                source, opened, driving
+        finally:
+            opened.close()
 
     # -- whole animations ----------------------------------------------------------------------------------
 
@@ -480,11 +485,8 @@ class Animator:
         encode themselves)."""
         with self._lock:
             if self.config.segment:
-                made, _, opened, _ = self._streamed_video(image, video, STALL_SECONDS)
-                try:
+                with self._streamed_video(image, video, STALL_SECONDS) as (made, *_):
                     yield from _crops(made)
-                finally:
-                    opened.close()
                 return
             prepared = self.prepare(image, video)
             latents = self.sample(prepared)
@@ -524,8 +526,7 @@ class Animator:
         live = video == STDIN or is_url(video)
         with self._lock, _unwound_on_sigterm():
             start, busy = time.perf_counter(), BusyTimes()
-            made, source, opened, driving = self._streamed_video(image, video, stall_timeout)
-            try:
+            with self._streamed_video(image, video, stall_timeout) as (made, source, opened, driving):
                 # the seconds the writing waited for frames: sampling and decoding, preprocessing a chunk ahead
                 crops = busy.items("busy_sample_decode", _crops(made))
                 paste_back = PasteBack(source.original_image, source.crop_box)
@@ -535,8 +536,6 @@ class Animator:
                 tic = time.perf_counter()
                 written = self._write(folder, crops, paste_back, opened.fps, opened.audio, busy,
                                       progressive=progressive, total=None, on_frame=on_frame)
-            finally:
-                opened.close()
             # decode_encode is wall time; busy_* the seconds each of its threads worked
             timings = dict(preprocess_source=tic - start, decode_encode=time.perf_counter() - tic, **busy.seconds)
             timings["total"] = time.perf_counter() - start

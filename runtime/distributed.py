@@ -17,6 +17,7 @@ launcher (or torchrun) ends the others; collectives time out rather than wait fo
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -328,17 +329,9 @@ def launch(worker: Callable, size: int, *args, device_type: str = "cuda", timeou
         raise BackendError(f"{size} GPUs were asked for, torch sees {torch.cuda.device_count()}")
     method = "spawn" if device_type == "cuda" or sys.platform != "linux" else "fork"
     results = mp.get_context(method).SimpleQueue()
-    if method == "fork":
-        # garbage of this process (e.g. a PyAV encoder in an exception's reference cycle) is freed here, where
-        # its library's threads exist; freed by a forked child's collector, it waits for them forever
-        gc.collect()
-        gc.freeze()
-    try:
+    with parent_garbage_frozen() if method == "fork" else contextlib.nullcontext():
         context = mp.start_processes(_worker_main, args=(size, free_port(), worker, args, results, device_type,
                                                          timeout_s), nprocs=size, join=False, start_method=method)
-    finally:
-        if method == "fork":
-            gc.unfreeze()
     messages = []
     try:
         while not context.join(timeout=0.2):
@@ -359,6 +352,19 @@ def launch(worker: Callable, size: int, *args, device_type: str = "cuda", timeou
     while not results.empty():
         messages.append(results.get())
     return next(m[2] for m in messages if m[0] == 0)
+
+
+@contextlib.contextmanager
+def parent_garbage_frozen() -> Iterator[None]:
+    """For the processes forked in the block: this process's garbage (e.g. a PyAV encoder in an exception's
+    reference cycle) is freed here, where its library's threads exist, and what is left is hidden from the
+    children's collectors; freed by a forked child's collector, such an encoder waits for its threads forever."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _stop(processes, grace_s: float = 5.0) -> None:

@@ -1,5 +1,4 @@
 """The trainer (distill/train.py): the LoRA it writes, kill and resume, and bad input, on toy data."""
-import gc
 import json
 import multiprocessing
 import os
@@ -17,6 +16,7 @@ from hyportrait.distill.train import TrainConfig, Trainer, train
 from hyportrait.errors import DataError, RunError, WeightsError
 from hyportrait.networks.lora import merge_lora
 from hyportrait.networks.unet import UNetWithAdapters
+from hyportrait.runtime import distributed
 
 SIZE = replace(toy.SIZES["cpu"], train_clips=6, tokens=64, width=1024)  # data the tiny networks (the CLI's) take
 QUICK = TrainConfig(mode="distill", steps=2, batch=2, lr=1e-2, rank=4, grid=13, checkpoint_every=1,
@@ -121,15 +121,10 @@ def test_killed_run_resumes_from_its_checkpoint(data, tmp_path, capsys, one_thre
     args = ("--data", folder, "--out", run, "--steps", 5, "--batch", 1, "--rank", 4, "--grid", 13,
             "--checkpoint-every", 2, "--lr", 1e-2)
     # the run in a forked process (one thread, as this one), killed once it has saved a checkpoint; forked, it
-    # does not import everything again (10 s). The parent's garbage is frozen first: a child's collector
-    # must not free what the parent's threads use (distributed.launch does the same)
-    gc.collect()
-    gc.freeze()
-    try:
+    # does not import everything again (10 s)
+    with distributed.parent_garbage_frozen():
         proc = multiprocessing.get_context("fork").Process(target=_cli_in_child, args=args)
         proc.start()
-    finally:
-        gc.unfreeze()
     deadline = time.time() + 120
     while not (run / "checkpoint.pt").is_file() and proc.is_alive() and time.time() < deadline:
         time.sleep(0.05)
