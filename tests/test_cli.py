@@ -32,7 +32,9 @@ def check_result(out: Path, frames: int, fps, source_size: tuple[int, int]):
 
 
 def test_animate_the_bundled_sample(tmp_path, capsys):
-    assert animate(SAMPLE_IMAGE, SAMPLE_VIDEO, tmp_path, "--steps", "1", "--max-frames", "6") == 0
+    # one guidance branch: a third of the UNet's time (the branches' batch is test_runtime's)
+    assert animate(SAMPLE_IMAGE, SAMPLE_VIDEO, tmp_path, "--steps", "1", "--max-frames", "6",
+                   "--guidance-branches", "1") == 0
     printed = capsys.readouterr()
     assert "random-weight model" in printed.err
     assert printed.out.count("wrote ") == 2
