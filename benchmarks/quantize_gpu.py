@@ -13,7 +13,7 @@ and one more for the modelopt steps):
             UNet input sets (first window) of --sets steps spread over the schedule, and the amax of every
             quantized activation over every UNet call of those steps (all windows, all guidance branches)
             -> DIR/calibration
-  quantize  int8 and fp8 Q/DQ models of the export with those ranges (onnxruntime quantization)
+  quantize  int8 and fp8 Q/DQ models of the export with those ranges (engines/quantize.py)
   build     their engines with TensorRT or TensorRT-RTX, when importable -> DIR/engines-<precision>
   quality   per precision, the PyTorch UNet under `fake_quantization` of the Q/DQ model (each quantized
             module computes what its Q/DQ node computes; onnxruntime cannot run the full-size model and

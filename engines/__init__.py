@@ -1,7 +1,7 @@
 """ONNX exports to TensorRT engines (`hyportrait build`) and running them from torch.
 
 profiles.py          min/opt/max input shapes per model, from the export manifest
-quantize.py          int8 / fp8 Q/DQ UNet with onnxruntime.quantization, and its quality report
+quantize.py          int8 / fp8 Q/DQ UNet (onnxruntime's placement, in linear time), and its quality report
 build.py             the TensorRT builder, one engine per model, and the folder-level build_all
 engine_manifest.py   the manifest beside each engine, its cache key, and check_engine
 engine.py            TensorRTEngine: a checked engine run on torch CUDA tensors, shared memory, CUDA graphs

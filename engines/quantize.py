@@ -1,4 +1,4 @@
-"""INT8 and FP8 explicit quantization of the UNet: Q/DQ nodes inserted by onnxruntime.quantization.
+"""INT8 and FP8 explicit quantization of the UNet: Q/DQ nodes placed as onnxruntime's QDQ quantizer places them.
 
 Scheme (what TensorRT's explicit quantization expects):
 - Only MatMul, Conv and Gemm are quantized, at their inputs: weights per output channel, activations per
@@ -8,10 +8,13 @@ Scheme (what TensorRT's explicit quantization expects):
 - Scales come from a min/max calibration: onnxruntime runs of the model over recorded input sets (the ranges
   of onnxruntime's symmetric MinMax calibrator, in linear time), or the same amax recorded in PyTorch
   (`torch_quant.py`, where onnxruntime cannot run the model). int8 maps amax to 127; fp8 (e4m3fn) maps amax
-  to 448, as TensorRT does. onnxruntime places the Q/DQ nodes (as int8) and
-  `_as_float8` then sets the float8 types, scales and weights: onnxruntime's own float8 path would fit a
-  Gaussian to each tensor (a larger error on the test UNet) and quantize weights channel by channel in
-  Python (14 minutes at the official size), and it cannot be steered otherwise without patching it.
+  to 448, as TensorRT does.
+- `_place_qdq` inserts the nodes in one pass. For int8 it gives each quantized node what onnxruntime's
+  `quantize_static` (QDQ format, per channel, symmetric) gives it, bit for bit (tested against it): the
+  same names, axes, scales and int8 weights. That quantizer rewires every node of the graph for each tensor
+  it quantizes, time quadratic in the graph's size (13.5 s against 1.2 s on the tiny UNet); its float8
+  path would fit a Gaussian to each tensor (a larger error on the test UNet) and quantize weights channel
+  by channel in Python (14 minutes at the official size).
 - Kept in the source precision: every other op (normalisations, softmax, activations, the sinusoidal
   embeddings) and the sensitive MatMul/Conv/Gemm nodes of `select_nodes` (first and last convolution, the
   time-embedding MLPs, the attention matmuls of two activations). The list, with reasons, goes into the
@@ -338,80 +341,96 @@ def ranges_from_amax(model: onnx.ModelProto, amax: dict[str, float]):
         for name, value in amax.items()})
 
 
-def _as_float8(int8_path: Path, model_path: Path, source: onnx.ModelProto, ranges, large: bool) -> None:
-    """onnxruntime's int8 Q/DQ model of `source` (at `int8_path`) turned float8 e4m3fn and written to
-    `model_path`, with amax / 448 scales (as TensorRT
-    maps them): activations per tensor (scales in the tensor's own float type, as QuantizeLinear-19
-    requires), weights per output channel along the axis onnxruntime chose, quantized here from the float
-    weights of `source` in one vectorised cast (onnxruntime's own float8 weight path runs a reference
-    evaluator per channel: 834 s at the official size on 2 cores, where this takes seconds)."""
-    model = onnx.load(str(int8_path))
-    initializers = {t.name: t for t in model.graph.initializer}
-    weights = {t.name: t for t in source.graph.initializer}
-    producers = {out: node for node in model.graph.node for out in node.output}
-    float8 = ml_dtypes.float8_e4m3fn
-
-    def replace(name: str, array: np.ndarray) -> None:
-        initializers[name].CopyFrom(numpy_helper.from_array(array, name))
-
-    for dq in (node for node in model.graph.node if node.op_type == "DequantizeLinear"):
-        quantized, scale_name, zero_name = dq.input[:3]
-        scale_dtype = numpy_helper.to_array(initializers[scale_name]).dtype
-        if quantized in initializers:  # a weight, per output channel
-            weight = numpy_helper.to_array(weights[quantized.removesuffix(_QUANTIZED_SUFFIX)]).astype(np.float32)
-            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-            amax = np.abs(np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)).max(axis=1)
-            scale = (np.maximum(amax, 1e-12) / FP8_MAX).astype(scale_dtype)
-            shape = [1] * weight.ndim
-            shape[axis] = -1
-            replace(quantized, numpy_helper.saturate_cast(weight / scale.astype(np.float32).reshape(shape), float8))
-        else:  # an activation: its QuantizeLinear shares the scale and zero point
-            name = producers[quantized].input[0]
-            scale = np.asarray(max(_amax(ranges, name) / FP8_MAX, np.finfo(scale_dtype).tiny), dtype=scale_dtype)
-        replace(scale_name, scale)
-        replace(zero_name, np.zeros(numpy_helper.to_array(initializers[zero_name]).shape, float8))
-    if large:  # onnx appends to an existing data file
-        model_path.with_name(f"{model_path.name}.data").unlink(missing_ok=True)
-        onnx.save_model(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{model_path.name}.data")
-    else:
-        onnx.save_model(model, str(model_path))
+def _weight_axis(node: onnx.NodeProto) -> int:
+    """onnxruntime's per-channel axis of a weight: Conv's output channels, Gemm's B as transB lays it out, and
+    axis 1 of a MatMul's."""
+    if node.op_type == "Gemm":
+        return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
+    return 0 if node.op_type == "Conv" else 1
 
 
-def _int8_placement(source: Path, source_sha256: str, selection: NodeSelection) -> Path | None:
-    """The int8 model of `source` beside it when it is current: made from this source with the present scheme
-    and selection, unchanged since. float8 is placed as int8 is (the same nodes, axes and shared pairs; scales
-    and weights are its own, from the ranges and `source`), so onnxruntime's placement, most of a
-    quantization's time, need not run again for it."""
-    report = current_report(source, "int8", source_sha256=source_sha256)
-    int8 = quantized_path(source, "int8")
-    current = (report and report.quantized_nodes == len(selection.quantized) and report.excluded == selection.excluded
-               and report.output_sha256 == sha256_file(int8))
-    return int8 if current else None
+def _int8_scale(amax: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """onnxruntime's symmetric int8 scale (compute_scale_zp over [-127, 127]): 2 amax / 254 in float64, stored
+    in the tensor's type; one too small to store is 1."""
+    scale = np.asarray(2 * np.asarray(amax, np.float64) / 254.0)
+    stored = scale.astype(dtype)
+    finfo = np.finfo(dtype)
+    small = stored < finfo.smallest_subnormal if dtype == np.float16 else scale < finfo.tiny
+    return np.where(small, np.ones((), dtype), stored)
 
 
-def _quantize_static(source: Path, output: Path, precision: str, selection: NodeSelection, ranges,
-                     model: onnx.ModelProto, large: bool) -> None:
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-        save_tensors_data,
-    )
+def _quantized_weight(weight: np.ndarray, axis: int, precision: str) -> tuple[np.ndarray, np.ndarray]:
+    """(quantized weight, per-channel scale): int8 rounded as onnxruntime's quantize_nparray does (in float32,
+    half to even), float8 e4m3fn with amax / 448 scales in one saturating cast (onnxruntime's float8 weight
+    path runs a reference evaluator per channel: 834 s at the official size on 2 cores)."""
+    channels = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
+    amax = np.abs(channels).max(axis=1)
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    if precision == "int8":
+        scale = _int8_scale(amax, weight.dtype)
+        divided = weight.astype(np.float32) / scale.astype(np.float32).reshape(shape)
+        return np.clip(divided.round(), -128, 127).astype(np.int8), scale
+    scale = (np.maximum(amax.astype(np.float32), 1e-12) / FP8_MAX).astype(weight.dtype)
+    divided = weight.astype(np.float32) / scale.astype(np.float32).reshape(shape)
+    return numpy_helper.saturate_cast(divided, ml_dtypes.float8_e4m3fn), scale
 
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-             "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OP_TYPES)}
-    cache = output.parent / "calibration.json"  # onnxruntime reads precomputed ranges from its cache file
-    save_tensors_data(ranges, cache)
-    # float8 too is placed as int8 first: the same nodes, axes and shared pairs, then its types and scales
-    quantize_static(str(source), str(output), None, quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(QUANTIZED_OP_TYPES), nodes_to_quantize=selection.quantized,
-                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large,
-                    calibration_cache_path=str(cache), extra_options=extra)
-    if precision == "fp8":
-        _as_float8(output, output, model, ranges, large)
+
+def _activation_scale(ranges, name: str, precision: str) -> np.ndarray:
+    """The per-tensor scale of an activation, in its range's type (the tensor's): amax / 127 as onnxruntime
+    computes it for int8, amax / 448 for float8 (as TensorRT maps it)."""
+    dtype = np.asarray(ranges[name].range_value[1]).dtype
+    if precision == "int8":
+        return _int8_scale(_amax(ranges, name), dtype)
+    return np.asarray(max(_amax(ranges, name) / FP8_MAX, np.finfo(dtype).tiny), dtype=dtype)
+
+
+def _place_qdq(model: onnx.ModelProto, selection: NodeSelection, ranges, precision: str) -> None:
+    """Q/DQ nodes before the selected nodes, in one pass over the graph: each activation input through one
+    QuantizeLinear/DequantizeLinear pair (shared by every selected reader, read by no other node), each weight
+    (an initializer or a Constant) stored quantized per channel behind a DequantizeLinear, and a float weight
+    no node reads any more dropped."""
+    graph = model.graph
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    weights |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    zero_type = np.int8 if precision == "int8" else ml_dtypes.float8_e4m3fn
+    chosen, dequantized, added, nodes = set(selection.quantized), {}, [], []
+
+    def initializer(name: str, array: np.ndarray) -> str:
+        added.append(numpy_helper.from_array(array, name))
+        return name
+
+    def dequantize(name: str, node: onnx.NodeProto) -> str:
+        if name in weights:
+            axis = _weight_axis(node)
+            quantized, scale = _quantized_weight(weights[name], axis, precision)
+            inputs = [initializer(f"{name}{_QUANTIZED_SUFFIX}", quantized), initializer(f"{name}_scale", scale),
+                      initializer(f"{name}_zero_point", np.zeros(scale.shape, zero_type))]
+            nodes.append(onnx.helper.make_node("DequantizeLinear", inputs, [f"{name}_DequantizeLinear_Output"],
+                                               name=f"{name}_DequantizeLinear", axis=axis))
+        else:
+            scale = _activation_scale(ranges, name, precision)
+            params = [initializer(f"{name}_scale", scale),
+                      initializer(f"{name}_zero_point", np.zeros((), zero_type))]
+            nodes.append(onnx.helper.make_node("QuantizeLinear", [name, *params], [f"{name}_QuantizeLinear_Output"],
+                                               name=f"{name}_QuantizeLinear"))
+            nodes.append(onnx.helper.make_node("DequantizeLinear", [f"{name}_QuantizeLinear_Output", *params],
+                                               [f"{name}_DequantizeLinear_Output"], name=f"{name}_DequantizeLinear"))
+        return f"{name}_DequantizeLinear_Output"
+
+    for node in graph.node:
+        if node.name in chosen:
+            for i, name in enumerate(node.input[:2]):
+                if name not in dequantized:
+                    dequantized[name] = dequantize(name, node)
+                node.input[i] = dequantized[name]
+        nodes.append(node)
+    read = {name for node in nodes for name in node.input}
+    kept = [t for t in graph.initializer if t.name in read]  # a float weight no node reads any more goes
+    del graph.node[:], graph.initializer[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(kept + added)
 
 
 def _session(model_path: Path, providers: Sequence | None):
@@ -462,19 +481,23 @@ def quantize_model(source: Path, precision: str, ranges, *, calibration: dict, s
     upgraded = tmp.with_name(f"{tmp.name}.opset{QDQ_OPSET}.onnx")
     try:
         upgrade_opset(source, upgraded)
-        # fp8 weight scales are computed from the weights themselves
-        model = onnx.load(str(upgraded), load_external_data=precision == "fp8")
+        model = onnx.load(str(upgraded))  # the weights too: they are quantized here
         selection = select_nodes(model)
         _check_coverage(model, selection, ranges)
+        _place_qdq(model, selection, ranges, precision)
+        props = {p.key: p.value for p in model.metadata_props}
+        props["hyportrait.precision"] = precision
+        props[_METADATA_KEY] = json.dumps({"scheme": SCHEME, "quantized_nodes": len(selection.quantized),
+                                           "excluded": selection.excluded, "not_quantized_op_types": OTHER_OPS})
+        onnx.helper.set_model_props(model, props)
         output = tmp / final.name
-        source_sha256 = source_sha256 or sha256_file(source)
-        int8 = _int8_placement(source, source_sha256, selection) if precision == "fp8" else None
-        if int8 is not None:
-            _as_float8(int8, output, model, ranges, large=_is_large(source))
+        if _is_large(source):  # one data file of its own; scales, zero points and biases under 1 KB stay inline
+            onnx.save_model(model, str(output), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=f"{output.name}.data")
         else:
-            _quantize_static(upgraded, output, precision, selection, ranges, model, large=_is_large(source))
+            onnx.save_model(model, str(output))
         del model
-        _finish_model(output, precision, selection)
+        source_sha256 = source_sha256 or sha256_file(source)
         data = Path(f"{output}.data")
         external = data.is_file()
         if external:  # data first, model last: a model file is never seen without its weights
@@ -500,32 +523,6 @@ def quantize_model(source: Path, precision: str, ranges, *, calibration: dict, s
     report.seconds = round(time.perf_counter() - start, 3)
     write_report(report, report_path(final))
     return report
-
-
-def _confine_dequantized(graph: onnx.GraphProto, quantized: set[str]) -> None:
-    """onnxruntime hands every consumer of a quantized activation its Q/DQ output: the skip connections,
-    the resnets' main path beside a quantized shortcut convolution, shape ops. Only the quantized nodes are
-    to read it; the others get the original tensor back (else they would compute on rounded values)."""
-    producers = {out: node for node in graph.node for out in node.output}
-    originals = {dq.output[0]: producers[dq.input[0]].input[0] for dq in graph.node
-                 if dq.op_type == "DequantizeLinear" and dq.input[0] in producers
-                 and producers[dq.input[0]].op_type == "QuantizeLinear"}
-    for node in graph.node:
-        if node.name not in quantized:
-            for i, name in enumerate(node.input):
-                node.input[i] = originals.get(name, name)
-
-
-def _finish_model(model_path: Path, precision: str, selection: NodeSelection) -> None:
-    """Dequantized activations confined to the quantized nodes, and the quantization recorded in the metadata."""
-    model = onnx.load(str(model_path), load_external_data=False)  # weights stay where they are
-    _confine_dequantized(model.graph, set(selection.quantized))
-    props = {p.key: p.value for p in model.metadata_props}
-    props["hyportrait.precision"] = precision
-    props[_METADATA_KEY] = json.dumps({"scheme": SCHEME, "quantized_nodes": len(selection.quantized),
-                                       "excluded": selection.excluded, "not_quantized_op_types": OTHER_OPS})
-    onnx.helper.set_model_props(model, props)
-    onnx.save_model(model, str(model_path))
 
 
 def write_report(report: QuantizationReport, path: Path) -> Path:

@@ -11,7 +11,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import replace
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -77,8 +77,8 @@ def ranges(unet, feeds):
 @pytest.fixture(scope="module")
 def large_unet(unet, tmp_path_factory):
     """The UNet in the export's layout past 2 GB (weights in unet.onnx.data), in a folder of its own: the
-    Q/DQ models of `qdq` are made from it, so that one quantization per precision (onnxruntime's takes most of
-    this module's time) checks the large models' files too; the small models' are checked on `quantize_unet`."""
+    Q/DQ models of `qdq` are made from it, so that one quantization per precision checks the large models' files
+    too; the small models' are checked on `quantize_unet`."""
     source = tmp_path_factory.mktemp("large") / "unet.onnx"
     onnx.save_model(onnx.load(str(unet[0])), str(source), save_as_external_data=True,
                     location="unet.onnx.data")
@@ -247,28 +247,9 @@ def test_large_models_keep_their_weights_in_one_data_file(large_unet, qdq):
         "unet.int8.onnx", "unet.int8.onnx.data", "unet.int8.quantization.json", "unet.onnx", "unet.onnx.data"]
     # the int8 weights are in the data file; scales, zero points and biases under 1 KB stay inline
     assert (folder / "unet.int8.onnx.data").stat().st_size > 2 * (folder / "unet.int8.onnx").stat().st_size
-    # fp8 rewrites onnxruntime's int8 model: one byte a weight again, in one data file of its own
+    # fp8: one byte a weight again, in one data file of its own
     sizes = [(folder / f"unet.{precision}.onnx.data").stat().st_size for precision in ("int8", "fp8")]
     assert abs(sizes[1] - sizes[0]) < 0.05 * sizes[0], sizes
-
-
-def test_float8_takes_the_placement_of_a_current_int8_model_only(large_unet, qdq, tmp_path):
-    """fp8 is placed as int8 is: a current int8 model beside the source (as `qdq` made one first) is rewritten
-    instead of running onnxruntime's placement again; one of another source, another selection or edited
-    since is not (the fp8 tests above check what the rewrite makes)."""
-    selection = select_nodes(onnx.load(str(large_unet), load_external_data=False))
-    sha = qdq["int8"].source_sha256
-    int8 = quantize._int8_placement(large_unet, sha, selection)
-    assert int8 == large_unet.with_name("unet.int8.onnx")  # read where it is, its weights file beside it
-    assert (large_unet.parent / "unet.int8.onnx.data").is_file()
-    assert quantize._int8_placement(large_unet, "another source", selection) is None
-    fewer = replace(selection, quantized=selection.quantized[1:])
-    assert quantize._int8_placement(large_unet, sha, fewer) is None
-    edited = tmp_path / "edited"
-    shutil.copytree(large_unet.parent, edited)
-    with open(edited / "unet.int8.onnx", "ab") as f:
-        f.write(b"\0")
-    assert quantize._int8_placement(edited / "unet.onnx", sha, selection) is None
 
 
 def test_torch_ranges_are_the_onnxruntime_ranges(unet, feeds, ranges):
@@ -408,3 +389,104 @@ def test_calibrate_command_records_ranges_only_with_the_torch_networks(tmp_path,
     assert "pass --weights DIR" in capsys.readouterr().err
     assert main([*args, "--weights", str(tmp_path)]) == 2
     assert "is not a finished export" in capsys.readouterr().err
+
+
+def _small_graph(path: Path, dtype) -> dict[str, np.ndarray]:
+    """Conv -> Conv with a skip Add (the first conv's output also read unquantized), MatMul, then Gemm with B
+    transposed and not; an all-zero output channel (the smallest-scale rule) and rounding ties. Returns a
+    calibration feed."""
+    from onnx import helper
+
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal((4, 3, 3, 3)).astype(dtype)
+    w1[2] = 0
+    weights = {"w1": w1, "b1": rng.standard_normal(4).astype(dtype), "w2": rng.standard_normal((4, 4, 1, 1)),
+               "w3": rng.standard_normal((4, 6)) * 1e-3, "w4": rng.standard_normal((5, 6)),
+               "w5": rng.standard_normal((5, 3))}
+    weights["w3"][:, 0] = [127, 0.5, 1.5, -2.5]  # scale 1: ties, which int8 rounds half to even
+    weights = {k: v.astype(dtype) for k, v in weights.items()}
+    shapes = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value), name))
+              for name, value in (("shape", [1, 4, 64]), ("flat", [64, 6]))]  # as torch exports them
+    element = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    nodes = [*shapes, helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="/a/conv1/Conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c1", "w2"], ["c2"], name="/a/conv2/Conv"),
+             helper.make_node("Add", ["c1", "c2"], ["skip"], name="/a/Add"),
+             helper.make_node("Reshape", ["skip", "shape"], ["r"], name="/a/Reshape"),
+             helper.make_node("Transpose", ["r"], ["t"], name="/a/Transpose", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["t", "w3"], ["m"], name="/a/proj/MatMul"),
+             helper.make_node("Reshape", ["m", "flat"], ["f"], name="/a/Reshape_1"),
+             helper.make_node("Gemm", ["f", "w4"], ["g1"], name="/a/fc1/Gemm", transB=1),
+             helper.make_node("Gemm", ["g1", "w5"], ["y"], name="/a/fc2/Gemm")]
+    graph = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", element, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", element, [64, 3])],
+                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return {"x": rng.standard_normal((1, 3, 8, 8)).astype(dtype)}
+
+
+def _read_qdq(path: Path) -> dict[str, tuple]:
+    """Per quantized node: what it reads through DequantizeLinear (the tensor quantized, and each
+    initializer's type, shape and bytes), keyed by node name."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    producers, initializers = _producers(graph), {t.name: t for t in graph.initializer}
+
+    def tensor(name):
+        t = initializers[name]
+        return t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes()
+
+    read = {}
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Conv", "Gemm"):
+            continue
+        inputs = []
+        for name in node.input[:2]:
+            dq = producers[name]
+            assert dq.op_type == "DequantizeLinear", (node.name, name)
+            axis = next((a.i for a in dq.attribute if a.name == "axis"), None)
+            if dq.input[0] in initializers:  # a weight stored quantized
+                inputs.append(("weight", axis, *map(tensor, dq.input[:3])))
+            else:  # an activation through its Q/DQ pair
+                q = producers[dq.input[0]]
+                assert q.op_type == "QuantizeLinear" and q.input[1:] == dq.input[1:]
+                inputs.append(("activation", q.input[0], axis, *map(tensor, dq.input[1:3])))
+        read[node.name] = tuple(inputs)
+    return read
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_int8_models_read_what_onnxruntimes_quantizer_places(tmp_path, dtype):
+    """The Q/DQ placement is our own (onnxruntime's takes time quadratic in the graph's size); what each quantized
+    node reads is what onnxruntime's QDQ quantizer gives it with the same settings: the same per-channel axes,
+    int8 weights, scales and zero points, bit for bit, in fp32 and fp16 models. Only the quantized nodes read
+    dequantized tensors (the skip Add reads the convolution's own output)."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+        save_tensors_data,
+    )
+
+    source = tmp_path / "small.onnx"
+    feed = _small_graph(source, dtype)
+    ranges = calibrate(source, [feed], providers=["CPUExecutionProvider"])
+    report = quantize_model(source, "int8", ranges, calibration={"origin": "test"}, eval_feeds=[feed],
+                            providers=["CPUExecutionProvider"])
+    assert report.quantized_nodes == 5 and report.evaluation["max_relative_error"] < 0.1
+    ours = tmp_path / report.output
+    # onnxruntime's quantizer as the reference, on the same opset-19 source
+    upgraded = quantize.upgrade_opset(source, tmp_path / "upgraded.onnx")
+    save_tensors_data(ranges, tmp_path / "calibration.json")
+    reference = tmp_path / "reference.onnx"
+    quantize_static(str(upgraded), str(reference), None, quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul", "Conv", "Gemm"], per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(tmp_path / "calibration.json"),
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                                   "OpTypesToExcludeOutputQuantization": ["MatMul", "Conv", "Gemm"]})
+    mine, theirs = _read_qdq(ours), _read_qdq(reference)
+    assert mine == theirs
+    assert [inputs[1][1] for inputs in mine.values()] == [0, 0, 1, 0, 1]  # Conv, Conv, MatMul, Gemm transB, Gemm
+    skip = next(n for n in onnx.load(str(ours)).graph.node if n.op_type == "Add")
+    assert list(skip.input) == ["c1", "c2"]
