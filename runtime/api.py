@@ -309,8 +309,8 @@ class Animator:
             self.models = load_models(backend, models, self.device, model_options)
             if self.models.random_weights:
                 under_mode["num_steps"] = RANDOM_MODEL_DEFAULTS["num_steps"]
-            # ArcFace (arcface.onnx) is copied into the export folder
-            arcface_folder = models
+            # ArcFace (arcface.onnx) is copied into the export folder, which engines are built from
+            arcface_folder = self.models.export_dir
         self._under_mode = {**under_mode, **self._fixed_settings(options)}
         self.config = mode_config(mode, options, self._under_mode, self.models.window)
         self.detector = self.models.face_detector

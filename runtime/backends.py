@@ -59,6 +59,7 @@ class Models:
     window: int | None = None  # the frames per UNet call an exported UNet is fixed to (None: any)
     description: str = ""
     random_weights: bool = False  # exported from random networks (`export --tiny-random`): for trying things
+    export_dir: Path | None = None  # the export the sessions come from (ArcFace is read from it), if any
 
 
 def out_of_memory(what: str, exc: BaseException) -> OutOfMemoryError:

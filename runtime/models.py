@@ -330,10 +330,21 @@ def onnx_models(folder: Path, device, cuda_graph: bool = False) -> Models:
         _check_session(sessions[name], records[name], folder)
     return Models(**{name: sessions[name] for name in MODEL_NAMES},
                   face_detector=exported_face_detector(sessions, device), pose_map=pose_map,
-                  backend="onnxruntime", device=device, dtype=latent_dtype, window=window,
+                  backend="onnxruntime", device=device, dtype=latent_dtype, window=window, export_dir=folder,
                   random_weights=manifest.weights.startswith("random:"),
                   description=f"onnxruntime {manifest.precision} {folder}"
                   + (" cuda-graphs" if cuda_graph and device.type == "cuda" else ""))
+
+
+def engine_export_folder(folder: Path) -> Path:
+    """The export folder the engines of `folder` were built from: its manifest, pose map and ArcFace serve them."""
+    from hyportrait.engines.engine_manifest import engine_path, read_engine_manifest
+
+    unet_engine = engine_path(folder, "unet")
+    if not unet_engine.is_file():
+        raise InputError(f"{folder} has no engine for unet: build them with "
+                         f"`hyportrait build --onnx EXPORT_FOLDER --out {folder}`")
+    return Path(read_engine_manifest(unet_engine).onnx_dir or folder)
 
 
 def engine_models(folder: Path, device, cuda_graph: bool = False) -> Models:
@@ -341,14 +352,9 @@ def engine_models(folder: Path, device, cuda_graph: bool = False) -> Models:
     TensorRT before it is loaded. cuda_graph: the UNet and the VAE decoder replayed as CUDA graphs."""
     # TensorRT is imported only for this backend
     from hyportrait.engines.engine import load_engines
-    from hyportrait.engines.engine_manifest import engine_path, read_engine_manifest
 
     folder, device = Path(folder), torch.device(device)
-    unet_engine = engine_path(folder, "unet")
-    if not unet_engine.is_file():
-        raise InputError(f"{folder} has no engine for unet: build them with "
-                         f"`hyportrait build --onnx EXPORT_FOLDER --out {folder}`")
-    onnx_folder = Path(read_engine_manifest(unet_engine).onnx_dir or folder)
+    onnx_folder = engine_export_folder(folder)
     manifest = _read_export_manifest(onnx_folder)
     graphs = ("unet", "vae_decoder") if cuda_graph else ()
     engines = load_engines(folder, MODEL_NAMES + detector_models(manifest), device=device, cuda_graphs=graphs)
@@ -358,5 +364,6 @@ def engine_models(folder: Path, device, cuda_graph: bool = False) -> Models:
     return Models(**{name: sessions[name] for name in MODEL_NAMES},
                   face_detector=exported_face_detector(sessions, device),
                   pose_map=_pose_map(onnx_folder, device, unet), backend="tensorrt", device=device,
-                  dtype=latent_dtype, window=window, description=f"tensorrt {folder}"
+                  dtype=latent_dtype, window=window, export_dir=onnx_folder,
+                  random_weights=manifest.weights.startswith("random:"), description=f"tensorrt {folder}"
                   + (" cuda-graphs" if cuda_graph else ""))

@@ -174,6 +174,20 @@ def test_engine_manifest_round_trip_and_currency(tmp_path):
 # ------------------------------------------------------------------------------------------ check_engine
 
 
+def test_engines_are_served_by_the_export_they_were_built_from(tmp_path):
+    """The runtime reads the export's manifest, pose map and ArcFace from the folder the UNet engine's manifest
+    names (`hyportrait build` leaves arcface.onnx there)."""
+    from hyportrait.runtime.models import engine_export_folder
+
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    (engines / "unet.engine").write_bytes(b"plan!")
+    write_engine_manifest(_manifest(tmp_path), engines / "unet.engine")
+    assert engine_export_folder(engines) == tmp_path / "onnx"
+    with pytest.raises(InputError, match="has no engine for unet"):
+        engine_export_folder(tmp_path)
+
+
 def test_check_engine_accepts_a_matching_engine(tmp_path):
     check_engine(_manifest(tmp_path), gpu_name="NVIDIA GeForce RTX 4090", compute_capability="8.9",
                  trt_version="10.3.0.26", flavour="tensorrt", shapes={"sample": (1, 25, 8, 64, 64)})

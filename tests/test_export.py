@@ -239,6 +239,23 @@ def test_arcface_is_checked_and_copied(tiny_weights, tmp_path):
         copy_arcface(tmp_path / "bad", tmp_path / "out")
 
 
+def test_exported_and_engine_models_take_arcface_from_their_export(tiny_weights, tmp_path, monkeypatch):
+    """onnxruntime and TensorRT models name the export they come from (for engines: the one they were built
+    from); the Animator reads arcface.onnx there, not in the folder it was given."""
+    from dataclasses import replace
+
+    from hyportrait.runtime import api
+
+    export = tmp_path / "export"
+    export.mkdir()
+    copy_arcface(tiny_weights, export)
+    models = load_models("torch", random_networks("tiny"), "cpu", ModelOptions(size=64))
+    monkeypatch.setattr(api, "load_models", lambda *args: replace(models, backend="onnxruntime", export_dir=export))
+    assert Animator(tmp_path / "engines", backend="onnxruntime", device="cpu").arcface is not None
+    monkeypatch.setattr(api, "load_models", lambda *args: replace(models, backend="onnxruntime"))
+    assert Animator(export, backend="onnxruntime", device="cpu").arcface is None  # no export named
+
+
 def test_networks_already_built_take_their_folders_detector_and_arcface(tiny_weights):
     """Networks built once (a benchmark shares them between several Models) with the face detector and ArcFace
     of the weights folder they came from."""
