@@ -358,8 +358,7 @@ class Animator:
         tic = time.perf_counter()
         image = load_image(image)
         info = probe_video(video)  # both inputs are read before the first network runs
-        source = preprocess_source(image, self.detector)
-        identity = self.arcface.embed(source.arcface_image) if self.arcface else zero_identity_embedding()
+        source, identity = self._source(image)
         driving = DrivingPreprocessor(self.detector)
         tokens = []
         total = min(info.num_frames, config.max_frames)

@@ -194,12 +194,6 @@ def pose_input(frame: np.ndarray, crop_box: tuple[int, int, int, int]) -> np.nda
     return _resize_to_motion_input(crop_resize(frame, crop_box, CROP_SIZE))
 
 
-def pose_guider_frame(size: int = CROP_SIZE) -> np.ndarray:
-    """The pose guider's per-frame input: the official code draws no pose (`get_dwpose` is a black image),
-    so every frame is this (3, size, size) zero array."""
-    return np.zeros((3, size, size), dtype=np.float32)
-
-
 def motion_bucket_ids(landmarks, nose_index: int = 2, max_value: int = 127) -> tuple[int, int]:
     """Official `get_head_exp_motion_bucketid` for one chunk of (n, 5, 2) landmarks -> (head_id, exp_id):
     mean distance of the nose from its mean position (head) and of the nose-relative landmarks from their
