@@ -427,7 +427,8 @@ def _place_qdq(model: onnx.ModelProto, selection: NodeSelection, ranges, precisi
                 node.input[i] = dequantized[name]
         nodes.append(node)
     read = {name for node in nodes for name in node.input}
-    kept = [t for t in graph.initializer if t.name in read]  # a float weight no node reads any more goes
+    unread = set(dequantized) - read  # float weights that only the quantized nodes read
+    kept = [t for t in graph.initializer if t.name not in unread]
     del graph.node[:], graph.initializer[:]
     graph.node.extend(nodes)
     graph.initializer.extend(kept + added)
