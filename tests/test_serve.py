@@ -469,6 +469,28 @@ def test_serve_command_refuses_a_missing_token_file(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("hyportrait: error [bad_input]: cannot read the token file")
 
 
+def test_serve_command_refuses_a_busy_port_and_bad_numbers_before_loading(tmp_path, capsys):
+    """A busy port and an out-of-range number are one coded line naming the port or the flag, before the models
+    load: the jobs folder, made first when they do, is never made (nothing is left behind)."""
+    from hyportrait.cli import main
+
+    jobs = tmp_path / "jobs"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--jobs-dir", str(jobs)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"hyportrait: error [bad_input]: cannot listen on 127.0.0.1:{port} (--host, --port): Address " \
+                  "already in use\n"
+    for flag, value, problem in (("--max-upload-mb", "nan", "between 0.01 and 65536.0, got nan"),
+                                 ("--retain-jobs", "-1", "between 1 and 1000000, got -1"),
+                                 ("--queue-size", "0", "between 1 and 100000, got 0")):
+        assert main(["serve", flag, value, "--jobs-dir", str(jobs)]) == 2
+        assert capsys.readouterr().err == f"hyportrait: error [bad_input]: {flag} must be {problem}\n"
+    assert not jobs.exists()
+
+
 def test_gpu_benchmark_dry_run(tmp_path):
     """benchmarks/serve_gpu.py --size tiny: the lead's GPU script on the CPU (the service, overlap on/off), without
     its CLI run (a process that imports and builds everything again: 20 s here; test_cli tests the command)."""
