@@ -24,6 +24,12 @@ class NoFaceError(InputError):
     code = "no_face"
 
 
+class ImageTooLargeError(InputError):
+    """An image over the pixel limit (PIL's 89 MP, or the service's --max-image-pixels), refused from its header
+    before it is decoded: a header can claim any size (a decompression bomb)."""
+    code = "image_too_large"
+
+
 class VideoError(InputError):
     """A video that is missing, unreadable, has no decodable frames, or cannot be written."""
     code = "bad_video"

@@ -9,22 +9,25 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from hyportrait.errors import InputError, describe
+from hyportrait.errors import ImageTooLargeError, InputError, describe
 
 from .video import probe_video
 
 
-def load_image(image) -> np.ndarray:
+def load_image(image, max_pixels: int = Image.MAX_IMAGE_PIXELS) -> np.ndarray:
     """A path, encoded bytes or an (H, W, 3) uint8 RGB array -> (H, W, 3) uint8 RGB.
 
-    Images of more than PIL's MAX_IMAGE_PIXELS (89 MP) are refused before they are decoded: a header can
-    claim any size (a decompression bomb), and the portrait is cropped to 512 px anyway."""
+    Images of more than `max_pixels` (by default PIL's MAX_IMAGE_PIXELS, 89 MP) are refused with
+    ImageTooLargeError before they are decoded: a header can claim any size (a decompression bomb), and the
+    portrait is cropped to 512 px anyway. Anything else PIL cannot decode is an InputError (bad_input). The CLI,
+    the API and the HTTP service (with its --max-image-pixels) all check images here."""
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise InputError(f"source image array must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
-        if not 0 < image.shape[0] * image.shape[1] <= Image.MAX_IMAGE_PIXELS:
+        if image.shape[0] * image.shape[1] == 0:
             raise InputError(f"source image array is {image.shape[1]}x{image.shape[0]} pixels: it must have "
-                             f"between 1 and {Image.MAX_IMAGE_PIXELS} pixels")
+                             f"between 1 and {max_pixels} pixels")
+        _check_pixels("source image array", *image.shape[1::-1], max_pixels)
         return image
     source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else Path(image)
     name = "source image (bytes)" if isinstance(source, io.BytesIO) else f"source image {source}"
@@ -33,13 +36,20 @@ def load_image(image) -> np.ndarray:
             # PIL only warns between 1x and 2x its limit; both are refused here
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as im:
+                _check_pixels(name, *im.size, max_pixels)  # from the header, before decoding
                 return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise InputError(f"{name}: file not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(f"{name}: too large to decode safely ({exc})") from None
+        raise ImageTooLargeError(f"{name}: too large to decode safely ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # PIL's plugins raise all of these
         raise InputError(f"{name}: not a readable image ({describe(exc)})") from None
+
+
+def _check_pixels(name: str, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"{name} is {width}x{height}, over the limit of {max_pixels} pixels: too large "
+                                 "to decode safely")
 
 
 def check_inputs(image, video) -> None:

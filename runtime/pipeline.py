@@ -71,9 +71,10 @@ _LIMITS = (
 )
 
 
-def check_range(option: str, value) -> None:
-    """OptionError unless `value` is a number in `option`'s valid range (`_LIMITS`)."""
-    low, high = next((low, high) for name, low, high in _LIMITS if name == option)
+def check_range(option: str, value, ranges=_LIMITS) -> None:
+    """OptionError unless `value` is a number in `option`'s valid range (`_LIMITS`, or the caller's
+    (name, low, high) table: `hyportrait serve`'s flags)."""
+    low, high = next((low, high) for name, low, high in ranges if name == option)
     # bool is an int to Python, but True steps or a seed of False is a caller's mistake
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise OptionError(option, f"must be a number, got {value!r}")

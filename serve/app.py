@@ -19,12 +19,12 @@ from typing import BinaryIO
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
-from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from hyportrait.errors import HyportraitError, ServeError
+from hyportrait.runtime.inputs import load_image
 from hyportrait.runtime.video import probe_video
 
 from .jobs import KINDS, Job, JobTable, parse_options
@@ -82,15 +82,8 @@ async def _follow(job: Job, handle: BinaryIO) -> AsyncIterator[bytes]:
 
 def check_inputs(job: Job, limits: Limits) -> None:
     """Refuse, before the job is queued, an image or video the job would fail on or that is over the limits."""
-    try:
-        with Image.open(job.image) as im:
-            width, height = im.size  # from the header: a huge image is refused before it is decoded
-            if width * height > limits.max_image_pixels:
-                raise ServeError("image_too_large", f"image is {width}x{height}, over the limit of "
-                                 f"{limits.max_image_pixels} pixels")
-            im.load()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ServeError("bad_input", f"image is not a readable image ({exc})") from None
+    # the CLI's check, with the service's pixel limit: image_too_large from the header, bad_input when damaged
+    load_image(job.image.read_bytes(), limits.max_image_pixels)
     info = probe_video(job.video)  # VideoError (bad_video) for anything that is not a playable video
     if max(info.width, info.height) > limits.max_video_side:
         raise ServeError("video_too_large", f"video is {info.width}x{info.height}, over the limit of "

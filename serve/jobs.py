@@ -229,7 +229,8 @@ class JobTable:
     def prune(self) -> None:
         now = time.time()
         with self.lock:
-            finished = sorted((j for j in self.jobs.values() if j.final), key=lambda j: j.finished)
+            # `finished` is set by `finish` only: a job whose status reads final before then is not yet done with
+            finished = sorted((j for j in self.jobs.values() if j.finished is not None), key=lambda j: j.finished)
         excess = len(finished) - self.limits.retain_jobs
         for index, job in enumerate(finished):
             if index < excess or now - job.finished > self.limits.retain_seconds:

@@ -67,6 +67,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ray.add_argument("--health-check-timeout", type=float, default=30.0)
 
 
+# each number's flag and valid range (inclusive), checked before anything loads (server.check_numbers); images are
+# refused over PIL's MAX_IMAGE_PIXELS (89 MP) in any case (runtime.inputs.load_image)
+RANGES = (("--port", 0, 65535), ("--grace", 0.0, 86400.0), ("--queue-size", 1, 100_000),
+          ("--max-upload-mb", 0.01, 65536.0), ("--max-frames", 1, 10_000_000), ("--max-video-seconds", 0.1, 86400.0),
+          ("--max-video-side", 1, 65536), ("--max-image-pixels", 1, 89_478_485), ("--retain-jobs", 1, 1_000_000),
+          ("--retain-seconds", 1.0, 1e8), ("--replicas", 1, 1024), ("--autoscale", 0, 1024),
+          ("--gpus-per-replica", 0.0, 1024.0), ("--cpus-per-replica", 0.0, 1024.0),
+          ("--max-ongoing-requests", 1, 1024), ("--health-check-period", 0.1, 86400.0),
+          ("--health-check-timeout", 0.1, 86400.0))
+
+
 def limits_from(args) -> Limits:
     return Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_image_pixels=args.max_image_pixels,
                   max_video_side=args.max_video_side, max_frames=args.max_frames,

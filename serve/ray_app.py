@@ -27,13 +27,14 @@ from ray.exceptions import RayError
 
 from hyportrait.runtime.api import Animator
 
-from .jobs import KINDS, Job, JobTable
+from .jobs import FINAL, KINDS, Job, JobTable
 from .options import Limits
 from .runner import LocalRunner, Runner, Stopped
 from .server import warm_up
 
 HEARTBEAT = 0.5  # seconds between progress events (also how soon the ingress sees a cancellation)
 STREAM_POLL = 0.1  # seconds between looks for a streamed job's new bytes
+PROGRESS = ("steps_done", "steps_total", "frames_done", "frames_total", "worker")  # an event's counts
 
 
 class _Growing:
@@ -177,8 +178,7 @@ class RayRunner(Runner):
                     if "failed" in event:
                         error = event["failed"]
                         return self._finish(job, "failed", (error["code"], error["message"]))
-                    for key, value in event.items():
-                        setattr(job, key, value)
+                    self._progress(job, event)
                 raise RayError("the replica's stream ended without a result")
             except RayError as exc:
                 if job.stream and job.out.is_dir():
@@ -188,6 +188,17 @@ class RayRunner(Runner):
                     return self._finish(job, "failed", ("worker_lost", f"the job's replica was lost twice ({exc})"))
                 job.attempts += 1
                 job.status, job.steps_done, job.frames_done = "queued", 0, 0
+
+    @staticmethod
+    def _progress(job: Job, event: dict) -> None:
+        """A progress event's counts and stage onto the job. A final status is not taken: a replica may read its
+        job's status just after the job ended, and only `_store`/`_finish` end the ingress's job (its record,
+        metrics and retention)."""
+        for key in PROGRESS:
+            if key in event:
+                setattr(job, key, event[key])
+        if event.get("status") not in (None, *FINAL):
+            job.status = event["status"]
 
     @staticmethod
     def _append(job: Job, chunks: dict[str, bytes]) -> None:

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import uvicorn
 
-from hyportrait.errors import HyportraitError, InputError
+from hyportrait.errors import HyportraitError, InputError, describe
 from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
+from hyportrait.runtime.pipeline import check_range
 
 from .jobs import ID_PATTERN, JobTable
-from .options import Limits, limits_from
+from .options import RANGES, Limits, limits_from
 from .runner import Runner
 
 WARMUP_FRAMES = 4
@@ -51,6 +52,33 @@ def remove_stale_jobs(root: Path) -> None:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
+def check_numbers(args) -> None:
+    """Every number of the command line in its range (options.RANGES), named by its flag (bad_input)."""
+    for flag, _, _ in RANGES:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:  # --autoscale not given
+            continue
+        for item in value if isinstance(value, list) else [value]:  # --autoscale: MIN MAX
+            check_range(flag, item, RANGES)
+    if args.autoscale and args.autoscale[1] < max(args.autoscale[0], 1):
+        raise InputError(f"--autoscale MIN MAX needs MAX >= MIN and MAX >= 1, got {args.autoscale[0]} "
+                         f"{args.autoscale[1]}")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The service's socket, listening before the models load: a busy port (or an address this machine does not
+    have) is one coded line at once, not uvicorn's error after the load and warm-up."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses a port in TIME_WAIT
+    try:
+        sock.bind((host, port))
+        sock.listen()  # connections wait in the backlog while the models load; uvicorn accepts them
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port} (--host, --port): {describe(exc)}") from None
+    return sock
+
+
 def build(args, limits: Limits) -> tuple[Runner, JobTable]:
     remove_stale_jobs(args.jobs_dir)
     table = JobTable(args.jobs_dir, limits)
@@ -70,6 +98,7 @@ def build(args, limits: Limits) -> tuple[Runner, JobTable]:
 def main(args) -> int:
     from .app import create_app
 
+    check_numbers(args)  # before anything loads
     token = None
     if args.token_file is not None:
         try:
@@ -79,23 +108,27 @@ def main(args) -> int:
         if not token:
             raise InputError(f"the token file {args.token_file} is empty")
     limits = limits_from(args)
-    runner, table = build(args, limits)
-    app = create_app(runner, table, limits, args.mode, token=token)
-    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                                           timeout_graceful_shutdown=5), runner, args.grace)
-    failed = []
+    with listen(args.host, args.port) as sock:
+        runner, table = build(args, limits)
+        app = create_app(runner, table, limits, args.mode, token=token)
+        server = DrainingServer(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5), runner,
+                                args.grace)
+        failed = []
 
-    def warm_or_stop():
-        try:
-            warm_up(runner, table)
-        except HyportraitError as exc:
-            print(f"hyportrait: error [{exc.code}]: {exc.message}", file=sys.stderr)
-            failed.append(exc)
-            server.should_exit = True
+        def warm_or_stop():
+            try:
+                warm_up(runner, table)
+            except HyportraitError as exc:
+                print(f"hyportrait: error [{exc.code}]: {exc.message}", file=sys.stderr)
+                failed.append(exc)
+                server.should_exit = True
 
-    if not runner.ready:  # the port answers /healthz (and 503 on /readyz) while the models warm up
-        threading.Thread(target=warm_or_stop, daemon=True, name="hyportrait-warmup").start()
-    server.run()
+        if not runner.ready:  # the port answers /healthz (and 503 on /readyz) while the models warm up
+            threading.Thread(target=warm_or_stop, daemon=True, name="hyportrait-warmup").start()
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"hyportrait: serving on http://{host}:{sock.getsockname()[1]} (/readyz: 200 once warm)",
+              file=sys.stderr)
+        server.run(sockets=[sock])
     return 2 if failed else 0
 
 

@@ -145,7 +145,7 @@ def test_decompression_bombs_and_oversized_video_frames_are_refused(tmp_path, ca
         with pytest.raises(InputError, match="too large to decode safely"):
             load_image(source)
     assert animate(tmp_path / "out", image=bomb) == 2
-    assert "too large to decode safely" in one_coded_line(capsys.readouterr().err, "bad_input")
+    assert "too large to decode safely" in one_coded_line(capsys.readouterr().err, "image_too_large")
     with pytest.raises(InputError, match="must have between 1 and"):
         load_image(np.zeros((0, 5, 3), np.uint8))
     monkeypatch.setattr(video, "MAX_FRAME_PIXELS", 255 * 255)

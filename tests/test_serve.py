@@ -10,10 +10,12 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +116,27 @@ def _png(width, height) -> bytes:
     return out.getvalue()
 
 
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_bomb(width: int, height: int) -> bytes:
+    """A PNG of a few bytes whose header claims width x height pixels (PIL refuses over 2x its 89 MP limit)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"\0" * 8))
+            + _chunk(b"IEND", b""))
+
+
+def _png_damaged() -> bytes:
+    """A PNG whose header reads but whose pixel data stops half-way, followed by a chunk of no known type
+    (PIL's load raises SyntaxError)."""
+    png = _png(64, 64)
+    start = png.index(b"IDAT") - 4
+    length = struct.unpack(">I", png[start:start + 4])[0]
+    data = png[start + 8:start + 8 + length]
+    return png[:start] + _chunk(b"IDAT", data[:length // 2]) + b"\0\0\0\4!!!!abcd\0\0\0\0" + png[start + 12 + length:]
+
+
 def _video(path: Path, width: int, height: int, frames: int, fps: int) -> bytes:
     with VideoWriter(path, fps, preset="ultrafast") as writer:
         for _ in range(frames):
@@ -147,6 +170,8 @@ def test_malformed_requests_get_json_errors_and_leave_nothing(service, tmp_path)
         (submit(url, image=b""), 422, "bad_input"),
         (submit(url, video=IMAGE), 422, "bad_video"),  # a photo is not a video
         (submit(url, image=_png(3000, 3000)), 422, "image_too_large"),
+        (submit(url, image=_png_bomb(20000, 10000)), 422, "image_too_large"),  # refused by PIL from its header
+        (submit(url, image=_png_damaged()), 422, "bad_input"),
         (submit(url, video=_video(tmp_path / "wide.mp4", 1100, 64, 2, 24)), 422, "video_too_large"),
         (submit(url, video=_video(tmp_path / "long.mp4", 64, 64, 4, 2)), 422, "video_too_long"),
         (submit(url, options={}), 422, "too_many_frames"),  # all 36 frames, over the limit of 30
@@ -442,6 +467,28 @@ def test_serve_command_refuses_a_missing_token_file(tmp_path, capsys):
 
     assert main(["serve", "--token-file", str(tmp_path / "none"), "--jobs-dir", str(tmp_path / "jobs")]) == 2
     assert capsys.readouterr().err.startswith("hyportrait: error [bad_input]: cannot read the token file")
+
+
+def test_serve_command_refuses_a_busy_port_and_bad_numbers_before_loading(tmp_path, capsys):
+    """A busy port and an out-of-range number are one coded line naming the port or the flag, before the models
+    load: the jobs folder, made first when they do, is never made (nothing is left behind)."""
+    from hyportrait.cli import main
+
+    jobs = tmp_path / "jobs"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--jobs-dir", str(jobs)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"hyportrait: error [bad_input]: cannot listen on 127.0.0.1:{port} (--host, --port): Address " \
+                  "already in use\n"
+    for flag, value, problem in (("--max-upload-mb", "nan", "between 0.01 and 65536.0, got nan"),
+                                 ("--retain-jobs", "-1", "between 1 and 1000000, got -1"),
+                                 ("--queue-size", "0", "between 1 and 100000, got 0")):
+        assert main(["serve", flag, value, "--jobs-dir", str(jobs)]) == 2
+        assert capsys.readouterr().err == f"hyportrait: error [bad_input]: {flag} must be {problem}\n"
+    assert not jobs.exists()
 
 
 def test_gpu_benchmark_dry_run(tmp_path):

@@ -3,6 +3,7 @@ same HTTP API, concurrent jobs on both, and a replica killed mid-job (the job is
 worker_lost: never lost silently). One Ray instance and one server for the module."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -22,7 +23,9 @@ from test_serve import LIMITS, STREAMED, TINY, follow, slow_driving_video, submi
 from hyportrait.runtime.video import read_frames
 from hyportrait.serve.app import create_app
 from hyportrait.serve.jobs import JobTable
+from hyportrait.serve.options import Limits
 from hyportrait.serve.ray_app import RayRunner
+from hyportrait.serve.runner import Runner
 from hyportrait.serve.server import start_in_thread
 
 SCALING = Namespace(ray_address=None, replicas=2, autoscale=None, gpus_per_replica=0, cpus_per_replica=1,
@@ -101,3 +104,51 @@ def test_replica_killed_mid_job_is_retried_or_failed_with_a_code(cluster):
         assert killed["attempts"] == 2 and killed["worker"] != job["worker"], killed
     else:
         assert killed["error"]["code"] == "worker_lost", killed
+
+
+class _ReplayedHandle:
+    """Our dispatcher's view of a DeploymentHandle (`.options(stream=True).run.remote(...)`), answering each call
+    with a fixed list of events: how the ingress handles the events a replica sends, without a replica."""
+
+    def __init__(self, events: list[dict]):
+        self.events = events
+        self.run = self
+
+    def options(self, **kwargs):
+        return self
+
+    def remote(self, *args):
+        return _Events(dict(event) for event in self.events)  # copies: the dispatcher pops from them
+
+
+class _Events(list):
+    def cancel(self) -> None:
+        pass
+
+
+def test_a_final_status_in_a_progress_event_does_not_end_the_job(tmp_path):
+    """A replica may read its job's status just after the job ended (a streamed one reads files in between), so
+    a progress event can say "done": the ingress's job still ends through its result, with `finished`, its
+    record and retention; a job whose status reads final before it is finished does not break retention."""
+    limits = Limits(retain_jobs=1)
+    table = JobTable(tmp_path, limits)
+    runner = RayRunner.__new__(RayRunner)  # the dispatcher alone: no Ray, no replica
+    Runner.__init__(runner, table, limits)
+    runner.handle = _ReplayedHandle([
+        {"status": "done", "steps_done": 1, "steps_total": 1, "frames_done": 4, "frames_total": 4, "worker": "w:1"},
+        {"done": {"timings": {"denoise": 0.1}, "frames_total": 4, "cropped": b"c", "full": b"f"}}])
+    jobs = []
+    for _ in range(2):
+        job = table.create("fast", {})
+        job.image.write_bytes(b"image")
+        job.video.write_bytes(b"video")
+        runner._dispatch(job)
+        jobs.append(job)
+        assert job.status == "done" and job.finished is not None and job.worker == "w:1"
+        assert not job.image.exists() and job.result("full").read_bytes() == b"f"
+        assert json.loads((job.folder / "job.json").read_text())["status"] == "done"
+    assert list(table.jobs) == [jobs[1].id] and not jobs[0].folder.exists()  # retention ran: one job kept
+    running = table.create("fast", {})
+    running.status = "done"  # read as final, not finished
+    table.prune()
+    assert running.id in table.jobs and running.folder.is_dir()
