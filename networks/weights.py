@@ -54,10 +54,11 @@ class CheckpointSpec:
     name: str  # attribute of `Networks`
     path: str  # inside the weights folder
     build: Callable[[Size, Path | None], nn.Module] = field(repr=False)
+    config: str | None = None  # the diffusers config.json in the weights folder that `build` reads, if any
 
 
 CHECKPOINTS: tuple[CheckpointSpec, ...] = (
-    CheckpointSpec("unet", "hyportrait/unet.pth", _unet),
+    CheckpointSpec("unet", "hyportrait/unet.pth", _unet, "unet/config.json"),
     CheckpointSpec("dino", "hyportrait/dino.pth", _plain(DinoV2WithIDAdapters, AppearanceConfig)),
     CheckpointSpec("image_proj", "hyportrait/image_proj.pth", _plain(ImageProjector, AppearanceConfig)),
     CheckpointSpec("pose_guider", "hyportrait/pose_guider.pth", _plain(PoseGuider, PoseGuiderConfig)),
@@ -65,11 +66,11 @@ CHECKPOINTS: tuple[CheckpointSpec, ...] = (
     CheckpointSpec("headpose", "hyportrait/headpose.pth", _plain(HeadPoseEncoder, HeadPoseEncoderConfig)),
     CheckpointSpec("motion_refiner", "hyportrait/motion_proj.pth",
                    _plain(IntensityAwareMotionRefiner, MotionRefinerConfig)),
-    CheckpointSpec("vae", "vae/diffusion_pytorch_model.fp16.safetensors", _vae),
+    CheckpointSpec("vae", "vae/diffusion_pytorch_model.fp16.safetensors", _vae, "vae/config.json"),
 )
 DETECTOR_FILE = "yoloface_v5m.pt"
 ARCFACE_FILE = "arcface.onnx"
-CONFIG_FILES = ("unet/config.json", "vae/config.json")
+CONFIG_FILES = tuple(spec.config for spec in CHECKPOINTS if spec.config)
 
 
 @dataclass
@@ -137,10 +138,11 @@ class WeightsReport:
     configs: dict[str, bool]  # diffusers config.json files (absent: the built-in SVD-xt defaults are used)
     detector: bool
     arcface: bool
+    config_errors: dict[str, str] = field(default_factory=dict)  # config.json files no network builds from
 
     @property
     def ok(self) -> bool:
-        return all(f.ok for f in self.files)
+        return all(f.ok for f in self.files) and not self.config_errors
 
     def summary(self) -> str:
         lines = [f"weights folder: {self.root}"]
@@ -163,6 +165,9 @@ class WeightsReport:
             if hidden > 0:
                 lines.append(f"           ... and {hidden} more")
         for name, present in self.configs.items():
+            if name in self.config_errors:
+                lines.append(f"  BAD      {name}: {self.config_errors[name]}")
+                continue
             lines.append(f"  {'ok      ' if present else 'absent  '} {name}"
                          f"{'' if present else ' (the built-in SVD-xt config is used)'}")
         lines.append(f"  {'ok      ' if self.detector else 'absent  '} {DETECTOR_FILE} "
@@ -186,21 +191,33 @@ def check_weights(root: str | Path, size: Size = "official") -> WeightsReport:
     root = Path(root)
     if not root.is_dir():
         raise WeightsError(f"weights folder {root} does not exist or is not a folder")
-    expected = expected_manifest(size)
-    files = []
+    files, config_errors = [], {}
     for spec in CHECKPOINTS:
+        # built as load_networks builds it, from the folder's config.json, so that a damaged config is reported
+        # here and a checkpoint is compared with the network its config describes
+        try:
+            with torch.device("meta"):
+                expected = manifest_of(spec.build(size, root).state_dict())
+        except Exception as exc:  # truncated JSON, a list, a wrong-typed value: all unusable
+            if spec.config is None:
+                raise
+            config_errors[spec.config] = f"not a usable {spec.name} config ({type(exc).__name__}: {describe(exc)})"
+            expected = None
         file = root / spec.path
         if not file.is_file():
             files.append(FileReport(spec.path, False))
+            continue
+        if expected is None:  # nothing to compare it with
+            files.append(FileReport(spec.path, True))
             continue
         try:
             found = manifest_of(read_checkpoint(file))
         except WeightsError as exc:
             files.append(FileReport(spec.path, True, error=str(exc)))
             continue
-        files.append(compare_manifest(spec.path, expected[spec.path], found))
+        files.append(compare_manifest(spec.path, expected, found))
     return WeightsReport(str(root), files, {name: (root / name).is_file() for name in CONFIG_FILES},
-                         (root / DETECTOR_FILE).is_file(), (root / ARCFACE_FILE).is_file())
+                         (root / DETECTOR_FILE).is_file(), (root / ARCFACE_FILE).is_file(), config_errors)
 
 
 def load_networks(root: str | Path, size: Size = "official") -> Networks:

@@ -6,6 +6,7 @@ import torch
 
 from hyportrait.cli import main
 from hyportrait.errors import WeightsError
+from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
 from hyportrait.networks.weights import (
     CHECKPOINTS,
     check_weights,
@@ -99,3 +100,23 @@ def test_cli_weights_check_and_expected(tiny_folder, tmp_path, capsys):
     assert manifest["hyportrait/image_proj.pth"] == {"weight": [64, 261], "bias": [64]}
     assert main(["weights", "check", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_damaged_config_is_reported_naming_its_file(tmp_path, capsys):
+    """A truncated, non-object or wrong-typed config.json is a bad_weights report line, not a traceback when
+    the network is built from it."""
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"sample_size": 64, "in_chan')
+    (tmp_path / "vae" / "config.json").write_text('{"block_out_channels": 5}')
+    report = check_weights(tmp_path)
+    assert sorted(report.config_errors) == ["unet/config.json", "vae/config.json"] and not report.ok
+    assert "not a usable unet config (JSONDecodeError" in report.config_errors["unet/config.json"]
+    assert "BAD      vae/config.json: not a usable vae config (TypeError" in report.summary()
+    (tmp_path / "unet" / "config.json").write_text("[1, 2]")
+    assert "(AttributeError" in check_weights(tmp_path).config_errors["unet/config.json"]
+    assert main(["animate", "--weights", str(tmp_path), "--image", str(SAMPLE_IMAGE), "--video",
+                 str(SAMPLE_VIDEO), "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hyportrait: error [bad_weights]: ") and "Traceback" not in err
+    assert "BAD      unet/config.json: not a usable unet config" in err
