@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from hyportrait.errors import RunError, WeightsError
+from hyportrait.errors import OptionError, RunError, WeightsError
 from hyportrait.files import atomic_path, write_json
-from hyportrait.runtime.pipeline import AnimateConfig
+from hyportrait.runtime.pipeline import AnimateConfig, check_range
 from hyportrait.runtime.sampling import (
     c_noise,
     karras_sigmas,
@@ -44,6 +44,21 @@ WARMUP = 0.05  # cosine: the first 5 % of the steps ramp up linearly
 CHECKPOINT = "checkpoint.pt"
 # fields a resumed run may change (how long, how often); any other change is refused
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "val_every"}
+
+
+# The numeric options' valid ranges (runtime/pipeline.py's check_range), checked before any network loads: a 0
+# batch, step count or checkpoint interval would fail only inside training, a nan learning rate not at all (0 is
+# the toy's control: a student that does not move). The seed bound keeps the per-micro-step generator seeds
+# (seed * ~1.07e12 + ...) within 64 bits.
+_LIMITS = (
+    ("steps", 1, 10_000_000), ("batch", 1, 4096), ("accumulate", 1, 4096), ("lr", 0.0, 1.0),
+    ("weight_decay", 0.0, 1.0), ("seed", 0, 10_000_000), ("rank", 1, 4096), ("phases", 1, 1000),
+    ("grid", 2, 100_000), ("ema", 0.0, 1.0), ("huber_c", 1e-12, 1e3), ("drop_all", 0.0, 1.0),
+    ("drop_motion", 0.0, 1.0), ("val_examples", 0, 10_000_000),
+    # intervals past the last step mean never (2**62: any Python int torch or a checkpoint holds)
+    ("spatial_steps", 0, 2**62), ("checkpoint_every", 1, 2**62), ("val_every", 0, 2**62),
+)
+_LIMITS_OF_PAIRS = (("appearance_guidance", 0.0, 50.0), ("motion_guidance", 0.0, 50.0))
 
 
 @dataclass(frozen=True)
@@ -77,14 +92,24 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.mode not in ("teacher", "distill"):
-            raise ValueError(f"mode must be teacher or distill, got {self.mode!r}")
+            raise OptionError("mode", f"must be teacher or distill, got {self.mode!r}")
         if self.target not in ("ema", "student", "same-sigma"):
-            raise ValueError(f"target must be ema, student or same-sigma, got {self.target!r}")
+            raise OptionError("target", f"must be ema, student or same-sigma, got {self.target!r}")
         if self.lora_targets not in LORA_TARGETS:
-            raise ValueError(f"lora_targets must be one of {', '.join(LORA_TARGETS)}, got {self.lora_targets!r}")
+            raise OptionError("lora_targets", f"must be one of {', '.join(LORA_TARGETS)}, got {self.lora_targets!r}")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        obj.phase_edges(self.grid, self.phases)
+            raise OptionError("lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        for option, *_ in _LIMITS:
+            check_range(option, getattr(self, option), _LIMITS)
+        for option in ("appearance_guidance", "motion_guidance"):
+            if len(getattr(self, option)) != 2:
+                raise OptionError(option, f"must be a (min, max) pair, got {getattr(self, option)!r}")
+            for value in getattr(self, option):
+                check_range(option, value, _LIMITS_OF_PAIRS)
+        try:
+            obj.phase_edges(self.grid, self.phases)
+        except ValueError as exc:
+            raise OptionError("phases", f"{self.phases}: {exc}") from None
 
     def lr_at(self, step: int) -> float:
         """The learning rate of optimizer step `step` (0-based): a pure function of the step, so a resumed run

@@ -236,10 +236,13 @@ def _distill_train(args) -> int:
         options["init_lora"] = str(args.init_lora)
     if args.guidance:
         options.update(appearance_guidance=tuple(args.guidance), motion_guidance=tuple(args.guidance))
-    latent = TrainingData(args.data).fields["latents"][0][-1]  # bad data is refused before any network is built
+    flags = {name: f"--{name.replace('_', '-')}" for name in options}
+    with _options_named_by_flags({**flags, "appearance_guidance": "--guidance", "motion_guidance": "--guidance"}):
+        config = TrainConfig(**options)  # options and data are refused before any network is built
+    latent = TrainingData(args.data).fields["latents"][0][-1]
     nets = load_networks_for(args.weights)
     pose_map = nets.pose_guider.constant_features(latent * 8, latent * 8)
-    result = train(TrainConfig(**options), args.data, args.out, nets.unet.float(), pose_map,
+    result = train(config, args.data, args.out, nets.unet.float(), pose_map,
                    weights=str(args.weights) if args.weights else "tiny-random")
     print(f"wrote {result.output} (final loss {result.loss:.4g})")
     return 0

@@ -297,3 +297,22 @@ def test_a_damaged_or_edited_export_is_refused(tiny_export, tmp_path):
     (folder / "pose_constant.npy").write_bytes(b"\x93NUMPY damaged")
     with pytest.raises(InputError, match="pose_constant.npy is damaged"):
         Animator(folder, backend="onnxruntime", device="cpu")
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--phases", "3"], "--phases 3: 3 phases need a grid whose 39 intervals divide into 2 parts"),
+    (["--phases", "0"], "--phases must be between 1 and 1000, got 0"),
+    (["--checkpoint-every", "0"], f"--checkpoint-every must be between 1 and {2**62}, got 0"),
+    (["--batch", "0"], "--batch must be between 1 and 4096, got 0"),
+    (["--accumulate", "0"], "--accumulate must be between 1 and 4096, got 0"),
+    (["--rank", "0"], "--rank must be between 1 and 4096, got 0"),
+    (["--lr", "nan"], "--lr must be between 0.0 and 1.0, got nan"),
+    (["--guidance", "1", "inf"], "--guidance must be between 0.0 and 50.0, got inf"),
+], ids=["phases-3-grid-40", "phases-0", "checkpoint-every-0", "batch-0", "accumulate-0", "rank-0", "lr-nan",
+        "guidance-inf"])
+def test_distill_train_options_fail_before_any_network_naming_their_flag(tmp_path, capsys, no_network_built,
+                                                                          extra, expected):
+    code = main(["distill", "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), *extra])
+    assert code == 2
+    assert expected in one_coded_line(capsys.readouterr().err, "bad_input")
+    assert not (tmp_path / "run").exists()
