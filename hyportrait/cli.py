@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hyportrait.errors import HyportraitError, InputError, OptionError
+from hyportrait.files import check_output_file, check_output_folder
 
 
 def _add_animate(sub) -> None:
@@ -287,6 +288,8 @@ def _verify(args) -> int:
     providers = ["CPUExecutionProvider"] if args.device == "cpu" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if args.recorded_only and not args.inputs:
         raise InputError("--recorded-only needs --inputs FILE.npz")
+    if args.report:
+        check_output_file(args.report, f"--report {args.report}")
     report = verify(args.engines, args.onnx, models=args.models, recorded=args.inputs,
                     random=not args.recorded_only, rtol=args.rtol, atol=args.atol, providers=providers)
     print(report.table())
@@ -314,6 +317,7 @@ def _calibrate(args) -> int:
     from hyportrait.runtime.inputs import check_inputs
 
     check_inputs(args.image, args.video)
+    check_output_file(args.out, f"--out {args.out}")
     if args.sets < 1:
         raise InputError(f"--sets must be at least 1, got {args.sets}")
     from hyportrait.engines.calibration import record_calibration
@@ -360,15 +364,6 @@ def _animate_overrides(args) -> tuple[dict, dict[str, str]]:
     return overrides, flags
 
 
-def _check_output_folder(out: Path) -> None:
-    """Refuse, before any work, an output folder that cannot be created or written."""
-    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise InputError(f"--out {out}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: {existing} is not writable")
-
-
 def _animate(args) -> int:
     from hyportrait.runtime.inputs import check_inputs, load_image
 
@@ -379,7 +374,7 @@ def _animate(args) -> int:
         load_image(args.image)
     else:
         check_inputs(args.image, args.video)
-    _check_output_folder(args.out)
+    check_output_folder(args.out, f"--out {args.out}")
     from hyportrait.runtime import distributed
     from hyportrait.runtime.api import Animator, make_config
 

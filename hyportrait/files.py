@@ -29,6 +29,31 @@ def atomic_path(path: Path) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
+def check_output_folder(folder: Path, label: str) -> None:
+    """InputError, before any work, unless `folder` exists as a writable folder or can be created: the nearest
+    existing path above it must be a folder we may write into. `label` names it in the message (`--out x`)."""
+    from hyportrait.errors import InputError
+
+    existing = next(p for p in (Path(folder).absolute(), *Path(folder).absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{label}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{label}: {existing} is not writable")
+
+
+def check_output_file(path: Path, label: str) -> None:
+    """InputError, before any work, unless `path` can be written whole: its folder exists and is writable (the
+    temporary file of `atomic_path` goes there) and `path` is not a folder."""
+    from hyportrait.errors import InputError
+
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{label}: {path} is a folder, not a file")
+    if not path.absolute().parent.is_dir():
+        raise InputError(f"{label}: folder {path.absolute().parent} does not exist")
+    check_output_folder(path.absolute().parent, label)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     """The hex sha256 of a file, read in chunks (models and shards are GBs)."""
     digest = hashlib.sha256()

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from hyportrait.errors import InputError, OptionError, SourceStalledError, describe
+from hyportrait.files import check_output_folder
 from hyportrait.networks.arcface import load_arcface, zero_identity_embedding
 from hyportrait.networks.contract import PRECISIONS
 
@@ -198,7 +199,10 @@ def first_segment_checked(config: AnimateConfig, options: dict, fixed_window: in
 def result_folder(out: Path, name: str) -> Path:
     """A new folder `out/name`, else `out/name-2`, `-3`, ...: created atomically, so runs that finish in the same
     second, in one process or several, never write into one folder."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way (FileExistsError), no permission
+        raise InputError(f"output folder {out}: cannot be created ({describe(exc)})") from None
     folder, n = out / name, 1
     while True:
         try:
@@ -207,6 +211,8 @@ def result_folder(out: Path, name: str) -> Path:
         except FileExistsError:
             n += 1
             folder = out / f"{name}-{n}"
+        except OSError as exc:  # no permission, a full disk
+            raise InputError(f"output folder {out}: cannot create {folder.name} in it ({describe(exc)})") from None
 
 
 @contextmanager
@@ -500,6 +506,7 @@ class Animator:
         names as frames come (playable while written; a failed run leaves them with every frame made so far).
         `video` may also be "-" (a container stream on stdin) or a URL (see `video.open_live`).
         """
+        check_output_folder(Path(out), f"output folder {out}")  # before any work
         if self.config.segment or stream or video == STDIN or is_url(video):
             return self._animate_segmented(image, video, out, stream, stall_timeout)
         with self._lock, _unwound_on_sigterm():

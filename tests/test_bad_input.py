@@ -4,6 +4,7 @@ damaged exports are refused, and the onnxruntime backend leaves no files in the 
 import io
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -316,3 +317,21 @@ def test_distill_train_options_fail_before_any_network_naming_their_flag(tmp_pat
     assert code == 2
     assert expected in one_coded_line(capsys.readouterr().err, "bad_input")
     assert not (tmp_path / "run").exists()
+
+
+def test_output_files_and_folders_are_checked_before_any_work(tmp_path, capsys, no_network_built, tiny_animator):
+    """A missing folder for calibrate's --out or verify's --report, or an API `out` that is a file, fails at
+    once as bad_input (they were OSErrors after the recording, the comparison, the sampling)."""
+    missing = tmp_path / "nodir"
+    for argv in (["calibrate", "--models", str(tmp_path), "--image", str(SAMPLE_IMAGE), "--video", str(SAMPLE_VIDEO),
+                  "--out", str(missing / "cal.npz")],
+                 ["verify", "--engines", str(tmp_path), "--onnx", str(tmp_path), "--report", str(missing / "r.json")]):
+        assert main(argv) == 2
+        assert f"folder {missing} does not exist" in one_coded_line(capsys.readouterr().err, "bad_input")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match=re.escape(f"output folder {blocker}: {blocker} is a file, not a folder")):
+        tiny_animator.animate(SAMPLE_IMAGE, SAMPLE_VIDEO, blocker)
+    with pytest.raises(InputError, match=r"cannot be created \(File exists\)"):
+        result_folder(blocker, "run")
+    assert blocker.read_text() == "" and not missing.exists()
