@@ -375,6 +375,10 @@ def _animate(args) -> int:
     else:
         check_inputs(args.image, args.video)
     check_output_folder(args.out, f"--out {args.out}")
+    if not 1 <= args.gpus <= 1024:
+        raise InputError(f"--gpus must be between 1 and 1024, got {args.gpus}")
+    if not 0 < args.stall_timeout <= 86400:  # also refuses nan, which would never time out
+        raise InputError(f"--stall-timeout must be more than 0 and at most 86400 seconds, got {args.stall_timeout}")
     from hyportrait.runtime import distributed
     from hyportrait.runtime.api import Animator, make_config
 
@@ -403,11 +407,8 @@ def _animate_parallel(args, options: dict) -> dict | None:
     workers are spawned."""
     import torch
 
-    from hyportrait.errors import InputError
     from hyportrait.runtime import distributed
 
-    if args.gpus < 1:
-        raise InputError(f"--gpus must be >= 1, got {args.gpus}")
     device_type = torch.device(args.device).type if args.device else (
         "cuda" if torch.cuda.is_available() else "cpu")
     job = (args.parallel, options, args.image, args.video, args.out)

@@ -90,8 +90,13 @@ def test_missing_or_unreadable_inputs_fail_before_torch_is_imported(tmp_path):
     (["--max-frames", "-3"], "--max-frames must be between 1 and 10000000, got -3"),
     (["--device", "gpu0"], "--device must be cpu, cuda or cuda:N (N the GPU's index), got 'gpu0'"),
     (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+    (["--stall-timeout", "0"], "--stall-timeout must be more than 0 and at most 86400 seconds, got 0.0"),
+    (["--stall-timeout", "-1"], "--stall-timeout must be more than 0 and at most 86400 seconds, got -1.0"),
+    (["--stall-timeout", "nan"], "--stall-timeout must be more than 0 and at most 86400 seconds, got nan"),
+    (["--gpus", "0"], "--gpus must be between 1 and 1024, got 0"),
+    (["--gpus", "-3"], "--gpus must be between 1 and 1024, got -3"),
 ], ids=["guidance-nan", "guidance-inf", "ramp-nan", "seed-2**70", "steps-1e9", "chunk-0", "frames-negative",
-        "device-gpu0", "steps-text"])
+        "device-gpu0", "steps-text", "stall-0", "stall-negative", "stall-nan", "gpus-0", "gpus-negative"])
 def test_options_fail_before_any_work_naming_their_flag(tmp_path, capsys, no_network_built, extra, expected):
     try:
         code = animate(tmp_path / "out", *extra)
