@@ -38,7 +38,7 @@ from .engine_manifest import (
     write_engine_manifest,
 )
 from .profiles import PROFILES, ShapeRange, manifest_profiles
-from .quantize import SCHEME, ensure_quantized, quantized_path, read_calibration
+from .quantize import SCHEME, Calibration, ensure_quantized, quantized_path, read_calibration
 from .tensorrt_module import TensorRT, current_gpu, import_tensorrt
 
 PRECISIONS = ("fp16", "fp32", "int8", "fp8")
@@ -255,17 +255,16 @@ class _Source:
     quantization: dict | None = None
 
 
-def _quantized_source(request: BuildRequest, record, notes: list[str]) -> _Source:
+def _quantized_source(request: BuildRequest, record, notes: list[str], calibration: Calibration | None) -> _Source:
     """The quantized UNet (made now unless a current one exists), or the export's model when no calibration
     data was given."""
     source = Path(request.onnx_dir) / record.file
-    if request.calibration is None:
+    if calibration is None:
         notes.append(f"{record.name} built from the {record.precision} export: {request.precision} quantization "
                      "needs calibration data (--calibration FILE.npz or FILE.json)")
         return _Source(source, record.precision)
     if record.precision == "fp32":
         notes.append(f"an fp32 export: the layers of {record.name} left unquantized compute in fp32")
-    calibration = read_calibration(Path(request.calibration))
     calibration_sha = calibration.record["sha256"]
     report, reused = ensure_quantized(source, request.precision, calibration, source_sha256=record.sha256)
     if not reused:
@@ -285,8 +284,8 @@ def build_all(request: BuildRequest, *, trt_info: TensorRT | None = None, keep_g
     if request.profile not in PROFILES:
         raise InputError(f"unknown profile {request.profile!r}: choose one of {', '.join(PROFILES)}")
     _check_precision(request, manifest.precision)
-    if request.calibration is not None and not Path(request.calibration).is_file():
-        raise InputError(f"calibration file {request.calibration} does not exist")
+    # read once, before any work: a missing or damaged file is one bad_input error, not a failure per model
+    calibration = read_calibration(Path(request.calibration)) if request.calibration is not None else None
     profiles = manifest_profiles(manifest, request.profile, request.models)  # shape problems before long work
     trt_info = trt_info or import_tensorrt()
     ensure_writable(out_dir)
@@ -297,7 +296,8 @@ def build_all(request: BuildRequest, *, trt_info: TensorRT | None = None, keep_g
         record = manifest.models[model]
         result = ModelBuild(model, "failed", precision=record.precision)
         try:
-            _build_model(request, record, profile, trt_info, (gpu_name, capability), timing_cache, result)
+            _build_model(request, record, profile, trt_info, (gpu_name, capability), timing_cache, result,
+                         calibration)
         except HyportraitError as exc:
             result.error = f"[{exc.code}] {exc.message}"
             if isinstance(exc, EngineBuildError):
@@ -314,10 +314,11 @@ def build_all(request: BuildRequest, *, trt_info: TensorRT | None = None, keep_g
 
 
 def _build_model(request: BuildRequest, record, profile: dict[str, ShapeRange], trt_info: TensorRT,
-                 gpu: tuple[str | None, str | None], timing_cache: Path, result: ModelBuild) -> None:
+                 gpu: tuple[str | None, str | None], timing_cache: Path, result: ModelBuild,
+                 calibration: Calibration | None) -> None:
     gpu_name, capability = gpu
     if request.precision in ("int8", "fp8") and record.name in QUANTIZED_MODELS:
-        source = _quantized_source(request, record, result.notes)
+        source = _quantized_source(request, record, result.notes, calibration)
     else:
         source = _Source(Path(request.onnx_dir) / record.file, record.precision)
     key = cache_key(onnx_sha256=record.sha256, quantization=source.quantization, precision=source.precision,

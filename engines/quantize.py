@@ -42,13 +42,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from hyportrait.errors import InputError
+from hyportrait.errors import InputError, describe
 from hyportrait.export.onnx_io import (
     EXTERNAL_DATA_THRESHOLD,
     ModelRecord,
     relative_error,
 )
-from hyportrait.files import atomic_path, sha256_file, write_json
+from hyportrait.files import atomic_path, read_npz, sha256_file, write_json
 
 PRECISIONS = ("int8", "fp8")
 QUANTIZED_OP_TYPES = ("MatMul", "Conv", "Gemm")
@@ -181,15 +181,12 @@ def save_calibration_npz(path: Path, feeds: Sequence[dict[str, np.ndarray]]) -> 
 
 def load_calibration_npz(path: Path) -> list[dict[str, np.ndarray]]:
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"calibration file {path} does not exist")
     sets: dict[int, dict[str, np.ndarray]] = {}
-    with np.load(path) as data:
-        for key in data.files:
-            index, sep, name = key.partition("/")
-            if not sep or not index.isdigit():
-                raise InputError(f"{path}: array {key!r} is not named '<set index>/<input name>'")
-            sets.setdefault(int(index), {})[name] = data[key]
+    for key, array in read_npz(path, "calibration file").items():
+        index, sep, name = key.partition("/")
+        if not sep or not index.isdigit():
+            raise InputError(f"{path}: array {key!r} is not named '<set index>/<input name>'")
+        sets.setdefault(int(index), {})[name] = array
     if not sets:
         raise InputError(f"{path} holds no input sets")
     return [sets[i] for i in sorted(sets)]
@@ -566,13 +563,16 @@ def read_calibration(path: Path) -> Calibration:
         return Calibration(calibration_record(feeds, str(path)), feeds=feeds)
     if not path.is_file():
         raise InputError(f"calibration file {path} does not exist")
-    document = json.loads(path.read_text())
-    if document.get("format") != RANGES_FORMAT:
-        raise InputError(f"{path} is not an activation-ranges file (format {RANGES_FORMAT}): record one with "
-                         "`hyportrait calibrate --weights DIR ... --out FILE.json`")
-    amax = document["amax"]
-    return Calibration({"method": document["method"], "tensors": len(amax), "origin": document["origin"],
-                        "sha256": sha256_file(path)}, amax=amax)
+    try:
+        document = json.loads(path.read_text())
+        if not isinstance(document, dict) or document.get("format") != RANGES_FORMAT:
+            raise InputError(f"{path} is not an activation-ranges file (format {RANGES_FORMAT}): record one with "
+                             "`hyportrait calibrate --weights DIR ... --out FILE.json`")
+        amax = {str(name): float(value) for name, value in document["amax"].items()}
+        record = {"method": document["method"], "tensors": len(amax), "origin": document["origin"]}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # truncated, edited
+        raise InputError(f"{path}: a damaged activation-ranges file ({type(exc).__name__}: {describe(exc)})") from None
+    return Calibration({**record, "sha256": sha256_file(path)}, amax=amax)
 
 
 def current_report(source: Path, precision: str, *, source_sha256: str,

@@ -19,6 +19,7 @@ import numpy as np
 
 from hyportrait.errors import InputError
 from hyportrait.export.manifest import MANIFEST_FILE, Manifest, read_manifest
+from hyportrait.files import read_npz
 
 from .engine_manifest import check_engine, engine_path, read_engine_manifest
 from .profiles import manifest_profiles
@@ -117,12 +118,8 @@ def _random_sets(shapes: dict, seed: int) -> list[tuple[str, object]]:
 
 def _recorded_sets(path: Path, input_names: list[str]) -> list[tuple[str, list[dict[str, np.ndarray]]]]:
     """The UNet input sets of a `hyportrait calibrate` .npz (arrays named '<set>/<input>')."""
-    if not path.is_file():
-        raise InputError(f"recorded inputs {path}: file not found")
-    with np.load(path) as data:
-        arrays = {key: data[key] for key in data.files}
     sets: dict[str, dict[str, np.ndarray]] = {}
-    for key, array in arrays.items():
+    for key, array in read_npz(path, "recorded inputs").items():
         name, _, tensor = key.partition("/")
         sets.setdefault(name, {})[tensor] = array
     usable = {name: feed for name, feed in sets.items() if set(feed) == set(input_names)}
@@ -156,6 +153,9 @@ def verify(candidates: Path, reference: Path, *, models: list[str] | None = None
     providers = providers or ["CPUExecutionProvider"]
     profiles = manifest_profiles(ref_manifest, "all", names)
     compare = SimpleCompareFunc(rtol=report.rtol, atol=report.atol)
+    # read before any model runs: a bad file fails at once, not after the other models' comparisons
+    recorded_sets = (_recorded_sets(Path(recorded), list(profiles[RECORDED_MODEL]))
+                     if recorded is not None and RECORDED_MODEL in names else [])
     with G_LOGGER.verbosity(G_LOGGER.ERROR):  # the report says what matters, once
         for name in names:
             candidate = _candidate_runner(candidates, name, cand_manifest, providers)
@@ -165,7 +165,7 @@ def verify(candidates: Path, reference: Path, *, models: list[str] | None = None
             records = recorded is not None and name == RECORDED_MODEL
             sets = _random_sets(profiles[name], seed) if random or not records else []
             if records:
-                sets += _recorded_sets(Path(recorded), list(profiles[name]))
+                sets += recorded_sets
             runners = [_onnxruntime_runner(reference / ref_manifest.models[name].file, providers), candidate]
             report.errors += _compare(name, runners, sets, compare)
     return report

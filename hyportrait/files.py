@@ -54,6 +54,24 @@ def check_output_file(path: Path, label: str) -> None:
     check_output_folder(path.absolute().parent, label)
 
 
+def read_npz(path: Path, what: str) -> dict:
+    """The arrays of the .npz file `path` by name; InputError naming it (`what`: "calibration file") when it
+    is missing, not an .npz (a text file, an .npy renamed) or damaged."""
+    import zipfile
+
+    import numpy as np
+
+    from hyportrait.errors import InputError
+
+    if not Path(path).is_file():
+        raise InputError(f"{what} {path} does not exist")
+    try:
+        with np.load(path) as data:  # an .npy gives an array, no context manager: TypeError
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError, TypeError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{what} {path}: not an .npz file, or it is damaged ({type(exc).__name__})") from None
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     """The hex sha256 of a file, read in chunks (models and shards are GBs)."""
     digest = hashlib.sha256()

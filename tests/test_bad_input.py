@@ -340,3 +340,29 @@ def test_output_files_and_folders_are_checked_before_any_work(tmp_path, capsys, 
     with pytest.raises(InputError, match=r"cannot be created \(File exists\)"):
         result_folder(blocker, "run")
     assert blocker.read_text() == "" and not missing.exists()
+
+
+def test_damaged_calibration_and_recorded_inputs_are_refused_before_any_work(tiny_export, tmp_path, capsys):
+    """verify --inputs and build --calibration read their file first: a text file, an .npy renamed .npz, a
+    truncated or edited ranges file are one bad_input line naming it (they were tracebacks after the other
+    models' comparisons, or a build_failed per model)."""
+    from hyportrait.engines.quantize import RANGES_FORMAT
+
+    text, npy, cut, listed, keyless = (tmp_path / n for n in ("text.npz", "array.npz", "cut.json", "list.json",
+                                                              "keyless.json"))
+    text.write_text("not an archive")
+    with open(npy, "wb") as f:
+        np.save(f, np.zeros(3))
+    cut.write_text(json.dumps({"format": RANGES_FORMAT, "amax": {"a": 1.0}})[:25])
+    listed.write_text("[1, 2]")
+    keyless.write_text(json.dumps({"format": RANGES_FORMAT, "method": "max"}))
+    for bad in (text, npy):
+        assert main(["verify", "--engines", str(tiny_export), "--onnx", str(tiny_export), "--inputs", str(bad)]) == 2
+        assert f"recorded inputs {bad}: not an .npz file, or it is damaged" in one_coded_line(
+            capsys.readouterr().err, "bad_input")
+    for bad, problem in ((text, "not an .npz file"), (cut, "a damaged activation-ranges file (JSONDecodeError"),
+                         (listed, "is not an activation-ranges file"), (keyless, "(KeyError")):
+        assert main(["build", "--onnx", str(tiny_export), "--out", str(tmp_path / "engines"), "--precision", "int8",
+                     "--calibration", str(bad)]) == 2
+        assert str(bad) in one_coded_line(err := capsys.readouterr().err, "bad_input") and problem in err
+    assert not (tmp_path / "engines").exists()
