@@ -45,6 +45,7 @@ from hyportrait.networks.face_detector import MTCNNDetector
 from hyportrait.networks.weights import random_networks
 from hyportrait.runtime.api import Animator, load_image
 from hyportrait.runtime.backends import Models
+from hyportrait.runtime.inputs import check_inputs
 from hyportrait.runtime.models import ModelOptions, load_models
 from hyportrait.runtime.pipeline import (
     AnimateConfig,
@@ -298,6 +299,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--size", choices=list(SIZES), default="official",
                    help="tiny: the small test networks (a dry run of this script, on the CPU without a GPU)")
     a = p.parse_args(argv)
+    check_inputs(a.image, a.video)  # before any work
     tiny = a.size == "tiny"  # a dry run: short clips, the export beside the report
     a.accuracy_frames = a.accuracy_frames or (2 if tiny else 10)
     a.demo_frames = a.demo_frames or (4 if tiny else 120)

@@ -494,6 +494,13 @@ def _build(args) -> int:
     return 0
 
 
+def _bench(argv: list[str]) -> int:
+    from hyportrait.benchmarks.bench import main as bench
+
+    bench(argv)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one coded line, like every other error (`--help` still prints the usage)."""
 
@@ -562,13 +569,11 @@ def _main(argv: list[str]) -> int:
     _add_verify(sub)
     sub.add_parser("bench", help="speed and accuracy of every runtime configuration on this GPU "
                    "(hyportrait bench --help)", add_help=False)
-    if argv[:1] == ["bench"]:  # its own options: benchmarks/bench.py parses them
-        from hyportrait.benchmarks.bench import main as bench
-
-        bench(argv[1:])
-        return 0
-    args = parser.parse_args(argv)
+    bench = argv[:1] == ["bench"]  # its own options: benchmarks/bench.py parses them
+    args = None if bench else parser.parse_args(argv)
     try:
+        if bench:
+            return _bench(argv[1:])
         return {"animate": _animate, "weights": _weights, "export": _export, "build": _build,
                 "calibrate": _calibrate, "distill": _distill, "serve": _serve, "verify": _verify}[args.command](args)
     except HyportraitError as exc:

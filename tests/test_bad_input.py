@@ -366,3 +366,13 @@ def test_damaged_calibration_and_recorded_inputs_are_refused_before_any_work(tin
                      "--calibration", str(bad)]) == 2
         assert str(bad) in one_coded_line(err := capsys.readouterr().err, "bad_input") and problem in err
     assert not (tmp_path / "engines").exists()
+
+
+def test_bench_errors_are_one_coded_line(tmp_path, capsys):
+    """`hyportrait bench` runs inside the command's error handling (it was dispatched before it: a traceback,
+    and exit 0 whatever happened); its inputs are checked before any work."""
+    missing = tmp_path / "missing.png"
+    assert main(["bench", "--image", str(missing), "--video", str(SAMPLE_VIDEO), "--report", str(tmp_path / "r.json"),
+                 "--size", "tiny"]) == 2
+    assert f"source image {missing}: file not found" in one_coded_line(capsys.readouterr().err, "bad_input")
+    assert not (tmp_path / "r.json").exists()
