@@ -306,7 +306,7 @@ def open_live(source, limit: int | None = None) -> LiveSource:
         audio = AudioTap(container.streams.audio[0]) if container.streams.audio else None
     else:
         container, stream = _open_input(source)
-        name, audio = str(source), source if container.streams.audio else None
+        name, audio = _name(source), source if container.streams.audio else None  # bytes: not their repr
     fps = stream.average_rate or stream.guessed_rate or stream.base_rate or Fraction(25)
     tap = audio if isinstance(audio, AudioTap) else None
     return LiveSource(Fraction(fps), _timed_frames(container, stream, name, limit, Fraction(fps), tap), audio,
