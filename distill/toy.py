@@ -264,6 +264,7 @@ def run_toy(out: str | Path, size: str | ToySize = "cpu", phases: int | None = N
     size_name = size if isinstance(size, str) else "custom"
     size = SIZES[size] if isinstance(size, str) else size
     phases = phases or size.student.phases
+    replace(size.student, phases=phases)  # phases the grid cannot hold fail here, before the teacher trains
     teacher_file = out / TEACHER
     if teacher is not None:
         print_fn(f"toy: the teacher of {teacher}")

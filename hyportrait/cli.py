@@ -220,7 +220,8 @@ def _add_distill_toy(dsub) -> None:
 def _distill_toy(args) -> int:
     from hyportrait.distill.toy import run_toy
 
-    return 0 if run_toy(args.out, args.size, args.phases, teacher=args.teacher)["verdict"] else 1
+    with _options_named_by_flags({"phases": "--phases"}):
+        return 0 if run_toy(args.out, args.size, args.phases, teacher=args.teacher)["verdict"] else 1
 
 
 def _distill_train(args) -> int:

@@ -324,6 +324,13 @@ def test_distill_train_options_fail_before_any_network_naming_their_flag(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_distill_toy_phases_fail_before_the_teacher_trains(tmp_path, capsys):
+    assert main(["distill", "toy", "--out", str(tmp_path / "toy"), "--phases", "6"]) == 2  # grid 13: 12 intervals
+    assert "--phases 6: 6 phases need a grid whose 12 intervals" in one_coded_line(capsys.readouterr().err,
+                                                                                    "bad_input")
+    assert not (tmp_path / "toy").exists()
+
+
 def test_output_files_and_folders_are_checked_before_any_work(tmp_path, capsys, no_network_built, tiny_animator):
     """A missing folder for calibrate's --out or verify's --report, or an API `out` that is a file, fails at
     once as bad_input (they were OSErrors after the recording, the comparison, the sampling)."""
