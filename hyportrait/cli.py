@@ -366,7 +366,7 @@ def _animate_overrides(args) -> tuple[dict, dict[str, str]]:
 
 
 def _animate(args) -> int:
-    from hyportrait.runtime.inputs import check_inputs, load_image
+    from hyportrait.runtime.inputs import check_inputs, check_stall_timeout, load_image
 
     # inputs and the output folder are checked first (in well under a second: torch is not imported yet),
     # then every option (here too, before workers are spawned for --gpus), all before a network is built
@@ -378,8 +378,8 @@ def _animate(args) -> int:
     check_output_folder(args.out, f"--out {args.out}")
     if not 1 <= args.gpus <= 1024:
         raise InputError(f"--gpus must be between 1 and 1024, got {args.gpus}")
-    if not 0 < args.stall_timeout <= 86400:  # also refuses nan, which would never time out
-        raise InputError(f"--stall-timeout must be more than 0 and at most 86400 seconds, got {args.stall_timeout}")
+    with _options_named_by_flags({"stall_timeout": "--stall-timeout"}):
+        check_stall_timeout(args.stall_timeout)
     from hyportrait.runtime import distributed
     from hyportrait.runtime.api import Animator, make_config
 

@@ -42,7 +42,7 @@ from hyportrait.networks.arcface import load_arcface, zero_identity_embedding
 from hyportrait.networks.contract import PRECISIONS
 
 from .backends import Models, resolve_device
-from .inputs import load_image
+from .inputs import check_stall_timeout, load_image
 from .models import ModelOptions, check_folder, load_models
 from .paste_back import PasteBack
 from .pipeline import (
@@ -457,6 +457,7 @@ class Animator:
                         ) -> Iterator[tuple[Iterator[StreamFrame], SourceInputs, LiveSource, DrivingPreprocessor]]:
         """`_streamed` over a video file, "-" or a URL (`open_live`); the source is closed when the block ends,
         also when it failed before reading a frame."""
+        check_stall_timeout(stall_timeout)
         source, identity = self._source(image)
         driving, opened = DrivingPreprocessor(self.detector), open_live(video, self.config.max_frames)
         try:
@@ -480,6 +481,7 @@ class Animator:
         `SourceStalledError` (code source_stalled) is raised; when the caller stops iterating (or closes this
         generator), reading stops. The Animator's lock is held until the generator ends or is closed.
         """
+        check_stall_timeout(stall_timeout)
         with self._lock:
             source, identity = self._source(image)
             yield from self._streamed(source, identity, frames, DrivingPreprocessor(self.detector), fps,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from hyportrait.errors import ImageTooLargeError, InputError, describe
+from hyportrait.errors import ImageTooLargeError, InputError, OptionError, describe
 
 from .video import probe_video
 
@@ -50,6 +50,16 @@ def _check_pixels(name: str, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ImageTooLargeError(f"{name} is {width}x{height}, over the limit of {max_pixels} pixels: too large "
                                  "to decode safely")
+
+
+STALL_LIMIT_SECONDS = 86400  # a live source's stall timeout: at most a day
+
+
+def check_stall_timeout(seconds: float) -> None:
+    """More than 0 and at most a day (nan, which would never time out, is refused too)."""
+    if not 0 < seconds <= STALL_LIMIT_SECONDS:
+        raise OptionError("stall_timeout", f"must be more than 0 and at most {STALL_LIMIT_SECONDS} seconds, "
+                                           f"got {seconds}")
 
 
 def check_inputs(image, video) -> None:

@@ -349,6 +349,16 @@ def test_output_files_and_folders_are_checked_before_any_work(tmp_path, capsys, 
     assert blocker.read_text() == "" and not missing.exists()
 
 
+@pytest.mark.parametrize("seconds", [0.0, -1.0, float("nan")])
+def test_the_apis_stall_timeout_is_checked_before_the_source_opens(tiny_animator, tmp_path, seconds):
+    """The API refuses the stall timeouts the CLI refuses (nan never timed out), before reading anything (stdin
+    would wait)."""
+    for call in (lambda: next(tiny_animator.stream(SAMPLE_IMAGE, iter(()), stall_timeout=seconds)),
+                 lambda: tiny_animator.animate(SAMPLE_IMAGE, "-", tmp_path, stream=True, stall_timeout=seconds)):
+        with pytest.raises(InputError, match=r"stall_timeout must be more than 0 and at most 86400 seconds"):
+            call()
+
+
 def test_damaged_calibration_and_recorded_inputs_are_refused_before_any_work(tiny_export, tmp_path, capsys):
     """verify --inputs and build --calibration read their file first: a text file, an .npy renamed .npz, a
     truncated or edited ranges file are one bad_input line naming it (they were tracebacks after the other
