@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -98,11 +99,28 @@ def check_inputs(job: Job, limits: Limits) -> None:
     job.frames_total = frames
 
 
+async def _prune_periodically(table: JobTable, limits: Limits) -> None:
+    """Retention on an idle server too: finished jobs older than --retain-seconds go without waiting for the
+    next job to finish."""
+    while True:
+        await asyncio.sleep(min(60.0, limits.retain_seconds / 4))
+        await run_in_threadpool(table.prune)
+
+
 def create_app(runner: Runner, table: JobTable, limits: Limits, default_mode: str, *,
                token: str | None = None) -> FastAPI:
     """The service's app. `default_mode`: the mode of a job whose options name none;
     `token`: the bearer token /v1/ requests must carry (None: no authentication)."""
-    app = FastAPI(title="hyportrait", summary="Portrait animation jobs", docs_url="/docs", redoc_url=None)
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        pruning = asyncio.create_task(_prune_periodically(table, limits))
+        try:
+            yield
+        finally:
+            pruning.cancel()
+
+    app = FastAPI(title="hyportrait", summary="Portrait animation jobs", docs_url="/docs", redoc_url=None,
+                  lifespan=lifespan)
     app.state.runner = runner
 
     @app.exception_handler(ServeError)

@@ -144,6 +144,27 @@ def _video(path: Path, width: int, height: int, frames: int, fps: int) -> bytes:
     return path.read_bytes()
 
 
+def test_an_idle_server_removes_jobs_past_their_retention(service, tmp_path):
+    """Retention runs on its own (every quarter of --retain-seconds, at most a minute), not only when the next
+    job finishes."""
+    from dataclasses import replace
+
+    limits = replace(LIMITS, retain_seconds=0.4)
+    table = JobTable(tmp_path / "jobs", limits)
+    old, running = table.create(None, {}), table.create(None, {})
+    table.finish(old, "done")  # nothing finishes after it: no finish prunes it
+    server, _, thread = start_in_thread(create_app(service["runner"], table, limits, "fast"), service["runner"])
+    try:
+        deadline = time.monotonic() + 10
+        while old.folder.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not old.folder.exists() and old.id not in table.jobs
+        assert running.folder.is_dir() and table.get(running.id) is running  # not finished: kept
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def test_malformed_requests_get_json_errors_and_leave_nothing(service, tmp_path):
     url, jobs, runner = service["url"], service["jobs"], service["runner"]
     before = set(jobs.iterdir())
