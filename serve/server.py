@@ -119,6 +119,8 @@ def main(args) -> int:
             try:
                 warm_up(runner, table)
             except HyportraitError as exc:
+                if server.draining:  # stopped by a signal: not a failure of the warm-up
+                    return
                 print(f"hyportrait: error [{exc.code}]: {exc.message}", file=sys.stderr)
                 failed.append(exc)
                 server.should_exit = True
@@ -134,7 +136,8 @@ def main(args) -> int:
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, with SIGTERM/SIGINT first draining the runner (status and videos are still answered meanwhile),
-    then stopping the server; a second signal stops at once."""
+    then stopping the server (during the warm-up, at once: no client's job to wait for); a second signal stops
+    at once."""
 
     def __init__(self, config: uvicorn.Config, runner: Runner, grace: float):
         super().__init__(config)
@@ -144,11 +147,13 @@ class DrainingServer(uvicorn.Server):
         if self.draining:
             return super().handle_exit(sig, frame)
         self.draining = True
-        print(f"hyportrait: {signal.Signals(sig).name}: draining (grace {self.grace:g} s)", file=sys.stderr)
-        threading.Thread(target=self._drain, name="hyportrait-drain", daemon=True).start()
+        # still warming up: no client's job to wait for; the warm-up job stops at its next step
+        grace = self.grace if self.runner.ready else 0.0
+        print(f"hyportrait: {signal.Signals(sig).name}: draining (grace {grace:g} s)", file=sys.stderr)
+        threading.Thread(target=self._drain, args=(grace,), name="hyportrait-drain", daemon=True).start()
 
-    def _drain(self) -> None:
-        self.runner.drain(self.grace)
+    def _drain(self, grace: float) -> None:
+        self.runner.drain(grace)
         self.should_exit = True
 
 

@@ -12,6 +12,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -510,6 +511,33 @@ def test_serve_command_refuses_a_busy_port_and_bad_numbers_before_loading(tmp_pa
         assert main(["serve", flag, value, "--jobs-dir", str(jobs)]) == 2
         assert capsys.readouterr().err == f"hyportrait: error [bad_input]: {flag} must be {problem}\n"
     assert not jobs.exists()
+
+
+def test_a_signal_during_the_warm_up_stops_the_service_at_once(tmp_path):
+    """`hyportrait serve` stopped while its models warm up: no client's job to wait for, so the warm-up job is
+    stopped at its next step instead of being given --grace (60 s here; minutes of compiling at the official
+    size), quietly, and its folder goes."""
+    jobs = tmp_path / "jobs"
+    process = subprocess.Popen([sys.executable, "-m", "hyportrait", "serve", "--port", "0", "--jobs-dir", str(jobs),
+                                "--grace", "60"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = next(line for line in process.stderr if line.startswith("hyportrait: serving on"))
+        url = line.split()[3]  # once the models are loaded, as the warm-up starts
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until uvicorn answers (its signal handlers are in place)
+            try:
+                requests.get(f"{url}/healthz", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.02)
+        assert requests.get(f"{url}/readyz", timeout=5).status_code == 503 and any(jobs.iterdir())  # warming
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        err = process.stderr.read()
+    finally:
+        process.kill()
+    assert "hyportrait: SIGTERM: draining (grace 0 s)" in err and "error" not in err, err
+    assert not any(jobs.iterdir())
 
 
 def test_gpu_benchmark_dry_run(tmp_path):
