@@ -263,7 +263,7 @@ def run_toy(out: str | Path, size: str | ToySize = "cpu", phases: int | None = N
     out = Path(out)
     size_name = size if isinstance(size, str) else "custom"
     size = SIZES[size] if isinstance(size, str) else size
-    phases = phases or size.student.phases
+    phases = size.student.phases if phases is None else phases
     replace(size.student, phases=phases)  # phases the grid cannot hold fail here, before the teacher trains
     teacher_file = out / TEACHER
     if teacher is not None:

@@ -11,7 +11,8 @@ Scheme (what TensorRT's explicit quantization expects):
   to 448, as TensorRT does.
 - `_place_qdq` inserts the nodes in one pass. For int8 it gives each quantized node what onnxruntime's
   `quantize_static` (QDQ format, per channel, symmetric) gives it, bit for bit (tested against it): the
-  same names, axes, scales and int8 weights. That quantizer rewires every node of the graph for each tensor
+  same names, axes, scales and int8 weights (for weights stored as initializers, as every export's are; a
+  Constant-node weight is quantized per channel here, per tensor there). That quantizer rewires every node of the graph for each tensor
   it quantizes, time quadratic in the graph's size (13.5 s against 1.2 s on the tiny UNet); its float8
   path would fit a Gaussian to each tensor (a larger error on the test UNet) and quantize weights channel
   by channel in Python (14 minutes at the official size).
@@ -369,6 +370,7 @@ def _quantized_weight(weight: np.ndarray, axis: int, precision: str) -> tuple[np
         divided = weight.astype(np.float32) / scale.astype(np.float32).reshape(shape)
         return np.clip(divided.round(), -128, 127).astype(np.int8), scale
     scale = (np.maximum(amax.astype(np.float32), 1e-12) / FP8_MAX).astype(weight.dtype)
+    scale = np.maximum(scale, np.finfo(weight.dtype).smallest_subnormal)  # an fp16 all-zero channel's was 0: NaNs
     divided = weight.astype(np.float32) / scale.astype(np.float32).reshape(shape)
     return numpy_helper.saturate_cast(divided, ml_dtypes.float8_e4m3fn), scale
 
@@ -416,9 +418,13 @@ def _place_qdq(model: onnx.ModelProto, selection: NodeSelection, ranges, precisi
                                                [f"{name}_DequantizeLinear_Output"], name=f"{name}_DequantizeLinear"))
         return f"{name}_DequantizeLinear_Output"
 
+    axes: dict[str, int] = {}
     for node in graph.node:
         if node.name in chosen:
             for i, name in enumerate(node.input[:2]):
+                if name in weights and axes.setdefault(name, _weight_axis(node)) != _weight_axis(node):
+                    raise InputError(f"weight {name} is read along two channel axes (by {node.name} too): "
+                                     "one quantized copy cannot serve both; exclude one of its readers")
                 if name not in dequantized:
                     dequantized[name] = dequantize(name, node)
                 node.input[i] = dequantized[name]

@@ -57,8 +57,6 @@ def check_output_file(path: Path, label: str) -> None:
 def read_npz(path: Path, what: str) -> dict:
     """The arrays of the .npz file `path` by name; InputError naming it (`what`: "calibration file") when it
     is missing, not an .npz (a text file, an .npy renamed) or damaged."""
-    import zipfile
-
     import numpy as np
 
     from hyportrait.errors import InputError
@@ -68,7 +66,7 @@ def read_npz(path: Path, what: str) -> dict:
     try:
         with np.load(path) as data:  # an .npy gives an array, no context manager: TypeError
             return {key: data[key] for key in data.files}
-    except (OSError, ValueError, TypeError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # noqa: BLE001 -- a damaged file makes numpy's readers raise many types (zipfile, zlib, tokenize...)
         raise InputError(f"{what} {path}: not an .npz file, or it is damaged ({type(exc).__name__})") from None
 
 

@@ -194,6 +194,8 @@ class RayRunner(Runner):
         """A progress event's counts and stage onto the job. A final status is not taken: a replica may read its
         job's status just after the job ended, and only `_store`/`_finish` end the ingress's job (its record,
         metrics and retention)."""
+        if job.final:  # cancelled meanwhile: the event is stale
+            return
         for key in PROGRESS:
             if key in event:
                 setattr(job, key, event[key])

@@ -328,6 +328,8 @@ def test_distill_toy_phases_fail_before_the_teacher_trains(tmp_path, capsys):
     assert main(["distill", "toy", "--out", str(tmp_path / "toy"), "--phases", "6"]) == 2  # grid 13: 12 intervals
     assert "--phases 6: 6 phases need a grid whose 12 intervals" in one_coded_line(capsys.readouterr().err,
                                                                                     "bad_input")
+    assert main(["distill", "toy", "--out", str(tmp_path / "toy"), "--phases", "0"]) == 2  # not "the default"
+    assert "--phases must be between 1 and 1000, got 0" in one_coded_line(capsys.readouterr().err, "bad_input")
     assert not (tmp_path / "toy").exists()
 
 
@@ -365,15 +367,21 @@ def test_damaged_calibration_and_recorded_inputs_are_refused_before_any_work(tin
     models' comparisons, or a build_failed per model)."""
     from hyportrait.engines.quantize import RANGES_FORMAT
 
-    text, npy, cut, listed, keyless = (tmp_path / n for n in ("text.npz", "array.npz", "cut.json", "list.json",
-                                                              "keyless.json"))
+    text, npy, cut, listed, keyless, inflate, header = (tmp_path / n for n in (
+        "text.npz", "array.npz", "cut.json", "list.json", "keyless.json", "inflate.npz", "header.npz"))
     text.write_text("not an archive")
     with open(npy, "wb") as f:
         np.save(f, np.zeros(3))
+    for damaged, at in ((inflate, 100), (header, 200)):  # compressed, damaged: zlib's error; a garbled .npy header
+        with open(damaged, "wb") as f:
+            np.savez_compressed(f, **{"0/sample": np.arange(4096.0)})
+        data = bytearray(damaged.read_bytes())
+        data[at:at + 40] = bytes(40)
+        damaged.write_bytes(bytes(data))
     cut.write_text(json.dumps({"format": RANGES_FORMAT, "amax": {"a": 1.0}})[:25])
     listed.write_text("[1, 2]")
     keyless.write_text(json.dumps({"format": RANGES_FORMAT, "method": "max"}))
-    for bad in (text, npy):
+    for bad in (text, npy, inflate, header):
         assert main(["verify", "--engines", str(tiny_export), "--onnx", str(tiny_export), "--inputs", str(bad)]) == 2
         assert f"recorded inputs {bad}: not an .npz file, or it is damaged" in one_coded_line(
             capsys.readouterr().err, "bad_input")

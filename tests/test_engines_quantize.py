@@ -490,3 +490,29 @@ def test_int8_models_read_what_onnxruntimes_quantizer_places(tmp_path, dtype):
     assert [inputs[1][1] for inputs in mine.values()] == [0, 0, 1, 0, 1]  # Conv, Conv, MatMul, Gemm transB, Gemm
     skip = next(n for n in onnx.load(str(ours)).graph.node if n.op_type == "Add")
     assert list(skip.input) == ["c1", "c2"]
+    # fp8 of the same graph: the all-zero channel's scale stays above 0 in fp16 too (it was 0: NaN weights)
+    fp8 = quantize_model(source, "fp8", ranges, calibration={"origin": "test"}, eval_feeds=[feed],
+                         providers=["CPUExecutionProvider"])
+    weights = [numpy_helper.to_array(t).astype(np.float32) for t in onnx.load(str(tmp_path / fp8.output)).graph.initializer
+               if t.name.endswith("_quantized")]
+    assert len(weights) == 5 and all(np.isfinite(w).all() for w in weights)
+    assert fp8.evaluation["max_relative_error"] < 0.2
+
+
+def test_a_weight_read_along_two_axes_is_refused(tmp_path):
+    """One quantized copy of a weight serves all its readers: a MatMul (axis 1) and a Gemm with B transposed (axis
+    0) reading the same weight cannot share it, and the graph is refused with a clear error."""
+    from onnx import helper
+
+    w = np.arange(16, dtype=np.float32).reshape(4, 4) / 8
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"], name="/a/MatMul"),
+         helper.make_node("Gemm", ["m", "w"], ["y"], name="/a/Gemm", transB=1)], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])], [numpy_helper.from_array(w, "w")])
+    source = tmp_path / "shared.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    ranges = calibrate(source, [{"x": np.ones((2, 4), np.float32)}], providers=["CPUExecutionProvider"])
+    with pytest.raises(InputError, match="weight w is read along two channel axes"):
+        quantize_model(source, "int8", ranges, calibration={"origin": "test"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared.onnx"]
