@@ -390,8 +390,9 @@ def _place_qdq(model: onnx.ModelProto, selection: NodeSelection, ranges, precisi
     (an initializer or a Constant) stored quantized per channel behind a DequantizeLinear, and a float weight
     no node reads any more dropped."""
     graph = model.graph
-    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    weights |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+    # the constants' protos: only the weights quantized are read into arrays (GBs at the official size)
+    weights = {t.name: t for t in graph.initializer}
+    weights |= {n.output[0]: n.attribute[0].t for n in graph.node
                 if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
     zero_type = np.int8 if precision == "int8" else ml_dtypes.float8_e4m3fn
     chosen, dequantized, added, nodes = set(selection.quantized), {}, [], []
@@ -400,10 +401,9 @@ def _place_qdq(model: onnx.ModelProto, selection: NodeSelection, ranges, precisi
         added.append(numpy_helper.from_array(array, name))
         return name
 
-    def dequantize(name: str, node: onnx.NodeProto) -> str:
+    def dequantize(name: str, axis: int) -> str:
         if name in weights:
-            axis = _weight_axis(node)
-            quantized, scale = _quantized_weight(weights[name], axis, precision)
+            quantized, scale = _quantized_weight(numpy_helper.to_array(weights[name]), axis, precision)
             inputs = [initializer(f"{name}{_QUANTIZED_SUFFIX}", quantized), initializer(f"{name}_scale", scale),
                       initializer(f"{name}_zero_point", np.zeros(scale.shape, zero_type))]
             nodes.append(onnx.helper.make_node("DequantizeLinear", inputs, [f"{name}_DequantizeLinear_Output"],
@@ -418,15 +418,16 @@ def _place_qdq(model: onnx.ModelProto, selection: NodeSelection, ranges, precisi
                                                [f"{name}_DequantizeLinear_Output"], name=f"{name}_DequantizeLinear"))
         return f"{name}_DequantizeLinear_Output"
 
-    axes: dict[str, int] = {}
+    axes: dict[str, int] = {}  # weight -> the channel axis of its quantized copy
     for node in graph.node:
         if node.name in chosen:
+            axis = _weight_axis(node)
             for i, name in enumerate(node.input[:2]):
-                if name in weights and axes.setdefault(name, _weight_axis(node)) != _weight_axis(node):
+                if name in weights and axes.setdefault(name, axis) != axis:
                     raise InputError(f"weight {name} is read along two channel axes (by {node.name} too): "
                                      "one quantized copy cannot serve both; exclude one of its readers")
                 if name not in dequantized:
-                    dequantized[name] = dequantize(name, node)
+                    dequantized[name] = dequantize(name, axis)
                 node.input[i] = dequantized[name]
         nodes.append(node)
     read = {name for node in nodes for name in node.input}
