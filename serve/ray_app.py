@@ -163,7 +163,6 @@ class RayRunner(Runner):
 
     def _dispatch(self, job: Job) -> None:
         image, video = job.image.read_bytes(), job.video.read_bytes()
-        job.started = time.time()
         while True:
             try:
                 stream = self.handle.options(stream=True).run.remote(image, video, job.mode, job.settings,

@@ -59,6 +59,7 @@ class Runner:
         self.ready = False
         self.metrics = Metrics(self.depth, lambda: len(self.in_flight))
         self._latencies: list[float] = []
+        self._taking = threading.Lock()  # a job leaves the queue or is cancelled there, never both
 
     # -- called by the HTTP layer --------------------------------------------------------------------------
 
@@ -97,11 +98,12 @@ class Runner:
         return 1
 
     def cancel(self, job: Job) -> None:
-        if job.final:
-            return
-        job.cancel.set()
-        if job.status == "queued":  # its worker will skip it
-            self._finish(job, "cancelled")
+        with self._taking:
+            if job.final:
+                return
+            job.cancel.set()
+            if job.status == "queued":  # its worker will skip it
+                self._finish(job, "cancelled")
 
     def drain(self, grace: float) -> None:
         """Shutdown: refuse new jobs, fail the waiting ones with `shutting_down`, give the running ones `grace`
@@ -132,10 +134,12 @@ class Runner:
         """The next waiting job that is still wanted (blocks)."""
         while True:
             job = self.waiting.get()
-            if not job.final:
-                self.in_flight.add(job.id)
-                job.attempts += 1
-                return job
+            with self._taking:
+                if not job.final:
+                    job.status, job.started = "preparing", time.time()
+                    self.in_flight.add(job.id)
+                    job.attempts += 1
+                    return job
 
     def _check(self, job: Job) -> None:
         if job.cancel.is_set():
@@ -193,7 +197,7 @@ class LocalRunner(Runner):
             job = self._next()
             try:
                 view = self.animator.with_options(job.mode, **job.settings)
-                job.status, job.started, job.worker = "preparing", time.time(), WORKER
+                job.worker = WORKER
                 prepared = None  # a streamed job is prepared segment by segment on the denoise stage
                 if job.stream:
                     job.frames_total = min(probe_video(job.video).num_frames, view.config.max_frames)

@@ -226,12 +226,17 @@ def test_full_queue_cancellation_and_results_before_they_exist(service):
     assert refused is not None, "the bounded queue never refused a job"
     error_of(refused, 429, "queue_full")
     assert int(refused.headers["retry-after"]) >= 1
-    last = accepted[-1]  # still waiting in the queue
+    last = accepted[-1]  # waiting in the queue (unless the first job finished meanwhile)
     error_of(requests.get(f"{url}/v1/animations/{last}/video", timeout=5), 409, "not_finished")
     error_of(requests.get(f"{url}/v1/animations/{last}/video?kind=poster", timeout=5), 400, "bad_request")
-    for job_id in accepted:
-        assert requests.delete(f"{url}/v1/animations/{job_id}", timeout=5).status_code == 202
-    assert requests.get(f"{url}/v1/animations/{last}", timeout=5).json()["status"] == "cancelled"
+    statuses = []
+    for job_id in reversed(accepted):  # the queued one first, before a cancelled job frees the pipeline for it
+        response = requests.delete(f"{url}/v1/animations/{job_id}", timeout=5)
+        assert response.status_code == 202, response.text
+        statuses.append(response.json()["status"])
+    # a queued job ends at once; a started one at its next step (the last may have started if the first finished)
+    assert statuses[0] in ("cancelled", "preparing"), statuses
+    assert "queued" not in statuses, statuses
     for job_id in accepted:
         job = wait_final(url, job_id)
         assert job["status"] in ("cancelled", "done"), job  # the first may have finished before its DELETE
@@ -242,6 +247,32 @@ def test_full_queue_cancellation_and_results_before_they_exist(service):
     metrics = requests.get(f"{url}/metrics", timeout=5).text
     assert 'hyportrait_jobs_total{outcome="refused"}' in metrics
     assert 'hyportrait_jobs_total{outcome="cancelled"}' in metrics
+
+
+def test_a_job_taken_from_the_queue_is_started_before_a_cancel_can_see_it_queued(tmp_path):
+    """A DELETE racing a worker taking the job: either the queued job is cancelled (and skipped) or the worker
+    has it as started (the cancel then stops it at its next check). The old worker set the job started after
+    taking it, so a cancel in between finished it, and the worker then overwrote `cancelled`."""
+    from dataclasses import replace
+
+    from hyportrait.serve.runner import Runner, Stopped
+
+    limits = replace(LIMITS, queue_size=2)
+    runner = Runner(JobTable(tmp_path / "jobs", limits), limits)
+    runner.ready = True
+    skipped, taken = (runner.table.create(None, {}) for _ in range(2))
+    for job in (skipped, taken):
+        runner.submit(job)
+    runner.cancel(skipped)
+    assert skipped.status == "cancelled" and skipped.final
+    assert runner._next() is taken  # the cancelled one is skipped
+    assert taken.status == "preparing" and taken.started is not None and taken.id in runner.in_flight
+    runner.cancel(taken)
+    assert not taken.final  # still the worker's: it ends the job
+    with pytest.raises(Stopped):
+        runner._check(taken)
+    runner._end(taken, Stopped())
+    assert taken.status == "cancelled" and taken.id not in runner.in_flight
 
 
 def test_bearer_token(service):

@@ -142,7 +142,8 @@ def test_a_final_status_in_a_progress_event_does_not_end_the_job(tmp_path):
         job = table.create("fast", {})
         job.image.write_bytes(b"image")
         job.video.write_bytes(b"video")
-        runner._dispatch(job)
+        runner.waiting.put(job)
+        runner._dispatch(runner._next())
         jobs.append(job)
         assert job.status == "done" and job.finished is not None and job.worker == "w:1"
         assert not job.image.exists() and job.result("full").read_bytes() == b"f"
