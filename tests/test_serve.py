@@ -235,7 +235,6 @@ def test_full_queue_cancellation_and_results_before_they_exist(service):
         assert response.status_code == 202, response.text
         statuses.append(response.json()["status"])
     # a queued job ends at once; a started one at its next step (the last may have started if the first finished)
-    assert statuses[0] in ("cancelled", "preparing"), statuses
     assert "queued" not in statuses, statuses
     for job_id in accepted:
         job = wait_final(url, job_id)
