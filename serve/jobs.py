@@ -14,7 +14,7 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hyportrait.errors import ServeError
@@ -215,7 +215,8 @@ class JobTable:
         shutil.rmtree(job.folder, ignore_errors=True)
 
     def finish(self, job: Job, status: str, error: tuple[str, str] | None = None) -> None:
-        job.status, job.finished = status, time.time()
+        """End a job. Its status turns final last, once its folder is as it stays: whoever sees it final (a
+        client, the warm-up, retention) finds the record written and the inputs and partial videos gone."""
         if error:
             job.error = {"code": error[0], "message": error[1]}
         # inputs are no longer needed once the job ends; the record and the results stay
@@ -223,7 +224,10 @@ class JobTable:
             path.unlink(missing_ok=True)
         if status != "done":  # a streamed job's partial videos (a reader still following one keeps its bytes)
             shutil.rmtree(job.out, ignore_errors=True)
-        job.save()
+        finished = time.time()
+        replace(job, status=status, finished=finished).save()
+        job.finished = finished
+        job.status = status
         self.prune()
 
     def prune(self) -> None:

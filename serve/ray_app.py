@@ -185,8 +185,8 @@ class RayRunner(Runner):
                     return self._finish(job, "failed", ("worker_lost", lost))
                 if job.attempts >= 2:
                     return self._finish(job, "failed", ("worker_lost", f"the job's replica was lost twice ({exc})"))
-                job.attempts += 1
-                job.status, job.steps_done, job.frames_done = "queued", 0, 0
+                job.attempts += 1  # run again at once, still this dispatcher's job (a DELETE stops it, not ends it)
+                job.status, job.steps_done, job.frames_done = "preparing", 0, 0
 
     @staticmethod
     def _progress(job: Job, event: dict) -> None:

@@ -59,7 +59,9 @@ class Runner:
         self.ready = False
         self.metrics = Metrics(self.depth, lambda: len(self.in_flight))
         self._latencies: list[float] = []
-        self._taking = threading.Lock()  # a job leaves the queue or is cancelled there, never both
+        # a waiting job is taken by a worker, cancelled, or refused by the drain: exactly one of them. Taken, only
+        # its worker ends it
+        self._taking = threading.RLock()
 
     # -- called by the HTTP layer --------------------------------------------------------------------------
 
@@ -114,8 +116,7 @@ class Runner:
                 job = self.waiting.get_nowait()
             except queue.Empty:
                 break
-            if not job.final:
-                self._finish(job, "failed", ("shutting_down", "the service shut down before the job started"))
+            self._finish(job, "failed", ("shutting_down", "the service shut down before the job started"))
         deadline = time.monotonic() + grace
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -146,10 +147,15 @@ class Runner:
             raise Stopped(job.stop_code)
 
     def _finish(self, job: Job, status: str, error: tuple[str, str] | None = None) -> None:
+        """End a job once (a later end of an ended job is ignored); it leaves `in_flight` after its folder is
+        settled, so a drain that waits for `in_flight` to empty never exits mid-finish."""
+        with self._taking:
+            if not job.final:
+                self.table.finish(job, status, error)
+                self._count(job, status)
         self.in_flight.discard(job.id)
-        if job.final:
-            return
-        self.table.finish(job, status, error)
+
+    def _count(self, job: Job, status: str) -> None:
         latency = job.finished - job.created
         fps = None
         if status == "done":

@@ -147,6 +147,7 @@ class DrainingServer(uvicorn.Server):
         if self.draining:
             return super().handle_exit(sig, frame)
         self.draining = True
+        self.runner.accepting = False  # now, not when the drain thread runs: a job sent after the signal gets 503
         # still warming up: no client's job to wait for; the warm-up job stops at its next step
         grace = self.grace if self.runner.ready else 0.0
         print(f"hyportrait: {signal.Signals(sig).name}: draining (grace {grace:g} s)", file=sys.stderr)

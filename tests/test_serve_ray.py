@@ -10,6 +10,7 @@ import signal
 import tempfile
 import time
 from argparse import Namespace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -40,9 +41,11 @@ def cluster():
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False,
              runtime_env={"env_vars": {"TMPDIR": str(replicas_tmp)}})
     try:
-        table = JobTable(jobs, LIMITS)
-        runner = RayRunner(table, LIMITS, SCALING, TINY)
-        app = create_app(runner, table, LIMITS, "fast")
+        # room to queue: two jobs sent back to back must not meet a 429 before a dispatcher takes the first
+        limits = replace(LIMITS, queue_size=4)
+        table = JobTable(jobs, limits)
+        runner = RayRunner(table, limits, SCALING, TINY)
+        app = create_app(runner, table, limits, "fast")
         server, url, thread = start_in_thread(app, runner, grace=0.0)
         yield {"url": url, "runner": runner}
         server.should_exit = True
