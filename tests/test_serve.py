@@ -252,20 +252,28 @@ def test_full_queue_cancellation_and_results_before_they_exist(service):
     assert 'hyportrait_jobs_total{outcome="cancelled"}' in metrics
 
 
-def test_a_job_taken_from_the_queue_is_started_before_a_cancel_can_see_it_queued(tmp_path):
-    """A DELETE racing a worker taking the job: either the queued job is cancelled (and skipped) or the worker
-    has it as started (the cancel then stops it at its next check). The old worker set the job started after
-    taking it, so a cancel in between finished it, and the worker then overwrote `cancelled`."""
+def bare_runner(tmp_path):
+    """The runner's shared part with no worker thread, and two jobs submitted to it: the test is the worker."""
     from dataclasses import replace
 
-    from hyportrait.serve.runner import Runner, Stopped
+    from hyportrait.serve.runner import Runner
 
     limits = replace(LIMITS, queue_size=2)
     runner = Runner(JobTable(tmp_path / "jobs", limits), limits)
     runner.ready = True
-    skipped, taken = (runner.table.create(None, {}) for _ in range(2))
-    for job in (skipped, taken):
+    jobs = [runner.table.create(None, {}) for _ in range(2)]
+    for job in jobs:
         runner.submit(job)
+    return runner, jobs
+
+
+def test_a_job_taken_from_the_queue_is_started_before_a_cancel_can_see_it_queued(tmp_path):
+    """A DELETE racing a worker taking the job: either the queued job is cancelled (and skipped) or the worker
+    has it as started (the cancel then stops it at its next check). The old worker set the job started after
+    taking it, so a cancel in between finished it, and the worker then overwrote `cancelled`."""
+    from hyportrait.serve.runner import Stopped
+
+    runner, (skipped, taken) = bare_runner(tmp_path)
     runner.cancel(skipped)
     assert skipped.status == "cancelled" and skipped.final
     assert runner._next() is taken  # the cancelled one is skipped
@@ -306,16 +314,7 @@ def test_a_job_reads_final_only_once_its_folder_is_settled(tmp_path, monkeypatch
 def test_the_drain_refuses_waiting_jobs_and_stops_started_ones_with_a_code(tmp_path):
     """The drain: a waiting job fails `shutting_down` at once; a started one is stopped (`shutdown_timeout`)
     after the grace, by its worker at its next check; the drain returns only once that job is ended."""
-    from dataclasses import replace
-
-    from hyportrait.serve.runner import Runner
-
-    limits = replace(LIMITS, queue_size=2)
-    runner = Runner(JobTable(tmp_path / "jobs", limits), limits)
-    runner.ready = True
-    started, waiting = (runner.table.create(None, {}) for _ in range(2))
-    for job in (started, waiting):
-        runner.submit(job)
+    runner, (started, waiting) = bare_runner(tmp_path)
     assert runner._next() is started
     drain = threading.Thread(target=runner.drain, args=(0.0,))
     drain.start()
