@@ -143,16 +143,24 @@ def test_an_interrupted_launch_ends_its_workers():
     def interrupted(signum, frame):
         raise _Interrupted
 
+    def interrupt_once_running():  # not on a fixed timer: a slow start-up must not meet the interrupt
+        deadline = time.monotonic() + 60
+        while len(multiprocessing.active_children()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # `launch` is waiting on its workers by now
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+    assert not multiprocessing.active_children()  # none left by an earlier test
     handler = signal.signal(signal.SIGUSR1, interrupted)
-    timer = threading.Timer(3.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGUSR1))
+    timer = threading.Thread(target=interrupt_once_running, daemon=True)
     timer.start()
     try:
         tic = time.monotonic()
         with pytest.raises(_Interrupted):
             distributed.launch(_sleep, 2, device_type="cpu", timeout_s=60)
-        assert not multiprocessing.active_children() and time.monotonic() - tic < 30
+        assert not multiprocessing.active_children() and time.monotonic() - tic < 60
     finally:
-        timer.cancel()
+        timer.join(70)
         signal.signal(signal.SIGUSR1, handler)
 
 

@@ -351,6 +351,7 @@ def test_a_run_that_fails_closes_its_source(animator, monkeypatch, tmp_path, fai
         return [fd for fd in Path("/proc/self/fd").iterdir() if os.path.realpath(fd) == str(SAMPLE_VIDEO.resolve())]
 
     monkeypatch.setattr(api, "VideoWriter", DiskFull)
+    gc.collect()  # an earlier test's reader left to the collector must not close during the run
     before = open_sample()  # the module's other readers of the sample
     with pytest.raises(InputError, match="cannot write the output videos.*No space left") as failed:
         animator.animate(SAMPLE_IMAGE, SAMPLE_VIDEO, tmp_path)
@@ -368,6 +369,9 @@ def test_a_consumer_that_stops_stops_the_producer(animator, sample_frames):
     stream = animator.stream(SAMPLE_IMAGE, endless())
     next(stream)
     stream.close()
+    deadline = time.monotonic() + 10  # the producer ends at its next chunk (slow on a loaded machine)
+    while prefetch_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not prefetch_threads()
     count = len(pulled)
     time.sleep(0.2)
