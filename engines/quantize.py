@@ -69,6 +69,7 @@ SENSITIVE_SCOPES = (
 )
 ACTIVATION_MATMUL = ("attention matmul of two activations (Q.K^T, probabilities.V): softmax probabilities "
                      "quantize poorly per tensor, and TensorRT fuses attention in the source precision")
+NO_CHANNEL_AXIS = "weight without the channel axis its op is quantized along (a 1-D MatMul operand): kept float"
 OTHER_OPS = ("op type not quantized: normalisations, softmax, activations, element-wise ops and the sinusoidal "
              "embeddings keep the source precision")
 _METADATA_KEY = "hyportrait.quantization"
@@ -112,13 +113,19 @@ def report_path(model: Path) -> Path:
     return model.with_name(model.name.removesuffix(".onnx") + ".quantization.json")
 
 
-def _weight_input(node: onnx.NodeProto, constants: set[str]) -> str | None:
+def _weight_input(node: onnx.NodeProto, constants: dict[str, int]) -> str | None:
     """The constant (weight) input of a MatMul/Conv/Gemm node, if it has one."""
     return next((name for name in node.input[:2] if name in constants), None)
 
 
-def _constants(graph: onnx.GraphProto) -> set[str]:
-    return {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+def _constants(graph: onnx.GraphProto) -> dict[str, int]:
+    """The graph's constants (initializers and Constant nodes' outputs) and their ranks."""
+    ranks = {t.name: len(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":  # a `value` tensor, or a scalar or list attribute (value_float, ...)
+            value = node.attribute[0] if node.attribute else None
+            ranks[node.output[0]] = len(value.t.dims) if value is not None and value.name == "value" else 0
+    return ranks
 
 
 def select_nodes(model: onnx.ModelProto) -> NodeSelection:
@@ -131,8 +138,11 @@ def select_nodes(model: onnx.ModelProto) -> NodeSelection:
             continue
         scopes = set(node.name.split("/"))
         reason = next((why for scope, why in SENSITIVE_SCOPES if scope in scopes), None)
-        if reason is None and _weight_input(node, constants) is None:
+        weight = _weight_input(node, constants) if reason is None else None
+        if reason is None and weight is None:
             reason = ACTIVATION_MATMUL
+        elif weight is not None and constants[weight] <= _weight_axis(node):
+            reason = NO_CHANNEL_AXIS
         if reason is None:
             quantized.append(node.name)
         else:

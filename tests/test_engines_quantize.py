@@ -499,6 +499,35 @@ def test_int8_models_read_what_onnxruntimes_quantizer_places(tmp_path, dtype):
     assert fp8.evaluation["max_relative_error"] < 0.2
 
 
+def test_a_one_dimensional_weight_stays_float(tmp_path):
+    """A MatMul of an activation and a 1-D constant (an initializer or a Constant node) has no channel axis to
+    scale along: it is kept float with its reason (it raised numpy's AxisError), and the model still runs."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    w, v, u = (rng.standard_normal(shape).astype(np.float32) for shape in ((4, 4), (4,), (4,)))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="/a/MatMul"),
+         helper.make_node("MatMul", ["h", "v"], ["y"], name="/a/MatMul_vector"),
+         helper.make_node("Constant", [], ["u"], value=numpy_helper.from_array(u)),
+         helper.make_node("MatMul", ["h", "u"], ["z"], name="/a/MatMul_constant_vector")], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [2]) for name in ("y", "z")],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(v, "v")])
+    source = tmp_path / "vector.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    ranges = calibrate(source, [{"x": x}], providers=["CPUExecutionProvider"])
+    report = quantize_model(source, "int8", ranges, calibration={"origin": "test"})
+    assert report.quantized_nodes == 1
+    assert report.excluded == {quantize.NO_CHANNEL_AXIS: ["/a/MatMul_vector", "/a/MatMul_constant_vector"]}
+    y, z = ort.InferenceSession(str(quantize.quantized_path(source, "int8")), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})
+    np.testing.assert_allclose(y, x @ w @ v, rtol=0.05, atol=0.05)
+    np.testing.assert_allclose(z, x @ w @ u, rtol=0.05, atol=0.05)
+
+
 def test_a_weight_read_along_two_axes_is_refused(tmp_path):
     """One quantized copy of a weight serves all its readers: a MatMul (axis 1) and a Gemm with B transposed (axis
     0) reading the same weight cannot share it, and the graph is refused with a clear error."""
