@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import multiprocessing
 import os
 import socket
 import sys
@@ -329,9 +330,14 @@ def launch(worker: Callable, size: int, *args, device_type: str = "cuda", timeou
         raise BackendError(f"{size} GPUs were asked for, torch sees {torch.cuda.device_count()}")
     method = "spawn" if device_type == "cuda" or sys.platform != "linux" else "fork"
     results = mp.get_context(method).SimpleQueue()
-    with parent_garbage_frozen() if method == "fork" else contextlib.nullcontext():
-        context = mp.start_processes(_worker_main, args=(size, free_port(), worker, args, results, device_type,
-                                                         timeout_s), nprocs=size, join=False, start_method=method)
+    earlier = set(multiprocessing.active_children())
+    try:
+        with parent_garbage_frozen() if method == "fork" else contextlib.nullcontext():
+            context = mp.start_processes(_worker_main, args=(size, free_port(), worker, args, results, device_type,
+                                                             timeout_s), nprocs=size, join=False, start_method=method)
+    except BaseException:  # an interrupt while starting: the workers started so far are not in a context yet
+        _stop([process for process in multiprocessing.active_children() if process not in earlier])
+        raise
     messages = []
     try:
         while not context.join(timeout=0.2):

@@ -164,6 +164,24 @@ def test_an_interrupted_launch_ends_its_workers():
         signal.signal(signal.SIGUSR1, handler)
 
 
+def test_an_interrupt_while_the_workers_start_ends_those_started(monkeypatch):
+    """The interrupt lands after the workers were started but before `launch` holds them (inside torch's
+    start_processes): they are ended too, not left running their whole job."""
+    import torch.multiprocessing as mp
+
+    start = mp.start_processes
+
+    def interrupted_after_starting(*args, **kwargs):
+        start(*args, **kwargs)
+        raise _Interrupted
+
+    assert not multiprocessing.active_children()  # none left by an earlier test
+    monkeypatch.setattr(mp, "start_processes", interrupted_after_starting)
+    with pytest.raises(_Interrupted):
+        distributed.launch(_sleep, 2, device_type="cpu", timeout_s=60)
+    assert not multiprocessing.active_children()
+
+
 # a PyAV encoder (x264 and swscale threads) left in a reference cycle, then CPU workers forked, whose collector runs
 FORK_AFTER_ENCODER_GARBAGE = """
 import gc, io
