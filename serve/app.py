@@ -231,7 +231,7 @@ def create_app(runner: Runner, table: JobTable, limits: Limits, default_mode: st
         if job.final:  # a finished job: its record and videos are removed
             table.forget(job)
             return {"id": job.id, "status": job.status, "deleted": True}
-        runner.cancel(job)
+        await run_in_threadpool(runner.cancel, job)  # it may wait for a job ending meanwhile (files removed)
         return JSONResponse(job.public(), status_code=202)
 
     return app

@@ -233,7 +233,7 @@ class JobTable:
     def prune(self) -> None:
         now = time.time()
         with self.lock:
-            # `finished` is set by `finish` only: a job whose status reads final before then is not yet done with
+            # `finished` is set by `finish` only, once the job's folder is settled
             finished = sorted((j for j in self.jobs.values() if j.finished is not None), key=lambda j: j.finished)
         excess = len(finished) - self.limits.retain_jobs
         for index, job in enumerate(finished):

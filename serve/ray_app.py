@@ -185,6 +185,7 @@ class RayRunner(Runner):
                     return self._finish(job, "failed", ("worker_lost", lost))
                 if job.attempts >= 2:
                     return self._finish(job, "failed", ("worker_lost", f"the job's replica was lost twice ({exc})"))
+                self._check(job)  # cancelled meanwhile: not run again
                 job.attempts += 1  # run again at once, still this dispatcher's job (a DELETE stops it, not ends it)
                 job.status, job.steps_done, job.frames_done = "preparing", 0, 0
 
@@ -198,7 +199,9 @@ class RayRunner(Runner):
         for key in PROGRESS:
             if key in event:
                 setattr(job, key, event[key])
-        if event.get("status") not in (None, *FINAL):
+        # nor "queued": the replica's own queue; to the ingress the job is taken (a DELETE of a queued job ends it
+        # at once, which only a job no dispatcher holds may be)
+        if event.get("status") not in (None, "queued", *FINAL):
             job.status = event["status"]
 
     @staticmethod

@@ -110,7 +110,8 @@ class Runner:
     def drain(self, grace: float) -> None:
         """Shutdown: refuse new jobs, fail the waiting ones with `shutting_down`, give the running ones `grace`
         seconds, then stop them with `shutdown_timeout` (their partial files are removed)."""
-        self.accepting = False
+        with self._taking:  # a worker taking a job from now on refuses it (see `_next`)
+            self.accepting = False
         while True:
             try:
                 job = self.waiting.get_nowait()
@@ -136,7 +137,9 @@ class Runner:
         while True:
             job = self.waiting.get()
             with self._taking:
-                if not job.final:
+                if not self.accepting:  # taken while the drain empties the queue, or put after it did
+                    self._finish(job, "failed", ("shutting_down", "the service shut down before the job started"))
+                elif not job.final:
                     job.status, job.started = "preparing", time.time()
                     self.in_flight.add(job.id)
                     job.attempts += 1

@@ -125,12 +125,15 @@ def main(args) -> int:
                 failed.append(exc)
                 server.should_exit = True
 
+        warming = threading.Thread(target=warm_or_stop, daemon=True, name="hyportrait-warmup")
         if not runner.ready:  # the port answers /healthz (and 503 on /readyz) while the models warm up
-            threading.Thread(target=warm_or_stop, daemon=True, name="hyportrait-warmup").start()
+            warming.start()
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"hyportrait: serving on http://{host}:{sock.getsockname()[1]} (/readyz: 200 once warm)",
               file=sys.stderr)
         server.run(sockets=[sock])
+        if warming.is_alive():  # stopped while warming: its job ended, its folder goes before the process does
+            warming.join(10)
     return 2 if failed else 0
 
 

@@ -286,6 +286,28 @@ def test_a_job_taken_from_the_queue_is_started_before_a_cancel_can_see_it_queued
     assert taken.status == "cancelled" and taken.id not in runner.in_flight
 
 
+def test_a_job_a_worker_takes_after_the_drain_began_is_refused(tmp_path):
+    """A job put in the queue after the drain emptied it (its POST passed the capacity check just before), or
+    taken by a worker while the drain ran, is refused (`shutting_down`), not started unseen by the drain."""
+    runner, jobs = bare_runner(tmp_path)
+    runner.drain(0.0)
+    assert [job.error["code"] for job in jobs] == ["shutting_down"] * 2
+    late = runner.table.create(None, {})
+    runner.waiting.put(late)
+    taken = []
+    worker = threading.Thread(target=lambda: taken.append(runner._next()), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not late.final and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert late.status == "failed" and late.error["code"] == "shutting_down" and not taken
+    runner.accepting = True  # let the worker return: the next job is taken as usual
+    wanted = runner.table.create(None, {})
+    runner.waiting.put(wanted)
+    worker.join(10)
+    assert taken == [wanted] and wanted.status == "preparing"
+
+
 def test_a_job_reads_final_only_once_its_folder_is_settled(tmp_path, monkeypatch):
     """JobTable.finish writes the record and removes the inputs and partial videos before the status turns
     final: the warm-up forgets its job once it reads final, and a client that sees `cancelled` finds only

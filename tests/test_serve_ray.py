@@ -110,43 +110,66 @@ def test_replica_killed_mid_job_is_retried_or_failed_with_a_code(cluster):
 
 
 class _ReplayedHandle:
-    """Our dispatcher's view of a DeploymentHandle (`.options(stream=True).run.remote(...)`), answering each call
-    with a fixed list of events: how the ingress handles the events a replica sends, without a replica."""
+    """Our dispatcher's view of a DeploymentHandle (`.options(stream=True).run.remote(...)`), answering call n
+    (from 1) with the events of `script(n)`, a generator that may also act between events (a DELETE arriving, a
+    replica lost): how the ingress handles what replicas send, without a replica."""
 
-    def __init__(self, events: list[dict]):
-        self.events = events
+    def __init__(self, script):
+        self.script, self.calls = script, 0
         self.run = self
 
     def options(self, **kwargs):
         return self
 
     def remote(self, *args):
-        return _Events(dict(event) for event in self.events)  # copies: the dispatcher pops from them
+        self.calls += 1
+        return _Events(self.script(self.calls))
 
 
-class _Events(list):
+class _Events:
+    def __init__(self, events):
+        self.events = events
+
+    def __iter__(self):
+        return iter(self.events)
+
     def cancel(self) -> None:
         pass
+
+
+def _dispatcher(tmp_path, limits: Limits) -> RayRunner:
+    runner = RayRunner.__new__(RayRunner)  # the dispatcher alone: no Ray, no replica
+    Runner.__init__(runner, JobTable(tmp_path, limits), limits)
+    return runner
+
+
+def _taken_job(runner: RayRunner):
+    """A submitted job with its inputs, taken from the queue as a dispatch thread takes it."""
+    job = runner.table.create("fast", {})
+    job.image.write_bytes(b"image")
+    job.video.write_bytes(b"video")
+    runner.waiting.put(job)
+    assert runner._next() is job
+    return job
 
 
 def test_a_final_status_in_a_progress_event_does_not_end_the_job(tmp_path):
     """A replica may read its job's status just after the job ended (a streamed one reads files in between), so
     a progress event can say "done": the ingress's job still ends through its result, with `finished`, its
     record and retention; a job whose status reads final before it is finished does not break retention."""
-    limits = Limits(retain_jobs=1)
-    table = JobTable(tmp_path, limits)
-    runner = RayRunner.__new__(RayRunner)  # the dispatcher alone: no Ray, no replica
-    Runner.__init__(runner, table, limits)
-    runner.handle = _ReplayedHandle([
-        {"status": "done", "steps_done": 1, "steps_total": 1, "frames_done": 4, "frames_total": 4, "worker": "w:1"},
-        {"done": {"timings": {"denoise": 0.1}, "frames_total": 4, "cropped": b"c", "full": b"f"}}])
+    runner = _dispatcher(tmp_path, Limits(retain_jobs=1))
+    table = runner.table
+
+    def replica(call):
+        yield {"status": "done", "steps_done": 1, "steps_total": 1, "frames_done": 4, "frames_total": 4,
+               "worker": "w:1"}
+        yield {"done": {"timings": {"denoise": 0.1}, "frames_total": 4, "cropped": b"c", "full": b"f"}}
+
+    runner.handle = _ReplayedHandle(replica)
     jobs = []
     for _ in range(2):
-        job = table.create("fast", {})
-        job.image.write_bytes(b"image")
-        job.video.write_bytes(b"video")
-        runner.waiting.put(job)
-        runner._dispatch(runner._next())
+        job = _taken_job(runner)
+        runner._dispatch(job)
         jobs.append(job)
         assert job.status == "done" and job.finished is not None and job.worker == "w:1"
         assert not job.image.exists() and job.result("full").read_bytes() == b"f"
@@ -156,3 +179,29 @@ def test_a_final_status_in_a_progress_event_does_not_end_the_job(tmp_path):
     running.status = "done"  # read as final, not finished
     table.prune()
     assert running.id in table.jobs and running.folder.is_dir()
+
+
+def test_a_delete_stops_a_dispatched_job_through_its_dispatcher(tmp_path):
+    """A replica's first event says "queued" (its own queue). The ingress's job stays taken ("preparing"), so a
+    DELETE then stops it through its dispatcher instead of ending it under it (which let the dispatcher store
+    videos into the ended job, or run it again); a replica lost after the DELETE does not run it again."""
+    from ray.exceptions import RayError
+
+    from hyportrait.serve.runner import Stopped
+
+    runner = _dispatcher(tmp_path, Limits())
+    job, seen = _taken_job(runner), []
+
+    def replica(call):
+        yield {"status": "queued", "steps_done": 0, "frames_done": 0, "worker": "w:1"}
+        seen.append(job.status)
+        runner.cancel(job)  # the DELETE
+        raise RayError("the replica died")
+
+    runner.handle = _ReplayedHandle(replica)
+    with pytest.raises(Stopped) as stopped:
+        runner._dispatch(job)
+    runner._end(job, stopped.value)  # as the dispatch loop does
+    assert seen == ["preparing"] and runner.handle.calls == 1
+    assert job.status == "cancelled" and not job.out.exists() and not runner.in_flight
+    assert 'hyportrait_jobs_total{outcome="cancelled"} 1.0' in runner.metrics.exposition().decode()
