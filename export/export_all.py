@@ -6,11 +6,13 @@ Output folder:
     the weights folder has them, manifest.json (written last: a folder without it is not a finished export).
 Every model is run with onnxruntime against its PyTorch module right after it is written; an fp32 model
 must agree to 1e-4 relative error, an fp16 one (against the fp32 module) to 1e-2. A model that fails is
-removed and the export stops with an ExportError.
+removed and the export stops with an ExportError. An export that fails or is interrupted removes every file
+it wrote, and the folder if it created it: no unfinished export is left.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,7 +83,7 @@ def export_and_validate(spec: ExportSpec, out: Path, precision: str, providers: 
     start = time.perf_counter()
     try:
         errors = validate_onnx(spec, out / record.file, providers)
-    except ExportError:
+    except (ExportError, KeyboardInterrupt, SystemExit):  # and an interrupt: not in the manifest yet
         _remove_model(out, record)
         raise
     except Exception as exc:  # onnxruntime's own exception types
@@ -121,14 +123,32 @@ def export_all(weights: Path | None, out: Path, precision: str = "fp32", lora: P
     check_precision(precision)
     if lora is not None and not Path(lora).exists():
         raise InputError(f"LoRA {lora} does not exist")
+    created = not Path(out).exists()
     out = ensure_writable(Path(out))  # before the long work
+    manifest = Manifest(precision=precision, weights="")
+    try:
+        return _export(weights, out, manifest, lora, size, providers, external_data_threshold,
+                       onnxruntime_attention, networks, validate)
+    except BaseException:  # an error or an interrupt: no unfinished export is left behind
+        for record in manifest.models.values():
+            _remove_model(out, record)
+        for entry in manifest.files.values():
+            (out / entry["file"]).unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _export(weights, out, manifest, lora, size, providers, external_data_threshold, onnxruntime_attention,
+            networks, validate) -> Manifest:
+    """export_all's work, recording in `manifest` each file as it is written (what a failure removes)."""
     if networks is not None:
         nets, origin, size = networks, f"random:{networks.size}", networks.size
     elif weights is None:
         nets, origin = random_networks(size), f"random:{size}"
     else:
         nets, origin = load_networks(weights, size), str(weights)
-    manifest = Manifest(precision=precision, weights=origin)
+    manifest.weights = origin
     if lora is not None:
         merged = merge_lora(nets.unet, lora)
         manifest.lora = str(lora)
@@ -148,7 +168,7 @@ def export_all(weights: Path | None, out: Path, precision: str = "fp32", lora: P
         manifest.skipped["yoloface"] = f"no {DETECTOR_FILE} in the weights folder (MTCNN is the detector)"
     for spec in specs:
         try:
-            manifest.models[spec.name] = export_and_validate(spec, out, precision, providers,
+            manifest.models[spec.name] = export_and_validate(spec, out, manifest.precision, providers,
                                                              external_data_threshold, validate)
         except ExportError as exc:
             if spec.name != "yoloface":

@@ -346,6 +346,32 @@ def test_unwritable_output_folder(tmp_path, capsys):
             export_all(None, locked)
 
 
+def test_an_interrupted_export_leaves_no_unfinished_export(tmp_path, monkeypatch, nets):
+    """SIGINT/SIGTERM (the CLI's Interrupted, a KeyboardInterrupt) while the third model is validated: that
+    model and the two written before it go, and the folder the export created; a folder that existed keeps
+    what it held before (the interrupted export left five models and no manifest)."""
+    validate = export_all_module.validate_onnx
+    calls = []
+
+    def interrupted_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(export_all_module, "validate_onnx", interrupted_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        export_all(None, tmp_path / "new", networks=nets)
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        export_all(None, kept, networks=nets)
+    assert leftovers(kept) == ["notes.txt"]
+
+
 def test_missing_or_mismatched_weights_folder(tmp_path, tiny_weights, capsys):
     assert main(["export", "--weights", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o1")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -356,6 +382,6 @@ def test_missing_or_mismatched_weights_folder(tmp_path, tiny_weights, capsys):
     assert main(["export", "--weights", str(tiny_weights), "--out", str(tmp_path / "o3")]) == 2
     err = capsys.readouterr().err
     assert "shape mismatch" in err and "does not match" in err
-    assert leftovers(tmp_path / "o3") == []
+    assert not (tmp_path / "o3").exists()  # the folder it created goes with the failed export
     with pytest.raises(InputError, match="LoRA"):
         export_all(None, tmp_path / "o4", lora=tmp_path / "no_lora.safetensors")
