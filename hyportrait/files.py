@@ -37,8 +37,11 @@ def check_output_folder(folder: Path, label: str) -> None:
     existing = next(p for p in (Path(folder).absolute(), *Path(folder).absolute().parents) if p.exists())
     if not existing.is_dir():
         raise InputError(f"{label}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{label}: {existing} is not writable")
+    try:  # a file written and removed: permission bits say nothing for root, nor for /proc or a read-only mount
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{label}: {existing} is not writable ({exc.strerror or exc})") from None
 
 
 def check_output_file(path: Path, label: str) -> None:

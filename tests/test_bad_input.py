@@ -115,6 +115,15 @@ def test_an_output_folder_that_is_a_file_is_refused_first(tmp_path, capsys, no_n
         capsys.readouterr().err, "bad_input")
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_folder_nothing_can_be_written_in_is_refused_first(tmp_path, capsys, no_network_built):
+    """/proc takes no new files, whatever its permission bits say (and root passes every permission check: the
+    old check asked os.access, so root ran the whole animation and failed at its end)."""
+    assert animate(Path("/proc/hyportrait-out"), "--device", "cpu") == 2
+    assert "--out /proc/hyportrait-out: /proc is not writable" in one_coded_line(capsys.readouterr().err,
+                                                                                 "bad_input")
+
+
 def test_api_options_are_checked_whatever_their_type():
     for options, problem in (({"num_steps": "4"}, "num_steps must be a number, got '4'"),
                              ({"num_steps": 2.5}, "num_steps must be a whole number, got 2.5"),
