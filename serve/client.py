@@ -26,7 +26,8 @@ class Client:
 
     def submit(self, image: bytes, video: bytes, options: dict | None = None,
                raw_options: str | None = None) -> requests.Response:
-        """POST /v1/animations; the response as it came (202 with the job, or an error)."""
+        """POST /v1/animations; the response as it came: 202 with the job (`.json()["id"]`), or an error with
+        its code (a 429 or 503 carries Retry-After)."""
         files = {"image": ("image", image), "video": ("video", video)}
         data = {"options": raw_options if raw_options is not None else json.dumps(options or {})}
         return self.session.post(f"{self.url}/v1/animations", files=files, data=data, timeout=self.timeout)
@@ -50,10 +51,12 @@ class Client:
         response.raise_for_status()
         return response.content
 
-    def stream(self, job_id: str, kind: str = "full") -> Iterator[bytes]:
+    def stream(self, job_id: str, kind: str = "full", read_timeout: float | None = None) -> Iterator[bytes]:
         """The video's bytes as they arrive: a streamed job's while it is made (ending with the job: the whole
-        video, or the frames made before a failure), else the finished file. requests.HTTPError for an error."""
+        video, or the frames made before a failure), else the finished file. requests.HTTPError for an error.
+        read_timeout: the longest wait for the next bytes (None: as long as the job runs; its first fragment
+        comes once a second of video is made, minutes on a CPU)."""
         with self.session.get(f"{self.url}/v1/animations/{job_id}/video", params={"kind": kind}, stream=True,
-                              timeout=self.timeout) as response:
+                              timeout=(self.timeout, read_timeout)) as response:
             response.raise_for_status()
             yield from response.iter_content(None)  # each chunk as it comes

@@ -477,10 +477,11 @@ STREAMED = {"stream": True, "segment": 8, "video_preset": "ultrafast"}
 
 
 def follow(url, job_id, kind, into: dict) -> threading.Thread:
-    """A streamed GET on a thread: `into[kind]` gets (time of the first bytes, all bytes, chunks)."""
+    """A streamed GET on a thread: `into[kind]` gets (time of the first bytes, all bytes, chunks). The client's
+    timeout is short: it must bound the connection only, not the wait for the next bytes (seconds here)."""
     def run():
         chunks, first = [], None
-        for chunk in Client(url).stream(job_id, kind):
+        for chunk in Client(url, timeout=0.5).stream(job_id, kind):
             first = first or time.time()
             chunks.append(chunk)
         into[kind] = (first, b"".join(chunks), len(chunks))
