@@ -555,7 +555,9 @@ class _CurrentStderr(logging.StreamHandler):
 
 
 def _main(argv: list[str]) -> int:
-    logging.basicConfig(format="hyportrait: %(message)s", level=logging.INFO, handlers=[_CurrentStderr()])
+    # our INFO lines; other libraries' only from WARNING up (torch printed its FakeTensor cache stats at exit)
+    logging.basicConfig(format="hyportrait: %(message)s", level=logging.WARNING, handlers=[_CurrentStderr()])
+    logging.getLogger("hyportrait").setLevel(logging.INFO)
     # diffusers warns on every fp16 cast about modules it would keep in fp32; ours have none (its list is empty)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     parser = _Parser(prog="hyportrait", description=__doc__)
