@@ -42,7 +42,9 @@ def load_image(image, max_pixels: int = Image.MAX_IMAGE_PIXELS) -> np.ndarray:
         raise InputError(f"{name}: file not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"{name}: too large to decode safely ({exc})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # PIL's plugins raise all of these
+    except UnidentifiedImageError:  # its message names the file again, or a BytesIO object's address
+        raise InputError(f"{name}: not a readable image (no image format PIL reads)") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's plugins raise all of these
         raise InputError(f"{name}: not a readable image ({describe(exc)})") from None
 
 

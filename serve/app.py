@@ -85,7 +85,9 @@ def check_inputs(job: Job, limits: Limits) -> None:
     """Refuse, before the job is queued, an image or video the job would fail on or that is over the limits."""
     # the CLI's check, with the service's pixel limit: image_too_large from the header, bad_input when damaged
     load_image(job.image.read_bytes(), limits.max_image_pixels)
-    info = probe_video(job.video)  # VideoError (bad_video) for anything that is not a playable video
+    # VideoError (bad_video) for anything that is not a playable video; probed as bytes, so that its message
+    # names no path of the service's
+    info = probe_video(job.video.read_bytes())
     if max(info.width, info.height) > limits.max_video_side:
         raise ServeError("video_too_large", f"video is {info.width}x{info.height}, over the limit of "
                          f"{limits.max_video_side} pixels a side")

@@ -209,6 +209,8 @@ def test_malformed_requests_get_json_errors_and_leave_nothing(service, tmp_path)
     for index, (response, status, code) in enumerate(cases):
         assert response.status_code == status, (index, response.status_code, response.text)
         assert response.json()["error"]["code"] == code, (index, response.text)
+        # no path of the service's, no Python object in a message
+        assert str(jobs) not in response.text and " object at 0x" not in response.text, (index, response.text)
     assert set(jobs.iterdir()) == before  # no refused upload left a folder
     assert runner.alive() and requests.get(f"{url}/readyz", timeout=5).status_code == 200
 
