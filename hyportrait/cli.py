@@ -376,6 +376,8 @@ def _animate(args) -> int:
     else:
         check_inputs(args.image, args.video)
     check_output_folder(args.out, f"--out {args.out}")
+    if args.lora is not None and not args.lora.exists():
+        raise InputError(f"--lora {args.lora}: not found")
     if not 1 <= args.gpus <= 1024:
         raise InputError(f"--gpus must be between 1 and 1024, got {args.gpus}")
     with _options_named_by_flags({"stall_timeout": "--stall-timeout"}):

@@ -114,13 +114,13 @@ def torch_networks(source, lora: Path | None = None):
     from hyportrait.networks.lora import merge_lora
     from hyportrait.networks.weights import load_networks, random_networks
 
+    if lora is not None and not Path(lora).exists():  # before the networks are built
+        raise InputError(f"LoRA {lora} does not exist")
     if isinstance(source, (str, os.PathLike)):
         nets = load_networks(Path(source))
     else:
         nets = source if source is not None else random_networks("tiny")
     if lora is not None:
-        if not Path(lora).exists():
-            raise InputError(f"LoRA {lora} does not exist")
         merge_lora(nets.unet, lora)
     return nets
 

@@ -95,8 +95,10 @@ def test_missing_or_unreadable_inputs_fail_before_torch_is_imported(tmp_path):
     (["--stall-timeout", "nan"], "--stall-timeout must be more than 0 and at most 86400 seconds, got nan"),
     (["--gpus", "0"], "--gpus must be between 1 and 1024, got 0"),
     (["--gpus", "-3"], "--gpus must be between 1 and 1024, got -3"),
+    (["--lora", "no-such-lora"], "--lora no-such-lora: not found"),
 ], ids=["guidance-nan", "guidance-inf", "ramp-nan", "seed-2**70", "steps-1e9", "chunk-0", "frames-negative",
-        "device-gpu0", "steps-text", "stall-0", "stall-negative", "stall-nan", "gpus-0", "gpus-negative"])
+        "device-gpu0", "steps-text", "stall-0", "stall-negative", "stall-nan", "gpus-0", "gpus-negative",
+        "lora-missing"])
 def test_options_fail_before_any_work_naming_their_flag(tmp_path, capsys, no_network_built, extra, expected):
     try:
         code = animate(tmp_path / "out", *extra)
