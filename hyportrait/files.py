@@ -34,7 +34,10 @@ def check_output_folder(folder: Path, label: str) -> None:
     existing path above it must be a folder we may write into. `label` names it in the message (`--out x`)."""
     from hyportrait.errors import InputError
 
-    existing = next(p for p in (Path(folder).absolute(), *Path(folder).absolute().parents) if p.exists())
+    try:
+        existing = next(p for p in (Path(folder).absolute(), *Path(folder).absolute().parents) if p.exists())
+    except OSError as exc:  # a name longer than the file system takes (exists() raises, not answers)
+        raise InputError(f"{label}: {exc.strerror or exc}") from None
     if not existing.is_dir():
         raise InputError(f"{label}: {existing} is a file, not a folder")
     try:  # a file written and removed: permission bits say nothing for root, nor for /proc or a read-only mount

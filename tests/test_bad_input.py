@@ -126,6 +126,12 @@ def test_an_output_folder_nothing_can_be_written_in_is_refused_first(tmp_path, c
                                                                                  "bad_input")
 
 
+def test_an_output_folder_name_too_long_for_the_file_system_is_refused(tmp_path, capsys, no_network_built):
+    out = tmp_path / ("a" * 300)
+    assert animate(out, "--device", "cpu") == 2
+    assert f"--out {out}: File name too long" in one_coded_line(capsys.readouterr().err, "bad_input")
+
+
 def test_api_options_are_checked_whatever_their_type():
     for options, problem in (({"num_steps": "4"}, "num_steps must be a number, got '4'"),
                              ({"num_steps": 2.5}, "num_steps must be a whole number, got 2.5"),
