@@ -28,7 +28,7 @@ from hyportrait.files import sha256_file, write_json
 from hyportrait.networks.contract import CROP_SIZE, MOTION_SIZE, WINDOW
 from hyportrait.networks.weights import ARCFACE_FILE, CHECKPOINTS, CONFIG_FILES, DETECTOR_FILE
 from hyportrait.runtime.api import Animator, Prepared
-from hyportrait.runtime.pipeline import VAE_SCALE, prefetched, vae_images
+from hyportrait.runtime.pipeline import VAE_SCALE, check_range, prefetched, vae_images
 from hyportrait.runtime.preprocess import CROP_EXPAND, EXPRESSION_EXPAND, crop_resize, vae_input
 from hyportrait.runtime.video import probe_video, read_frames
 
@@ -39,6 +39,12 @@ VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpe
 ENCODE_BATCH = 8  # frames per VAE encoder call (512 px crops in fp32: a few GB of activations)
 
 
+# checked before anything is written (runtime/pipeline.py's check_range): frames within the runtime's window limit
+# (2**70 fitted no clip: every clip was skipped and the run ended bad_data); a shard is held in memory until
+# written (about 4 MB an example of 25 frames at the official size)
+_LIMITS = (("frames", 1, 1000), ("stride", 1, 10_000_000), ("seed", 0, 2**64 - 1), ("per_shard", 1, 4096))
+
+
 @dataclass
 class PrepareConfig:
     frames: int = WINDOW  # frames per example: the runtime's UNet window
@@ -47,10 +53,10 @@ class PrepareConfig:
     per_shard: int = 64  # examples per shard (cut between clips)
 
     def __post_init__(self):
-        self.stride = self.stride or self.frames
-        if self.frames < 1 or self.stride < 1 or self.per_shard < 1:
-            raise InputError(f"frames, stride and examples per shard must be >= 1, got {self.frames}, "
-                             f"{self.stride}, {self.per_shard}")
+        if self.stride is None:  # not `or`: a stride of 0 is refused, not taken as the default
+            self.stride = self.frames
+        for option, *_ in _LIMITS:
+            check_range(option, getattr(self, option), _LIMITS)
 
 
 @dataclass

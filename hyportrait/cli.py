@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -257,7 +258,8 @@ def _distill_prepare(args) -> int:
     from hyportrait.distill.prepare import REPORT, PrepareConfig, prepare_data
 
     given = {"frames": args.frames, "stride": args.stride, "seed": args.seed, "per_shard": args.per_shard}
-    config = PrepareConfig(**{k: v for k, v in given.items() if v is not None})
+    with _options_named_by_flags({name: f"--{name.replace('_', '-')}" for name in given}):
+        config = PrepareConfig(**{k: v for k, v in given.items() if v is not None})
     report = prepare_data(args.videos, args.out, args.weights, config, device=args.device,
                           precision=args.precision, progress=not args.quiet)
     print(f"{len(report['added'])} clips added ({report['examples_added']} examples), "
@@ -285,7 +287,11 @@ def _verify(args) -> int:
     from hyportrait.engines.verify import verify
     from hyportrait.errors import InputError, VerifyError
     from hyportrait.files import write_json
+    from hyportrait.runtime.pipeline import check_range
 
+    for flag, value in (("--rtol", args.rtol), ("--atol", args.atol)):
+        if value is not None:
+            check_range(flag, value, _RANGES)
     providers = ["CPUExecutionProvider"] if args.device == "cpu" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if args.recorded_only and not args.inputs:
         raise InputError("--recorded-only needs --inputs FILE.npz")
@@ -305,6 +311,11 @@ def _verify(args) -> int:
     return 0
 
 
+# the ranges of the numbers no config dataclass checks (runtime/pipeline.py's check_range): a nan tolerance passed
+# every comparison, a negative one failed them all; more sets than the sampler's 1000 steps at most record nothing new
+_RANGES = (("--rtol", 0.0, 1e6), ("--atol", 0.0, 1e6), ("--sets", 1, 1000))
+
+
 @contextmanager
 def _options_named_by_flags(flags: dict[str, str]) -> Iterator[None]:
     """An invalid option's error names its flag (`--steps`), not the API keyword (`num_steps`)."""
@@ -319,8 +330,9 @@ def _calibrate(args) -> int:
 
     check_inputs(args.image, args.video)
     check_output_file(args.out, f"--out {args.out}")
-    if args.sets < 1:
-        raise InputError(f"--sets must be at least 1, got {args.sets}")
+    from hyportrait.runtime.pipeline import check_range
+
+    check_range("--sets", args.sets, _RANGES)
     from hyportrait.engines.calibration import record_calibration
     from hyportrait.export.manifest import read_manifest
     from hyportrait.runtime.api import Animator
@@ -529,18 +541,41 @@ def _interrupted(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     """The command; SIGINT and SIGTERM at any moment end it as `hyportrait: interrupted` (exit 128 + signal
-    number) with nothing half-written left behind."""
+    number) with nothing half-written left behind; a reader of its output that goes away ends it quietly (exit
+    128 + SIGPIPE)."""
     catch = threading.current_thread() is threading.main_thread()  # handlers can only be set there
     previous = {signum: signal.signal(signum, _interrupted) for signum in (signal.SIGINT, signal.SIGTERM)
                 } if catch else {}
     try:
-        return _main(sys.argv[1:] if argv is None else argv)
+        code = _main(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # a closed pipe fails here, in the handling below, not at the interpreter's exit
+        return code
     except KeyboardInterrupt as exc:
         print("hyportrait: interrupted", file=sys.stderr)
         return 128 + getattr(exc, "signum", signal.SIGINT)
+    except BrokenPipeError:
+        if not _stdout_closed():  # another pipe (a worker's, a socket): a fault, not the reader going away
+            raise
+        # the reader of our output left (`hyportrait weights expected | head`): end quietly as Unix tools do,
+        # as if killed by SIGPIPE; what is still buffered goes nowhere instead of failing again at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     finally:
         for signum, handler in previous.items():  # for callers that run main() in their own process
             signal.signal(signum, handler)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on its write end)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object without a file (io.StringIO)
+        return False
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
 
 
 class _CurrentStderr(logging.StreamHandler):

@@ -12,7 +12,7 @@ from pathlib import Path
 import uvicorn
 
 from hyportrait.errors import HyportraitError, InputError, describe
-from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO
+from hyportrait.files import SAMPLE_IMAGE, SAMPLE_VIDEO, check_output_folder
 from hyportrait.runtime.pipeline import check_range
 
 from .jobs import ID_PATTERN, JobTable
@@ -50,6 +50,16 @@ def remove_stale_jobs(root: Path) -> None:
         for folder in root.iterdir():
             if folder.is_dir() and ID_PATTERN.match(folder.name):
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def make_jobs_dir(folder: Path) -> None:
+    """--jobs-dir found or made before any model loads: a file in its place, or a place no folder can be made
+    (under /proc), is one bad_input line (it was an OSError's traceback after the load)."""
+    check_output_folder(folder, f"--jobs-dir {folder}")
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--jobs-dir {folder}: cannot be created ({describe(exc)})") from None
 
 
 def check_numbers(args) -> None:
@@ -109,6 +119,7 @@ def main(args) -> int:
             raise InputError(f"the token file {args.token_file} is empty")
     limits = limits_from(args)
     with listen(args.host, args.port) as sock:
+        make_jobs_dir(args.jobs_dir)
         runner, table = build(args, limits)
         app = create_app(runner, table, limits, args.mode, token=token)
         server = DrainingServer(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5), runner,

@@ -96,9 +96,11 @@ def test_missing_or_unreadable_inputs_fail_before_torch_is_imported(tmp_path):
     (["--gpus", "0"], "--gpus must be between 1 and 1024, got 0"),
     (["--gpus", "-3"], "--gpus must be between 1 and 1024, got -3"),
     (["--lora", "no-such-lora"], "--lora no-such-lora: not found"),
+    (["--appearance-guidance", "3", "1"], "--appearance-guidance must have min <= max, got min 3.0 and max 1.0"),
+    (["--motion-guidance", "2.5", "2"], "--motion-guidance must have min <= max, got min 2.5 and max 2.0"),
 ], ids=["guidance-nan", "guidance-inf", "ramp-nan", "seed-2**70", "steps-1e9", "chunk-0", "frames-negative",
         "device-gpu0", "steps-text", "stall-0", "stall-negative", "stall-nan", "gpus-0", "gpus-negative",
-        "lora-missing"])
+        "lora-missing", "ramp-min-above-max", "motion-ramp-min-above-max"])
 def test_options_fail_before_any_work_naming_their_flag(tmp_path, capsys, no_network_built, extra, expected):
     try:
         code = animate(tmp_path / "out", *extra)
@@ -331,8 +333,9 @@ def test_a_damaged_or_edited_export_is_refused(tiny_export, tmp_path):
     (["--rank", "0"], "--rank must be between 1 and 4096, got 0"),
     (["--lr", "nan"], "--lr must be between 0.0 and 1.0, got nan"),
     (["--guidance", "1", "inf"], "--guidance must be between 0.0 and 50.0, got inf"),
+    (["--guidance", "3", "1"], "--guidance must have min <= max, got min 3.0 and max 1.0"),
 ], ids=["phases-3-grid-40", "phases-0", "checkpoint-every-0", "batch-0", "accumulate-0", "rank-0", "lr-nan",
-        "guidance-inf"])
+        "guidance-inf", "guidance-min-above-max"])
 def test_distill_train_options_fail_before_any_network_naming_their_flag(tmp_path, capsys, no_network_built,
                                                                           extra, expected):
     code = main(["distill", "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), *extra])
@@ -436,3 +439,92 @@ def test_a_damaged_video_given_as_bytes_is_named_briefly(tmp_path):
     with pytest.raises(VideoError) as caught:
         list(video.open_live(data[:len(data) // 10]).frames)
     assert len(caught.value.message) < 300 and "video (bytes)" in caught.value.message
+
+
+def test_a_ramp_whose_min_is_above_its_max_is_refused_by_the_api_and_the_service():
+    """One check (runtime/pipeline.py's check_ramp) for the API, the CLI (above) and the service's options."""
+    from hyportrait.errors import ServeError
+    from hyportrait.serve.jobs import parse_options
+    from hyportrait.serve.options import Limits
+
+    with pytest.raises(OptionError, match=r"min_appearance_guidance must have min <= max, got min 3.0 and max 1.0"):
+        AnimateConfig(min_appearance_guidance=3.0, max_appearance_guidance=1.0)
+    for stage in ("appearance", "motion"):
+        with pytest.raises(ServeError) as caught:
+            parse_options(json.dumps({f"{stage}_guidance": [3, 1]}), Limits(), "quality")
+        assert (caught.value.code, caught.value.status) == ("bad_options", 422)
+        assert caught.value.message == f"option {stage}_guidance must have min <= max, got min 3.0 and max 1.0"
+    assert parse_options('{"appearance_guidance": [1, 3]}', Limits(), "quality")[1] == {
+        "min_appearance_guidance": 1.0, "max_appearance_guidance": 3.0}
+
+
+def test_a_jobs_folder_that_cannot_be_made_is_refused_before_any_model_loads(tmp_path, capsys, no_network_built):
+    """`serve --jobs-dir` at a file, under a file, or where no folder can be made (/proc) was an OSError's
+    traceback (from the job table's mkdir)."""
+    pytest.importorskip("uvicorn")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cases = [(blocker, f"--jobs-dir {blocker}: {blocker} is a file, not a folder"),
+             (blocker / "jobs", f"--jobs-dir {blocker / 'jobs'}: {blocker} is a file, not a folder")]
+    if Path("/proc/self").is_dir():  # Linux: a folder no one may make folders in, root included
+        cases.append((Path("/proc/hyportrait-jobs"), "--jobs-dir /proc/hyportrait-jobs: cannot be created"))
+    for folder, problem in cases:
+        assert main(["serve", "--port", "0", "--jobs-dir", str(folder)]) == 2
+        assert problem in one_coded_line(capsys.readouterr().err, "bad_input")
+    assert blocker.read_text() == ""
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--rtol", "nan"], "--rtol must be between 0.0 and 1000000.0, got nan"),
+    (["--atol", "nan"], "--atol must be between 0.0 and 1000000.0, got nan"),
+    (["--rtol", "-1"], "--rtol must be between 0.0 and 1000000.0, got -1.0"),
+    (["--atol", "inf"], "--atol must be between 0.0 and 1000000.0, got inf"),
+    (["--rtol", str(2**70)], "--rtol must be between 0.0 and 1000000.0, got 1.1805916207174113e+21"),
+], ids=["rtol-nan", "atol-nan", "rtol-negative", "atol-inf", "rtol-2**70"])
+def test_verify_tolerances_are_checked_before_any_comparison(tmp_path, capsys, argv, expected):
+    """A nan tolerance passed every comparison, a negative one failed them all."""
+    assert main(["verify", "--engines", str(tmp_path), "--onnx", str(tmp_path), *argv]) == 2
+    assert expected in one_coded_line(capsys.readouterr().err, "bad_input")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["calibrate", "--sets", str(2**70)], f"--sets must be between 1 and 1000, got {2**70}"),
+    (["calibrate", "--sets", "0"], "--sets must be between 1 and 1000, got 0"),
+    (["distill", "prepare", "--stride", "0"], "--stride must be between 1 and 10000000, got 0"),
+    (["distill", "prepare", "--frames", str(2**70)], f"--frames must be between 1 and 1000, got {2**70}"),
+    (["distill", "prepare", "--per-shard", "0"], "--per-shard must be between 1 and 4096, got 0"),
+], ids=["calibrate-sets-2**70", "calibrate-sets-0", "prepare-stride-0", "prepare-frames-2**70",
+        "prepare-per-shard-0"])
+def test_calibrate_and_prepare_numbers_are_checked_before_anything_is_written(tmp_path, capsys, no_network_built,
+                                                                               argv, expected):
+    """--stride 0 was taken as the default, --sets 2**70 ran, --frames 2**70 ran to bad_data, leaving the
+    data's manifest and report behind."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "clip.mp4").write_bytes(SAMPLE_VIDEO.read_bytes())
+    out = tmp_path / "out"
+    inputs = {"calibrate": ["--models", str(tmp_path), "--image", str(SAMPLE_IMAGE), "--video", str(SAMPLE_VIDEO),
+                            "--out", str(tmp_path / "calibration.npz")],
+              "distill": ["--videos", str(videos), "--out", str(out)]}[argv[0]]
+    assert main([*argv[:-2], *inputs, *argv[-2:]]) == 2
+    assert expected in one_coded_line(capsys.readouterr().err, "bad_input")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["videos"]
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(monkeypatch, capsys):
+    """`hyportrait weights expected | head` was a BrokenPipeError traceback: now no word and exit 128 + SIGPIPE,
+    as Unix tools end (handled once in main, for every command); a broken pipe that is not stdout stays an
+    error."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone
+    with open(write, "w") as closed, monkeypatch.context() as patch:
+        patch.setattr(sys, "stdout", closed)
+        assert main(["weights", "expected"]) == 128 + signal.SIGPIPE
+    assert capsys.readouterr() == ("", "")
+
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(weights, "expected_manifest", broken)
+    with pytest.raises(BrokenPipeError):
+        main(["weights", "expected"])
