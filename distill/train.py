@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from hyportrait.errors import OptionError, RunError, WeightsError
 from hyportrait.files import atomic_path, write_json
-from hyportrait.runtime.pipeline import AnimateConfig, check_ramp, check_range
+from hyportrait.runtime.pipeline import AnimateConfig, check_range
 from hyportrait.runtime.sampling import (
     c_noise,
     karras_sigmas,
@@ -106,7 +106,6 @@ class TrainConfig:
                 raise OptionError(option, f"must be a (min, max) pair, got {getattr(self, option)!r}")
             for value in getattr(self, option):
                 check_range(option, value, _LIMITS_OF_PAIRS)
-            check_ramp(option, *getattr(self, option))
         try:
             obj.phase_edges(self.grid, self.phases)
         except ValueError as exc:

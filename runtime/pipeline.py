@@ -84,13 +84,6 @@ def check_range(option: str, value, ranges=_LIMITS) -> None:
         raise OptionError(option, f"must be between {low} and {high}, got {value}")
 
 
-def check_ramp(option: str, low, high) -> None:
-    """OptionError unless a (min, max) pair such as a guidance ramp has min <= max (the one check of the API, the
-    CLI, the service and distillation's pairs)."""
-    if low > high:
-        raise OptionError(option, f"must have min <= max, got min {low} and max {high}")
-
-
 @dataclass
 class AnimateConfig:
     """Sampling options; defaults are the official config (config/hunyuan-portrait.yaml)."""
@@ -127,9 +120,6 @@ class AnimateConfig:
     def __post_init__(self):
         for option, *_ in _LIMITS:
             check_range(option, getattr(self, option))
-        for stage in ("appearance", "motion"):
-            check_ramp(f"min_{stage}_guidance", getattr(self, f"min_{stage}_guidance"),
-                       getattr(self, f"max_{stage}_guidance"))
         if self.precision not in PRECISIONS:
             raise OptionError("precision", f"must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if not 0 <= self.overlap < self.window:
