@@ -127,7 +127,7 @@ def test_bad_input_is_a_coded_one_line_error(videos, data, animator, tmp_path, c
     assert "holds no video files" in error("--videos", tmp_path / "empty", "--out", tmp_path / "d")
     (tmp_path / "file").write_text("")
     assert "is not writable" in error("--videos", videos, "--out", tmp_path / "file" / "data")
-    assert "must be >= 1" in error("--videos", videos, "--out", tmp_path / "d", "--frames", "0")
+    assert "--frames must be between 1 and 1000, got 0" in error("--videos", videos, "--out", tmp_path / "d", "--frames", "0")
     with pytest.raises(DataError, match="another config"):
         prepare_data(videos, data[0], config=PrepareConfig(frames=5), animator=animator)
     bad = tmp_path / "bad"
