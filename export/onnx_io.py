@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hyportrait.errors import ExportError, InputError
-from hyportrait.files import sha256_file
+from hyportrait.files import probe_writable, sha256_file
 from hyportrait.networks.contract import ModelContract
 
 # 18: the newest opset the TorchScript exporter supports fully; TensorRT 8.6+ and onnxruntime 1.14+ read it.
@@ -97,8 +97,7 @@ def ensure_writable(out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
-            pass
+        probe_writable(out_dir)
     except OSError as exc:
         raise InputError(f"output folder {out_dir} is not writable ({exc.strerror or exc})") from None
     return out_dir

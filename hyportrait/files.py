@@ -40,11 +40,17 @@ def check_output_folder(folder: Path, label: str) -> None:
         raise InputError(f"{label}: {exc.strerror or exc}") from None
     if not existing.is_dir():
         raise InputError(f"{label}: {existing} is a file, not a folder")
-    try:  # a file written and removed: permission bits say nothing for root, nor for /proc or a read-only mount
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
-            pass
+    try:
+        probe_writable(existing)
     except OSError as exc:
         raise InputError(f"{label}: {existing} is not writable ({exc.strerror or exc})") from None
+
+
+def probe_writable(folder: Path) -> None:
+    """OSError unless a file can be made in `folder`: one is written and removed (permission bits say nothing
+    for root, nor for /proc or a read-only mount)."""
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+        pass
 
 
 def check_output_file(path: Path, label: str) -> None:
